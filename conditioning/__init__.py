@@ -1,0 +1,1 @@
+"""Stage 3: text conditioning with a frozen text encoder (builds on ``ddpm`` and ``latent``)."""

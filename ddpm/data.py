@@ -1,0 +1,171 @@
+"""Fashion-MNIST, held in memory as uint8 tensors, and the pixel <-> model-space maps.
+
+Sources, tried in order:
+  1. a directory given explicitly (config ``data.root``) or by ``$FASHION_MNIST_DIR``,
+     holding the four original IDX files (``.gz`` or uncompressed);
+  2. Debian's ``dataset-fashion-mnist`` package at ``/usr/share/datasets/fashion-mnist``;
+  3. the Hugging Face Hub through ``datasets.load_dataset`` (needs a network).
+
+The whole training set is 60,000 x 28 x 28 bytes (47 MB), so we never decode images per
+step: the trainer keeps the uint8 tensor (on the GPU if there is one) and gathers batches
+by index. ``to_model_space`` turns a uint8 batch into what the UNet sees.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+CLASS_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+HUB_NAME = "zalando-datasets/fashion_mnist"
+IMAGE_SIZE = 28  # the stored images
+PADDED_SIZE = 32  # what the model sees: 2 pixels of black on every side
+PAD = (PADDED_SIZE - IMAGE_SIZE) // 2
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+HOW_TO_GET = (
+    "install it with `apt-get install dataset-fashion-mnist`, or point $FASHION_MNIST_DIR "
+    "(or data.root) at a folder with the four IDX files, or go online so "
+    f"datasets.load_dataset('{HUB_NAME}') can download it"
+)
+
+
+@dataclass
+class LabelledImages:
+    """A labelled image set in memory.
+
+    images: uint8, N x 28 x 28, 0 = black background.
+    labels: int64, N, class indices into ``class_names``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...] = CLASS_NAMES
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a uint8 array, checking its header."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {e}; {HOW_TO_GET}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path} is not a uint8 IDX file (bad magic number); {HOW_TO_GET}")
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    body = raw[4 + 4 * ndim :]
+    if len(body) != int(np.prod(shape)):
+        raise UserError(
+            f"{path} is truncated or corrupt: header says {shape} "
+            f"({int(np.prod(shape))} bytes) but holds {len(body)} bytes; {HOW_TO_GET}"
+        )
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _load_idx_folder(folder: Path, split: str) -> LabelledImages:
+    paths = [_find(folder, stem) for stem in _FILES[split]]
+    if None in paths:
+        missing = [s for s, p in zip(_FILES[split], paths) if p is None]
+        raise UserError(f"{folder} lacks {', '.join(missing)}(.gz); {HOW_TO_GET}")
+    images, labels = (read_idx(p) for p in paths)
+    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
+        raise UserError(f"{folder}: images {images.shape} and labels {labels.shape} do not match")
+    if labels.max() >= len(CLASS_NAMES):
+        raise UserError(f"{folder}: label {labels.max()} out of range 0..{len(CLASS_NAMES) - 1}")
+    return LabelledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
+
+
+def _load_hub(name: str, split: str) -> LabelledImages:
+    import datasets  # imported here: slow, and only needed for this source
+
+    ds = datasets.load_dataset(name, split=split)
+    images = np.stack([np.asarray(im, dtype=np.uint8) for im in ds["image"]])
+    labels = np.asarray(ds["label"], dtype=np.int64)
+    return LabelledImages(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+def load_fashion_mnist(split: str = "train", root: str | None = None,
+                       hub_name: str | None = HUB_NAME) -> LabelledImages:
+    """Load a Fashion-MNIST split ("train" or "test") from the first source that has it.
+
+    An explicit ``root`` (or ``$FASHION_MNIST_DIR``) must work: we do not silently fall
+    back from a folder the user named. Set ``hub_name=None`` to never go online.
+    """
+    if split not in _FILES:
+        raise UserError(f"unknown split {split!r}; use 'train' or 'test'")
+    named = root or os.environ.get("FASHION_MNIST_DIR")
+    if named:
+        folder = Path(named).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"Fashion-MNIST folder {folder} does not exist; {HOW_TO_GET}")
+        return _load_idx_folder(folder, split)
+    if DEBIAN_DIR.is_dir():
+        return _load_idx_folder(DEBIAN_DIR, split)
+    if hub_name:
+        try:
+            return _load_hub(hub_name, split)
+        except Exception as e:  # no network, no such dataset, ...
+            raise UserError(
+                f"Fashion-MNIST not found locally and the Hub failed ({type(e).__name__}); {HOW_TO_GET}"
+            ) from None
+    raise UserError(f"Fashion-MNIST not found; {HOW_TO_GET}")
+
+
+def to_model_space(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 B x 28 x 28 in [0, 255] -> float B x 1 x 32 x 32 in [-1, 1].
+
+    Pads 2 pixels of black (-1) on every side, as the UNet wants a size divisible by 8.
+    ``flip``: optional bool B, images to mirror left-right (training augmentation).
+    """
+    x = images.unsqueeze(1).float() / 127.5 - 1.0
+    if flip is not None:
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return F.pad(x, (PAD, PAD, PAD, PAD), value=-1.0)
+
+
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """float B x 1 x 32 x 32 in [-1, 1] -> uint8 B x 28 x 28: the inverse of ``to_model_space``."""
+    x = x[:, 0, PAD : PAD + IMAGE_SIZE, PAD : PAD + IMAGE_SIZE]
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def class_index(name_or_index: str | int, class_names: tuple[str, ...] = CLASS_NAMES) -> int:
+    """Resolve "9", 9, "ankle boot" or "Ankle boot" to 9; anything else is a UserError."""
+    text = str(name_or_index).strip()
+    if text.lstrip("-").isdigit():
+        i = int(text)
+        if 0 <= i < len(class_names):
+            return i
+    else:
+        folded = {n.lower(): i for i, n in enumerate(class_names)}
+        if text.lower() in folded:
+            return folded[text.lower()]
+    valid = ", ".join(f"{i}={n!r}" for i, n in enumerate(class_names))
+    raise UserError(f"unknown class {name_or_index!r}; valid classes: {valid}")

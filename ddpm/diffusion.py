@@ -1,0 +1,110 @@
+"""The maths of a denoising diffusion model, on top of diffusers' schedulers.
+
+Forward (noising) process, in closed form for any timestep t in 0..T-1:
+
+    x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps,     eps ~ N(0, I)
+
+where abar_t = prod_{s<=t} (1 - beta_s) falls from ~1 (t = 0, almost clean) to ~0
+(t = T-1, almost pure noise). The network sees (x_t, t, condition) and predicts eps
+("epsilon") or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 ("v_prediction"); the loss is
+the mean squared error, optionally weighted per timestep by min-SNR-gamma.
+
+Classifier-free guidance (CFG): one network, trained with the condition sometimes replaced
+by a *null* condition, predicts both eps(x, t, c) and eps(x, t, null); sampling mixes them
+
+    eps = eps_uncond + w * (eps_cond - eps_uncond)
+
+so w = 0 is unconditional, w = 1 plain conditional, and w > 1 pushes harder toward c.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+)
+from tqdm.auto import tqdm
+
+SAMPLERS = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "euler": (EulerDiscreteScheduler, {}),
+}
+
+
+def draw_timesteps_and_noise(x0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
+    """Timesteps uniform over *all* of 0..T-1 (B, int64) and noise shaped like x0."""
+    t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return t, noise
+
+
+def condition_dropout_mask(batch_size: int, p_uncond: float, generator: torch.Generator,
+                           device: torch.device) -> torch.Tensor:
+    """Bool B: True (with probability ``p_uncond``) where the condition is replaced by the null one."""
+    return torch.rand(batch_size, generator=generator, device=device) < p_uncond
+
+
+def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio abar_t / (1 - abar_t) at timesteps t (B)."""
+    abar = scheduler.alphas_cumprod.to(t.device)[t]
+    return abar / (1 - abar)
+
+
+def diffusion_loss(scheduler: DDPMScheduler, prediction: torch.Tensor, x0: torch.Tensor,
+                   noise: torch.Tensor, t: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
+    """MSE between the network's prediction and its target, averaged over the batch.
+
+    With ``snr_gamma`` (min-SNR-gamma, Hang et al. 2023), low-noise timesteps, whose
+    targets are easy and whose gradients would dominate, are weighted down to
+    min(SNR, gamma) / SNR for eps-prediction (/ (SNR + 1) for v-prediction).
+    """
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = scheduler.get_velocity(x0, noise, t)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if snr_gamma is None:
+        return per_sample.mean()
+    s = snr(scheduler, t)
+    weight = s.clamp(max=snr_gamma) / (s if scheduler.config.prediction_type == "epsilon" else s + 1)
+    return (per_sample * weight).mean()
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + w * (cond - uncond)."""
+    return uncond + guidance * (cond - uncond)
+
+
+def make_sampler(name: str, train_scheduler: DDPMScheduler):
+    """A sampling scheduler sharing the training noise schedule and prediction type.
+
+    "trailing" spacing makes few-step samplers start at t = T-1, pure noise, as training
+    expects (Lin et al. 2023), instead of part-way down the schedule.
+    """
+    cls, extra = SAMPLERS[name]
+    return cls.from_config(train_scheduler.config, timestep_spacing="trailing", **extra)
+
+
+@torch.no_grad()
+def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
+                noise: torch.Tensor, steps: int, generator: torch.Generator | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """Run a scheduler from pure noise to x0.
+
+    predict(x_t, t) -> the (guided) network output, same shape as x_t.
+    noise: B x C x H x W standard normal. Returns the final sample, same shape.
+    """
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+        model_input = scheduler.scale_model_input(x, t)
+        x = scheduler.step(predict(model_input, t), t, x, generator=generator).prev_sample
+    return x

@@ -1,0 +1,212 @@
+"""Stage 1 for the shared trainer: a class-conditioned UNet denoising Fashion-MNIST pixels.
+
+A *stage* gives train.py everything that is not generic:
+    load_data()              -> dict of equal-length tensors held in memory
+    make_batch(raw, gen)     -> a training batch, with all its randomness drawn from ``gen``
+    build_model()            -> the network to train
+    loss(model, batch)       -> a scalar
+    preview(model, path)     -> a sample grid PNG
+    save_final(model, dir)   -> the trained model as ``save_pretrained`` folders
+and sample.py uses ``load_model`` and ``generate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from .config import build
+from .data import CLASS_NAMES, HUB_NAME, PADDED_SIZE, load_fashion_mnist, to_model_space, to_pixels
+from .diffusion import (
+    SAMPLERS,
+    condition_dropout_mask,
+    diffusion_loss,
+    draw_timesteps_and_noise,
+    guide,
+    make_sampler,
+    sample_loop,
+)
+from .errors import UserError
+from .plots import save_grid
+
+
+@dataclasses.dataclass
+class DataConfig:
+    root: str | None = None  # folder with the IDX files; default: $FASHION_MNIST_DIR, Debian, Hub
+    hub_name: str | None = HUB_NAME  # null: never go online
+    flip: bool = True  # random horizontal flips
+    limit: int | None = None  # train on the first N images only (tests)
+
+
+@dataclasses.dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    p_uncond: float = 0.1  # label dropout to the null class, for classifier-free guidance
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5 is the paper's choice)
+
+    def __post_init__(self):
+        if not 0 <= self.p_uncond <= 1:
+            raise UserError(f"diffusion.p_uncond must be in [0, 1], got {self.p_uncond}")
+        if self.num_train_timesteps < 2:
+            raise UserError(f"diffusion.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """Defaults for preview grids during training and for sample.py."""
+
+    scheduler: Literal["ddpm", "ddim", "dpm++", "euler"] = "dpm++"
+    steps: int = 25
+    guidance: float = 3.0
+    n_per_class: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps <= 0 or self.n_per_class <= 0:
+            raise UserError("sample.steps and sample.n_per_class must be > 0")
+
+
+# Set by the stage from the data, never by the config.
+_DERIVED_MODEL_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds")
+
+
+@dataclasses.dataclass
+class DDPMConfig:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: dict = dataclasses.field(default_factory=dict)  # keyword arguments of UNet2DModel
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+
+    def __post_init__(self):
+        valid = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self", *_DERIVED_MODEL_KEYS}
+        for key in self.model:
+            if key in _DERIVED_MODEL_KEYS:
+                raise UserError(f"model.{key} is set from the data; remove it from the config")
+            if key not in valid:
+                raise UserError(f"unknown key model.{key}; valid UNet2DModel keys: {', '.join(sorted(valid))}")
+
+
+class ClassConditionedDDPM:
+    name = "ddpm"
+    Config = DDPMConfig
+
+    def __init__(self, config: DDPMConfig):
+        self.config = config
+        self.class_names = CLASS_NAMES
+        self.null_label = len(CLASS_NAMES)  # the extra class embedding: "no class", for CFG
+        d = config.diffusion
+        self.scheduler = DDPMScheduler(num_train_timesteps=d.num_train_timesteps,
+                                       beta_schedule=d.beta_schedule, prediction_type=d.prediction_type)
+
+    @classmethod
+    def from_dict(cls, sections: dict) -> "ClassConditionedDDPM":
+        return cls(build(cls.Config, sections, where="config"))
+
+    # -- training ---------------------------------------------------------------------
+
+    def load_data(self) -> dict[str, torch.Tensor]:
+        """images: uint8 N x 28 x 28; labels: int64 N."""
+        c = self.config.data
+        data = load_fashion_mnist("train", root=c.root, hub_name=c.hub_name)
+        n = c.limit or len(data)
+        return {"images": data.images[:n], "labels": data.labels[:n]}
+
+    def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """uint8 images + labels -> x0 (B x 1 x 32 x 32 in [-1, 1]), labels with some set to
+        the null label, timesteps (B) and noise (like x0)."""
+        images, labels = raw["images"], raw["labels"]
+        batch, device = len(labels), labels.device
+        flip = torch.rand(batch, generator=generator, device=device) < 0.5 if self.config.data.flip else None
+        x0 = to_model_space(images, flip)
+        dropped = condition_dropout_mask(batch, self.config.diffusion.p_uncond, generator, device)
+        labels = torch.where(dropped, self.null_label, labels)
+        timesteps, noise = draw_timesteps_and_noise(x0, self.scheduler.config.num_train_timesteps, generator)
+        return {"x0": x0, "labels": labels, "timesteps": timesteps, "noise": noise}
+
+    def build_model(self) -> UNet2DModel:
+        kwargs = dict(sample_size=PADDED_SIZE, in_channels=1, out_channels=1,
+                      num_class_embeds=len(self.class_names) + 1)
+        return UNet2DModel(**kwargs, **self.config.model)
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x_t = self.scheduler.add_noise(batch["x0"], batch["noise"], batch["timesteps"])
+        prediction = model(x_t, batch["timesteps"], class_labels=batch["labels"]).sample
+        return diffusion_loss(self.scheduler, prediction, batch["x0"], batch["noise"], batch["timesteps"],
+                              self.config.diffusion.snr_gamma)
+
+    # -- sampling ---------------------------------------------------------------------
+
+    def predict(self, model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float) -> torch.Tensor:
+        """The guided network output for x (B x 1 x 32 x 32) at timestep t, asked for ``labels``.
+
+        Conditional and unconditional branches run as one batch of 2B.
+        """
+        null = torch.full_like(labels, self.null_label)
+        if guidance == 1:
+            return model(x, t, class_labels=labels).sample
+        if guidance == 0:
+            return model(x, t, class_labels=null).sample
+        cond, uncond = model(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.chunk(2)
+        return guide(cond, uncond, guidance)
+
+    @torch.no_grad()
+    def generate(self, model, labels: torch.Tensor, *, scheduler: str | None = None, steps: int | None = None,
+                 guidance: float | None = None, seed: int | None = None, batch_size: int = 500,
+                 progress: bool = False) -> torch.Tensor:
+        """Sample one image per entry of ``labels`` (int64 N); returns uint8 N x 28 x 28.
+
+        The same seed gives the same images; batches are seeded ``seed + batch index``.
+        """
+        s = self.config.sample
+        scheduler, steps = scheduler or s.scheduler, steps or s.steps
+        guidance = s.guidance if guidance is None else guidance
+        seed = s.seed if seed is None else seed
+        if scheduler not in SAMPLERS:
+            raise UserError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SAMPLERS)}")
+        device = next(model.parameters()).device
+        model.eval()
+        sampler = make_sampler(scheduler, self.scheduler)
+        out = []
+        for i, chunk in enumerate(labels.to(device).split(batch_size)):
+            generator = torch.Generator(device).manual_seed(seed + i)
+            noise = torch.randn((len(chunk), 1, PADDED_SIZE, PADDED_SIZE), generator=generator, device=device)
+            with _autocast(device):
+                x0 = sample_loop(lambda x, t: self.predict(model, x, t, chunk, guidance), sampler, noise,
+                                 steps, generator, progress=progress)
+            out.append(to_pixels(x0.float()).cpu())
+        return torch.cat(out)
+
+    def preview(self, model, path: Path, title: str = "") -> Path:
+        """One row per class, ``sample.n_per_class`` columns, fixed seed."""
+        n = self.config.sample.n_per_class
+        labels = torch.arange(len(self.class_names)).repeat_interleave(n)
+        images = self.generate(model, labels)
+        s = self.config.sample
+        title = title or f"{s.scheduler}, {s.steps} steps, guidance {s.guidance:g}"
+        return save_grid(images.view(len(self.class_names), n, 28, 28), path, list(self.class_names), title)
+
+    # -- saving and loading -----------------------------------------------------------
+
+    def save_final(self, model, folder: Path) -> None:
+        model.save_pretrained(folder / "unet")
+        self.scheduler.save_pretrained(folder / "scheduler")
+
+    def load_model(self, folder: Path) -> UNet2DModel:
+        """The UNet from a ``final/`` folder (``unet/``) or a checkpoint (its EMA weights, ``ema/``)."""
+        for sub in ("unet", "ema"):
+            if (folder / sub / "config.json").is_file():
+                return UNet2DModel.from_pretrained(folder / sub, use_safetensors=True)
+        raise UserError(f"{folder} holds no model (expected unet/ or ema/ inside)")
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on GPUs that have it; plain fp32 elsewhere."""
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -1,0 +1,1 @@
+"""Stage 2: diffusion on the latents of an autoencoder (builds on ``ddpm``)."""

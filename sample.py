@@ -1,0 +1,111 @@
+"""Sample a trained run into a PNG grid (and optionally raw arrays for evaluation).
+
+    python sample.py runs/ddpm_fashion_quick --class 9            # 8 ankle boots
+    python sample.py runs/ddpm_fashion_quick --class "ankle boot" --n 16 --guidance 5
+    python sample.py runs/ddpm_fashion_quick --class all --steps 50 --scheduler ddim
+    python sample.py runs/ddpm_fashion_quick/checkpoints/step-00001000 --class all
+
+RUN is a run directory (its final model, or else its newest good checkpoint) or one
+checkpoint folder inside it; the EMA weights are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddpm.checkpoint import MANIFEST, latest_good_checkpoint, verify_checkpoint
+from ddpm.data import class_index
+from ddpm.diffusion import SAMPLERS
+from ddpm.errors import UserError
+from ddpm.plots import save_grid
+from train import load_run
+
+GRID_COLUMNS = 8
+
+
+def load_for_sampling(path: str | Path, device: str | torch.device = "cpu"):
+    """RUN dir or checkpoint folder -> (stage, model in eval mode on ``device``, the folder used)."""
+    path = Path(path)
+    is_checkpoint = (path / MANIFEST).is_file()  # runs/NAME/checkpoints/step-N
+    stage, _, _ = load_run(path.parent.parent if is_checkpoint else path)
+    if is_checkpoint:
+        verify_checkpoint(path)
+        folder = path
+    else:
+        folder = path / "final"
+        if not folder.is_dir():
+            folder = latest_good_checkpoint(path / "checkpoints", warn=lambda m: print(m, file=sys.stderr))
+            if folder is None:
+                raise UserError(f"{path} has neither final/ nor a good checkpoint; train it first")
+    model = stage.load_model(folder).to(device).eval()
+    return stage, model, folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="run directory or checkpoint folder")
+    parser.add_argument("--class", dest="classes", action="append", default=None,
+                        help='class index or name ("9", "ankle boot"), or "all"; repeat for several')
+    parser.add_argument("--n", type=int, default=8, help="samples per class")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's config)")
+    parser.add_argument("--scheduler", choices=list(SAMPLERS), default=None)
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale w: 0 unconditional, 1 conditional")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="PNG path (default: RUN/samples/sample.png)")
+    parser.add_argument("--save-array", default=None, metavar="PATH.npy",
+                        help="also save the samples (uint8 N x 28 x 28) and PATH_labels.npy")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        if args.n <= 0 or (args.steps is not None and args.steps <= 0):
+            raise UserError("--n and --steps must be positive")
+        stage, model, folder = load_for_sampling(args.run, args.device)
+        names = stage.class_names
+        wanted = args.classes or ["all"]
+        classes = list(range(len(names))) if "all" in wanted else [class_index(c, names) for c in wanted]
+        labels = torch.tensor(classes).repeat_interleave(args.n)
+        images = stage.generate(model, labels, scheduler=args.scheduler, steps=args.steps,
+                                guidance=args.guidance, seed=args.seed, progress=True)
+        run_dir = folder.parent if folder.name == "final" else folder.parent.parent
+        out = Path(args.out) if args.out else run_dir / "samples" / f"sample-{folder.name}.png"
+        s = stage.config.sample
+        title = (f"{folder}: {args.scheduler or s.scheduler}, {args.steps or s.steps} steps, "
+                 f"guidance {s.guidance if args.guidance is None else args.guidance:g}, seed {args.seed}")
+        grid, row_titles = _grid_layout(images, classes, names, args.n)
+        save_grid(grid, out, row_titles, title=title)
+        print(f"wrote {out}")
+        if args.save_array:
+            array_path = Path(args.save_array).with_suffix(".npy")
+            array_path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(array_path, images.numpy())
+            np.save(array_path.with_name(array_path.stem + "_labels.npy"), labels.numpy())
+            print(f"wrote {array_path} and its labels")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _grid_layout(images: torch.Tensor, classes: list[int], names, n: int):
+    """N x 28 x 28 (n per class, in order) -> R x C x 28 x 28 with rows of at most 8, and row titles."""
+    cols = min(n, GRID_COLUMNS)
+    rows_per_class = math.ceil(n / cols)
+    grid = torch.zeros(len(classes) * rows_per_class, cols, 28, 28, dtype=torch.uint8)
+    titles = []
+    for i, c in enumerate(classes):
+        block = images[i * n : (i + 1) * n]
+        for r in range(rows_per_class):
+            row = block[r * cols : (r + 1) * cols]
+            grid[i * rows_per_class + r, : len(row)] = row
+            titles.append(names[c] if r == 0 else "")
+    return grid, titles
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny configs, a trained tiny run, and fake IDX datasets.
+
+Everything runs on the CPU, offline. Tests that need the real Fashion-MNIST skip with the
+install hint when it is absent (CI installs it).
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddpm.config import read_yaml
+from ddpm.data import load_fashion_mnist
+from ddpm.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "ddpm_fashion_tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    try:
+        return load_fashion_mnist("train", hub_name=None)
+    except UserError as e:
+        pytest.skip(f"real Fashion-MNIST not installed: {e}")
+
+
+def tiny_config(output_dir: Path, **sections) -> dict:
+    """The tiny preset with ``train.output_dir`` set and sections updated key by key."""
+    raw = copy.deepcopy(read_yaml(TINY))
+    raw["train"]["output_dir"] = str(output_dir)
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory, fashion_mnist):
+    """A finished tiny stage-1 run, shared by the tests that only read it."""
+    import train
+
+    return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "tiny"))
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+@pytest.fixture
+def fake_idx_dir(tmp_path) -> Path:
+    """A folder with four small, valid IDX files (64 train, 16 test images)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("t10k", 16)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    return tmp_path

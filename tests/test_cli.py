@@ -1,0 +1,57 @@
+"""train.py and sample.py as a user runs them: end to end, and their one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from .conftest import ROOT, TINY
+
+
+def run(*args, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_train_and_sample_end_to_end(tmp_path, fashion_mnist):
+    out = tmp_path / "run"
+    result = run("train.py", str(TINY), f"train.output_dir={out}", "train.max_steps=4")
+    assert result.returncode == 0, result.stderr
+    assert (out / "final" / "unet" / "config.json").is_file()
+    grid, arrays = tmp_path / "boots.png", tmp_path / "boots.npy"
+    result = run("sample.py", str(out), "--class", "ankle boot", "--class", "0", "--n", "3", "--steps", "2",
+                 "--out", str(grid), "--save-array", str(arrays))
+    assert result.returncode == 0, result.stderr
+    assert grid.stat().st_size > 1000
+    images, labels = np.load(arrays), np.load(tmp_path / "boots_labels.npy")
+    assert images.shape == (6, 28, 28) and images.dtype == np.uint8
+    assert labels.tolist() == [9, 9, 9, 0, 0, 0]
+    # any checkpoint samples too
+    result = run("sample.py", str(out / "checkpoints" / "step-00000004"), "--class", "all", "--n", "1",
+                 "--steps", "2", "--out", str(tmp_path / "all.png"))
+    assert result.returncode == 0, result.stderr
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_bad_config_key_is_one_line_error(tmp_path):
+    one_line_error(run("train.py", str(TINY), "train.lrr=1", f"train.output_dir={tmp_path}"),
+                   "unknown key train.lrr", "valid keys in train:")
+
+
+def test_missing_dataset_is_one_line_error(tmp_path):
+    result = run("train.py", str(TINY), f"train.output_dir={tmp_path}",
+                 env={"FASHION_MNIST_DIR": str(tmp_path / "nowhere")})
+    one_line_error(result, "apt-get install dataset-fashion-mnist", "FASHION_MNIST_DIR")
+
+
+def test_sample_errors_are_one_line(tmp_path, trained_tiny_run):
+    one_line_error(run("sample.py", str(trained_tiny_run), "--class", "boot"), "unknown class 'boot'", "9='Ankle boot'")
+    one_line_error(run("sample.py", str(tmp_path)), "is not a run directory")

@@ -1,0 +1,148 @@
+"""The shared trainer on stage 1: learning, determinism, exact resume, safe checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from ddpm.checkpoint import latest_good_checkpoint, list_checkpoints, verify_checkpoint
+from ddpm.errors import UserError
+from ddpm.plots import read_metrics
+
+from .conftest import tiny_config
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def weights(checkpoint) -> dict:
+    return load_file(checkpoint / "model.safetensors") | {
+        f"ema.{k}": v for k, v in load_file(checkpoint / "ema" / "diffusion_pytorch_model.safetensors").items()}
+
+
+def test_loss_falls_on_real_fashion_mnist(tmp_path, fashion_mnist):
+    run = train.train(tiny_config(tmp_path / "run", train={"max_steps": 40, "batch_size": 32, "lr": 3e-3,
+                                                             "checkpoint_every": 0}, data={"limit": 2048}))
+    curve = losses(run)
+    assert len(curve) == 40
+    assert sum(curve[-5:]) / 5 < 0.6 * sum(curve[:5]) / 5, curve
+
+
+def test_same_seed_same_losses_and_other_seed_differs(tmp_path, fashion_mnist):
+    a = losses(train.train(tiny_config(tmp_path / "a", train={"max_steps": 5})))
+    b = losses(train.train(tiny_config(tmp_path / "b", train={"max_steps": 5})))
+    c = losses(train.train(tiny_config(tmp_path / "c", train={"max_steps": 5, "seed": 1})))
+    assert a == b
+    assert a != c
+
+
+def test_resume_continues_the_same_run_exactly(tmp_path, trained_tiny_run):
+    """8 steps straight == 4 steps, stop, resume, 4 more: losses, weights, EMA, LR."""
+    straight = trained_tiny_run
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "config.yaml", resumed / "config.yaml")
+    shutil.copytree(straight / "checkpoints" / "step-00000004", resumed / "checkpoints" / "step-00000004")
+    raw = tiny_config(resumed, train={"resume": "latest"})
+    train.train(raw)
+    assert losses(resumed) == losses(straight)[4:]
+    end_a, end_b = straight / "checkpoints" / "step-00000008", resumed / "checkpoints" / "step-00000008"
+    wa, wb = weights(end_a), weights(end_b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "weights or EMA differ after resume"
+    sa, sb = (json.loads((p / "trainer_state.json").read_text()) for p in (end_a, end_b))
+    assert sa == sb  # step, EMA step and LR-schedule position
+
+
+def test_run_writes_grid_metrics_final_model_and_keeps_last_k(trained_tiny_run):
+    run = trained_tiny_run
+    assert (run / "samples" / "final.png").stat().st_size > 1000
+    assert (run / "metrics.png").is_file() and (run / "config.yaml").is_file()
+    assert (run / "final" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (run / "final" / "scheduler" / "scheduler_config.json").is_file()
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000004", "step-00000008"]
+
+
+def test_existing_run_without_resume_is_refused(trained_tiny_run):
+    with pytest.raises(UserError, match="resume=latest"):
+        train.train(tiny_config(trained_tiny_run))
+
+
+def test_corrupt_checkpoints_are_detected_and_latest_falls_back(tmp_path, trained_tiny_run):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(trained_tiny_run / "checkpoints", root)
+    newest = root / "step-00000008"
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        verify_checkpoint(newest)
+    warnings = []
+    assert latest_good_checkpoint(root, warn=warnings.append) == root / "step-00000004"
+    assert "step-00000008" in warnings[0]
+    (root / "step-00000004" / "optimizer.pt").unlink()
+    with pytest.raises(UserError, match="missing optimizer.pt"):
+        verify_checkpoint(root / "step-00000004")
+
+
+def test_checkpoint_of_another_stage_is_refused(tmp_path, trained_tiny_run):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_tiny_run / "checkpoints" / "step-00000004", ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["stage"] = "latent"
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    (ckpt / "manifest.json").unlink()  # re-sign it, as a real checkpoint of that stage would be
+    from ddpm.checkpoint import save_checkpoint
+
+    def copy_into(folder):
+        for item in ckpt.iterdir():
+            (shutil.copytree if item.is_dir() else shutil.copy)(item, folder / item.name)
+
+    signed = save_checkpoint(tmp_path / "other", 4, copy_into, keep_last=1)
+    with pytest.raises(UserError, match="checkpoint of stage 'latent'"):
+        train.train(tiny_config(tmp_path / "run", train={"resume": str(signed)}))
+
+
+def test_pickle_payload_in_optimizer_state_is_refused(tmp_path):
+    import pickle
+
+    from ddpm.checkpoint import load_torch_state
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "optimizer.pt"
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UserError, match="refusing to load"):
+        load_torch_state(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"train": {"lrr": 1.0}}, "unknown key train.lrr; valid keys in train: output_dir"),
+    ({"train": {"lr": -1.0}}, "train.lr must be > 0"),
+    ({"train": {"batch_size": 0}}, "train.batch_size must be > 0"),
+    ({"train": {"batch_size": "big"}}, "train.batch_size must be int"),
+    ({"model": {"block_out_chanels": [8]}}, "unknown key model.block_out_chanels; valid UNet2DModel keys"),
+    ({"model": {"num_class_embeds": 3}}, "model.num_class_embeds is set from the data"),
+    ({"diffusion": {"prediction_type": "x0"}}, "diffusion.prediction_type must be one of 'epsilon'"),
+    ({"sampel": {"steps": 3}}, "unknown section 'sampel'"),
+])
+def test_bad_config_values_are_one_line_errors(tmp_path, override, message):
+    raw = tiny_config(tmp_path)
+    for section, values in override.items():
+        raw.setdefault(section, {}).update(values)
+    with pytest.raises(UserError, match=message) as e:
+        train.load_config(raw)
+    assert "\n" not in str(e.value)
+
+
+def test_batch_order_visits_every_example_once_per_epoch():
+    order = train.BatchOrder(100, 10, seed=0, device=torch.device("cpu"))
+    epoch0 = torch.cat([order.indices(s) for s in range(10)])
+    epoch1 = torch.cat([order.indices(s) for s in range(10, 20)])
+    assert sorted(epoch0.tolist()) == list(range(100)) == sorted(epoch1.tolist())
+    assert not torch.equal(epoch0, epoch1)

@@ -1,0 +1,329 @@
+"""The shared trainer: every stage trains here, under Hugging Face Accelerate.
+
+    python train.py configs/ddpm_fashion_quick.yaml [section.key=value ...]
+    accelerate launch --num_processes 2 train.py configs/ddpm_fashion.yaml train.batch_size=512
+
+The loop knows nothing about images or UNets: the config's ``stage`` names a class (see
+``STAGES``) that supplies the data, the model, the loss and the sample grids. The trainer
+adds what every stage needs: processes and devices, mixed precision, gradient accumulation,
+AdamW with warm-up and decay, gradient clipping, an EMA of the weights, logging,
+checkpoints and exact resume.
+
+Randomness: the data order of epoch e is a permutation seeded by (seed, e), and everything
+random in the batch of step s (augmentation, condition dropout, timesteps, noise) comes from
+a generator seeded by (seed, s). So nothing but the step count is needed to resume exactly,
+and N processes draw the same global batch and each trains on its own slice of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from ddpm.checkpoint import (
+    latest_good_checkpoint,
+    load_tensors,
+    load_torch_state,
+    save_checkpoint,
+    save_tensors,
+    verify_checkpoint,
+)
+from ddpm.config import TrainConfig, apply_overrides, build, read_yaml, to_dict
+from ddpm.ema import EMA
+from ddpm.errors import UserError
+from ddpm.plots import plot_metrics, read_metrics
+
+STAGES = {
+    "ddpm": "ddpm.stage:ClassConditionedDDPM",
+}
+
+
+# -- configs and runs -------------------------------------------------------------------
+
+
+def stage_class(name: str):
+    if name not in STAGES:
+        raise UserError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
+    module, cls = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_config(raw: dict):
+    """A raw config dict -> (stage object, TrainConfig, the resolved config as a dict)."""
+    raw = dict(raw)
+    name = raw.pop("stage", None)
+    if name is None:
+        raise UserError(f"the config has no 'stage' key; valid stages: {', '.join(STAGES)}")
+    cls = stage_class(name)
+    train_cfg = build(TrainConfig, raw.pop("train", None), where="train")
+    sections = {f for f in cls.Config.__dataclass_fields__}
+    unknown = sorted(set(raw) - sections)
+    if unknown:
+        raise UserError(f"unknown section {unknown[0]!r}; valid: stage, train, {', '.join(sorted(sections))}")
+    stage = cls.from_dict(raw)
+    resolved = {"stage": name, "train": to_dict(train_cfg), **to_dict(stage.config)}
+    return stage, train_cfg, resolved
+
+
+def load_run(run_dir: str | Path):
+    """The stage and TrainConfig a run was trained with, from its saved config.yaml."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); train one with train.py")
+    return load_config(read_yaml(path))
+
+
+def step_seed(seed: int, *keys) -> int:
+    """A 63-bit seed for one (seed, key...) stream, e.g. (seed, "step", 1234)."""
+    digest = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class BatchOrder:
+    """Which examples form the global batch of each step: a new permutation every epoch,
+    the last incomplete batch of an epoch dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device):
+        if n < batch_size:
+            raise UserError(f"the dataset has {n} examples, fewer than train.batch_size={batch_size}")
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._perm = None, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(step_seed(self.seed, "epoch", epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
+        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+# -- the training loop ------------------------------------------------------------------
+
+
+def train(raw_config: dict) -> Path:
+    """Train the stage a config names; returns the run directory."""
+    stage, cfg, resolved = load_config(raw_config)
+    run_dir = Path(cfg.output_dir)
+    mixed_precision = cfg.mixed_precision
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
+                              log_with=cfg.trackers or None, project_dir=str(run_dir))
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+    say = tqdm.write if is_main else (lambda *a, **k: None)
+    if cfg.batch_size % (world * cfg.grad_accum_steps):
+        raise UserError(f"train.batch_size={cfg.batch_size} must divide evenly over {world} processes x "
+                        f"{cfg.grad_accum_steps} accumulation steps")
+    per_process = cfg.batch_size // world
+    micro = per_process // cfg.grad_accum_steps
+    torch.set_float32_matmul_precision("high" if cfg.allow_tf32 else "highest")
+
+    checkpoints_dir = run_dir / "checkpoints"
+    resume_from = _resume_point(cfg, run_dir, checkpoints_dir, say)
+
+    data = {k: v.to(device) for k, v in stage.load_data().items()}
+    order = BatchOrder(len(next(iter(data.values()))), cfg.batch_size, cfg.seed, device)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.steps_per_epoch))
+
+    set_seed(cfg.seed)  # the initial weights
+    model = stage.build_model()
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_power)  # before prepare(): it must copy the plain model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    lr_schedule = get_scheduler(cfg.lr_schedule if cfg.lr_schedule != "constant" else "constant_with_warmup",
+                                optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    if cfg.compile:
+        model.compile()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.model.to(device)
+
+    start_step = 0
+    if resume_from is not None:
+        start_step = _load_checkpoint(resume_from, stage.name, accelerator, model, ema, optimizer, lr_schedule)
+        say(f"resumed from {resume_from} at step {start_step}")
+    metrics_path = run_dir / "metrics.jsonl"
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        _truncate_metrics(metrics_path, after_step=start_step)
+    if cfg.trackers:
+        accelerator.init_trackers(run_dir.name, config=_flatten(resolved))
+
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"{stage.name}: {n_params / 1e6:.2f}M parameters, {total_steps} steps of {cfg.batch_size} "
+        f"({order.steps_per_epoch} steps/epoch), {world} process(es) on {device}, precision {mixed_precision}")
+    generator = torch.Generator(device)
+    my_slice = slice(rank * per_process, (rank + 1) * per_process)
+    running_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not is_main,
+               desc="train", dynamic_ncols=True)
+    for step in bar:
+        generator.manual_seed(step_seed(cfg.seed, "step", step))
+        batch = stage.make_batch({k: v[order.indices(step)] for k, v in data.items()}, generator)
+        mine = {k: v[my_slice] for k, v in batch.items()}
+        model.train()
+        for m in range(cfg.grad_accum_steps):
+            micro_batch = {k: v[m * micro : (m + 1) * micro] for k, v in mine.items()}
+            with accelerator.accumulate(model):
+                loss = stage.loss(model, micro_batch)
+                accelerator.backward(loss)  # divides by grad_accum_steps; syncs on the last micro-batch
+                if accelerator.sync_gradients and cfg.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            running_loss += loss.detach() / cfg.grad_accum_steps
+        lr_schedule.step()
+        ema.update(accelerator.unwrap_model(model))
+        window_steps += 1
+        done = step + 1
+        checkpoint_due = done == total_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+
+        if done % cfg.log_every == 0 or checkpoint_due:  # the only place the host waits for the GPU
+            mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / window_steps
+            if not math.isfinite(mean_loss):
+                raise UserError(f"loss became {mean_loss} at step {done} (in steps {done - window_steps + 1}.."
+                                f"{done}); the last good checkpoint is kept in {checkpoints_dir}; lower "
+                                f"train.lr or set train.grad_clip, then resume with train.resume=latest")
+            elapsed = time.perf_counter() - window_start
+            record = {"step": done, "epoch": round(done / order.steps_per_epoch, 4), "loss": mean_loss,
+                      "lr": lr_schedule.get_last_lr()[0], "images_per_s": window_steps * cfg.batch_size / elapsed}
+            _log(accelerator, metrics_path, record)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            running_loss.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+
+        if cfg.sample_every and done % cfg.sample_every == 0 and is_main:
+            stage.preview(ema.model, run_dir / "samples" / f"step-{done:08d}.png", title=f"EMA, step {done}")
+        if cfg.eval_every and done % cfg.eval_every == 0 and hasattr(stage, "evaluate"):
+            if is_main:
+                _log(accelerator, metrics_path, {"step": done, **stage.evaluate(ema.model, cfg.eval_n)})
+            accelerator.wait_for_everyone()
+        if checkpoint_due:
+            if is_main:
+                save_checkpoint(checkpoints_dir, done, lambda folder: _write_checkpoint(
+                    folder, stage.name, done, accelerator, model, ema, optimizer, lr_schedule), cfg.keep_last)
+            accelerator.wait_for_everyone()
+
+    if is_main:
+        final = run_dir / "final"
+        tmp = run_dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        stage.save_final(ema.model, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        grid = stage.preview(ema.model, run_dir / "samples" / "final.png", title="")
+        plot_metrics(metrics_path, run_dir / "metrics.png")
+        say(f"done: model in {final}, samples in {grid}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _resume_point(cfg: TrainConfig, run_dir: Path, checkpoints_dir: Path, say) -> Path | None:
+    if cfg.resume is None:
+        if any(checkpoints_dir.glob("step-*")):
+            raise UserError(f"{run_dir} already has checkpoints; continue it with train.resume=latest "
+                            f"or start afresh in another train.output_dir")
+        return None
+    if cfg.resume == "latest":
+        found = latest_good_checkpoint(checkpoints_dir, warn=say)
+        if found is None:
+            say(f"no checkpoint in {checkpoints_dir} yet: starting from step 0")
+        return found
+    folder = Path(cfg.resume)
+    verify_checkpoint(folder)
+    return folder
+
+
+def _write_checkpoint(folder, stage_name, step, accelerator, model, ema, optimizer, lr_schedule):
+    save_tensors(accelerator.unwrap_model(model).state_dict(), folder / "model.safetensors")
+    ema.model.save_pretrained(folder / "ema")
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler}, folder / "optimizer.pt")
+    state = {"stage": stage_name, "step": step, "ema_step": ema.step, "lr_schedule": lr_schedule.state_dict()}
+    (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+
+def _load_checkpoint(folder, stage_name, accelerator, model, ema, optimizer, lr_schedule) -> int:
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{folder}/trainer_state.json is missing or corrupt") from None
+    if state.get("stage") != stage_name:
+        raise UserError(f"{folder} is a checkpoint of stage {state.get('stage')!r}, not {stage_name!r}")
+    device = accelerator.device
+    try:
+        accelerator.unwrap_model(model).load_state_dict(load_tensors(folder / "model.safetensors", device))
+        ema.model.load_state_dict(load_tensors(folder / "ema" / "diffusion_pytorch_model.safetensors", device))
+    except RuntimeError as e:
+        raise UserError(f"{folder} does not fit this model (was the model config changed?): "
+                        f"{str(e).splitlines()[0]}") from None
+    saved = load_torch_state(folder / "optimizer.pt")
+    optimizer.load_state_dict(saved["optimizer"])
+    if saved["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    ema.step = state["ema_step"]
+    return state["step"]
+
+
+def _log(accelerator, metrics_path: Path, record: dict) -> None:
+    """Append one record to metrics.jsonl (main process) and to any trackers."""
+    if accelerator.is_main_process:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if accelerator.trackers:
+        accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                        step=record["step"])
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """On resume, forget what a crashed run logged after the checkpoint we resume from."""
+    kept = [r for r in read_metrics(path) if r["step"] <= after_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip().split("\n\n")[1])
+        return 0 if argv else 2
+    try:
+        train(apply_overrides(read_yaml(argv[0]), argv[1:]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with train.resume=latest", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
