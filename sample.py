@@ -4,6 +4,8 @@
     python sample.py runs/ddpm_fashion_quick --class "ankle boot" --n 16 --guidance 5
     python sample.py runs/ddpm_fashion_quick --class all --steps 50 --scheduler ddim
     python sample.py runs/ddpm_fashion_quick/checkpoints/step-00001000 --class all
+    python sample.py runs/ddpm_fashion_quick --evaluate --n 1000       # judge's metrics
+    python sample.py runs/ddpm_fashion_quick --sweep 0 1 2 3 5 8       # guidance sweep
 
 RUN is a run directory (its final model, or else its newest good checkpoint) or one
 checkpoint folder inside it; the EMA weights are used.
@@ -12,6 +14,7 @@ checkpoint folder inside it; the EMA weights are used.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -19,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm import evaluate as ev
 from ddpm.checkpoint import MANIFEST, latest_good_checkpoint, verify_checkpoint
 from ddpm.data import class_index
 from ddpm.diffusion import SAMPLERS
 from ddpm.errors import UserError
-from ddpm.plots import save_grid
+from ddpm.plots import read_metrics, save_grid
 from train import load_run
 
 GRID_COLUMNS = 8
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="run directory or checkpoint folder")
     parser.add_argument("--class", dest="classes", action="append", default=None,
                         help='class index or name ("9", "ankle boot"), or "all"; repeat for several')
-    parser.add_argument("--n", type=int, default=8, help="samples per class")
+    parser.add_argument("--n", type=int, default=None,
+                        help="samples per class (default 8); with --evaluate/--sweep: in all (default 1000)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's config)")
     parser.add_argument("--scheduler", choices=list(SAMPLERS), default=None)
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale w: 0 unconditional, 1 conditional")
@@ -60,20 +65,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="PNG path (default: RUN/samples/sample.png)")
     parser.add_argument("--save-array", default=None, metavar="PATH.npy",
                         help="also save the samples (uint8 N x 28 x 28) and PATH_labels.npy")
+    parser.add_argument("--evaluate", action="store_true", help="score a balanced set with the judge")
+    parser.add_argument("--sweep", type=float, nargs="+", metavar="W", help="evaluate at each guidance scale")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
+        evaluating = args.evaluate or args.sweep
+        args.n = args.n or (1000 if evaluating else 8)
         if args.n <= 0 or (args.steps is not None and args.steps <= 0):
             raise UserError("--n and --steps must be positive")
         stage, model, folder = load_for_sampling(args.run, args.device)
+        if evaluating:
+            evaluate(stage, model, folder, args)
+            return 0
         names = stage.class_names
         wanted = args.classes or ["all"]
         classes = list(range(len(names))) if "all" in wanted else [class_index(c, names) for c in wanted]
         labels = torch.tensor(classes).repeat_interleave(args.n)
         images = stage.generate(model, labels, scheduler=args.scheduler, steps=args.steps,
                                 guidance=args.guidance, seed=args.seed, progress=True)
-        run_dir = folder.parent if folder.name == "final" else folder.parent.parent
-        out = Path(args.out) if args.out else run_dir / "samples" / f"sample-{folder.name}.png"
+        out = Path(args.out) if args.out else _run_dir(folder) / "samples" / f"sample-{folder.name}.png"
         s = stage.config.sample
         title = (f"{folder}: {args.scheduler or s.scheduler}, {args.steps or s.steps} steps, "
                  f"guidance {s.guidance if args.guidance is None else args.guidance:g}, seed {args.seed}")
@@ -90,6 +101,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def evaluate(stage, model, folder: Path, args) -> None:
+    """--evaluate: one row of metrics, appended to the run's metrics.jsonl; --sweep: a table,
+    a trade-off plot and a same-seed grid per guidance scale."""
+    run_dir = _run_dir(folder)
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(exist_ok=True)
+    settings = dict(scheduler=args.scheduler, steps=args.steps, seed=args.seed)
+    scales = args.sweep or [args.guidance]
+    reports = [ev.evaluate_model(stage, model, args.n, guidance=w, progress=True, **settings) for w in scales]
+    print(f"{folder} (n = {args.n}; FD floor = real train vs real test at the same n)")
+    print(ev.format_table(reports))
+    if args.sweep:
+        (out_dir / "sweep.json").write_text(json.dumps(reports, indent=1))
+        ev.plot_sweep(reports, out_dir / "sweep.png")
+        ev.sweep_grid(stage, model, args.sweep, out_dir / "sweep_grid.png", **settings)
+        print(f"wrote {out_dir / 'sweep.png'}, {out_dir / 'sweep_grid.png'} and {out_dir / 'sweep.json'}")
+        return
+    report = reports[0]
+    print(ev.format_per_class(report, stage.class_names))
+    png = out_dir / f"per_class_w{report['guidance']:g}.png"
+    ev.plot_per_class(report, stage.class_names, png)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": _model_step(folder), **ev.as_metrics(report)}) + "\n")
+    print(f"wrote {png}; appended to {run_dir / 'metrics.jsonl'}")
+
+
+def _run_dir(folder: Path) -> Path:
+    return folder.parent if folder.name == "final" else folder.parent.parent
+
+
+def _model_step(folder: Path) -> int:
+    """The optimizer step the weights in ``folder`` come from."""
+    if folder.name != "final":
+        return json.loads((folder / "trainer_state.json").read_text())["step"]
+    return max((r["step"] for r in read_metrics(folder.parent / "metrics.jsonl")), default=0)
 
 
 def _grid_layout(images: torch.Tensor, classes: list[int], names, n: int):

@@ -122,8 +122,11 @@ def train(raw_config: dict) -> Path:
     mixed_precision = cfg.mixed_precision
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # Several processes but no GPU: without cpu=True, Accelerate would run them as independent
+    # single-process runs, each believing it is the main one.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
-                              log_with=cfg.trackers or None, project_dir=str(run_dir))
+                              log_with=cfg.trackers or None, project_dir=str(run_dir), cpu=multi_cpu)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     say = tqdm.write if is_main else (lambda *a, **k: None)

@@ -32,6 +32,7 @@ from .diffusion import (
     sample_loop,
 )
 from .errors import UserError
+from .evaluate import as_metrics, evaluate_model
 from .plots import save_grid
 
 
@@ -191,6 +192,10 @@ class ClassConditionedDDPM:
         s = self.config.sample
         title = title or f"{s.scheduler}, {s.steps} steps, guidance {s.guidance:g}"
         return save_grid(images.view(len(self.class_names), n, 28, 28), path, list(self.class_names), title)
+
+    def evaluate(self, model, n: int) -> dict:
+        """The judge's metrics for n samples at the ``sample`` settings (for eval_every)."""
+        return as_metrics(evaluate_model(self, model, n))
 
     # -- saving and loading -----------------------------------------------------------
 
