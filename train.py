@@ -209,7 +209,7 @@ def train(raw_config: dict) -> Path:
             _log(accelerator, metrics_path, record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
             running_loss.zero_()
-            window_steps, window_start = 0, time.perf_counter()
+            window_steps = 0
 
         if cfg.sample_every and done % cfg.sample_every == 0 and is_main:
             stage.preview(ema.model, run_dir / "samples" / f"step-{done:08d}.png", title=f"EMA, step {done}")
@@ -222,6 +222,8 @@ def train(raw_config: dict) -> Path:
                 save_checkpoint(checkpoints_dir, done, lambda folder: _write_checkpoint(
                     folder, stage.name, done, accelerator, model, ema, optimizer, lr_schedule), cfg.keep_last)
             accelerator.wait_for_everyone()
+        if window_steps == 0:  # a window starts after logging, previews, evaluation and checkpoints
+            window_start = time.perf_counter()
 
     if is_main:
         final = run_dir / "final"

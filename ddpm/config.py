@@ -130,6 +130,8 @@ def _check(value: Any, hint: Any, where: str) -> Any:
                 errors.append(e)
         raise errors[0]
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            return "no"
         if value not in args:
             raise UserError(f"{where} must be one of {', '.join(map(repr, args))}; got {value!r}")
         return value

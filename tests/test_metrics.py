@@ -40,6 +40,17 @@ def test_fd_matches_closed_form_in_one_dimension():
     assert frechet_distance(a, b) == pytest.approx(3.0**2 + (1.0 - 4.0) ** 2, rel=1e-9)
 
 
+def test_fd_agrees_with_the_textbook_formula_for_correlated_features():
+    generator = torch.Generator().manual_seed(6)
+    a = torch.randn(300, 5, generator=generator, dtype=torch.float64) @ torch.randn(5, 5, generator=generator, dtype=torch.float64)
+    b = torch.randn(400, 5, generator=generator, dtype=torch.float64) @ torch.randn(5, 5, generator=generator, dtype=torch.float64) + 1
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    # tr sqrt(S_a S_b) = sum of square roots of the (real, >= 0) eigenvalues of S_a S_b
+    trace_cross = torch.linalg.eigvals(cov_a @ cov_b).real.clamp(min=0).sqrt().sum()
+    expected = (a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_cross
+    assert frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-9)
+
+
 def test_fd_grows_with_shift():
     feats = torch.randn(1000, 8, generator=torch.Generator().manual_seed(5))
     distances = [frechet_distance(feats, feats + shift) for shift in (0.1, 0.5, 2.0)]

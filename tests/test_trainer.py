@@ -146,3 +146,12 @@ def test_batch_order_visits_every_example_once_per_epoch():
     epoch1 = torch.cat([order.indices(s) for s in range(10, 20)])
     assert sorted(epoch0.tolist()) == list(range(100)) == sorted(epoch1.tolist())
     assert not torch.equal(epoch0, epoch1)
+
+
+def test_evaluation_during_training_lands_in_metrics_and_plot(tmp_path, fashion_mnist):
+    run = train.train(tiny_config(tmp_path / "eval", train={"max_steps": 4, "eval_every": 2, "eval_n": 20}))
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert 0 <= r["eval_accuracy"] <= 1 and r["eval_fd"] > 0 and r["eval_fd_floor"] > 0 and r["eval_n"] == 20
+    assert (run / "metrics.png").is_file()

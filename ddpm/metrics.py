@@ -1,0 +1,188 @@
+"""Scores for generated images, computed with the offline judge (``ddpm/judge.py``).
+
+Three questions, three numbers:
+  * class accuracy: does the judge recognise the class each image was asked to be?
+  * Fréchet distance (FD): do the judge's features of the generated set look like those
+    of real images, in mean and in spread? Lower is better; 0 means identical Gaussians.
+  * diversity: how far apart are images of the same class, in feature space? A drop
+    compared with real images is the signature of mode collapse.
+
+FD is biased upwards for small sets, so it only means something next to the FD of *real*
+images at the same size: ``real_floor`` gives that floor. All features are float64 here,
+because the matrix square root in FD loses digits in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .data import load_fashion_mnist
+from .judge import Judge
+
+NUM_CLASSES = 10
+BATCH = 1000  # images per judge forward pass: bounded memory, still fast
+
+
+def class_accuracy(logits_or_pred: torch.Tensor, labels: torch.Tensor,
+                   num_classes: int = NUM_CLASSES) -> tuple[float, list[float]]:
+    """Fraction of images classified as their label, overall and per class.
+
+    logits_or_pred: float N x C logits, or int N predicted classes.
+    labels: int N, the classes the images should be, in 0..num_classes-1.
+    Returns (overall in [0, 1], per_class: num_classes floats in [0, 1]; NaN for a class
+    with no images).
+    """
+    pred = logits_or_pred.argmax(dim=1) if logits_or_pred.ndim == 2 else logits_or_pred
+    pred, labels = pred.cpu(), labels.cpu()
+    correct = (pred == labels).double()
+    per_class = [correct[labels == c].mean().item() if (labels == c).any() else float("nan")
+                 for c in range(num_classes)]
+    return correct.mean().item(), per_class
+
+
+def _mean_and_cov(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """N x D features -> (mean D, unbiased covariance D x D), in float64."""
+    if len(feats) < 2:
+        raise ValueError(f"need at least 2 feature vectors to fit a Gaussian, got {len(feats)}")
+    feats = feats.double()
+    mean = feats.mean(dim=0)
+    centered = feats - mean
+    return mean, centered.T @ centered / (len(feats) - 1)
+
+
+def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite D x D matrix, via eigh.
+
+    Rounding can make tiny eigenvalues slightly negative; they are clamped to 0.
+    """
+    eigvals, eigvecs = torch.linalg.eigh(matrix)
+    return (eigvecs * eigvals.clamp(min=0).sqrt()) @ eigvecs.T
+
+
+def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets.
+
+    feats_a: N_a x D, feats_b: N_b x D, any float dtype; N_a, N_b >= 2.
+    FD = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr sqrt(S_a^1/2 S_b S_a^1/2).
+    (The last term equals the usual tr sqrt(S_a S_b), but its matrix is symmetric, so
+    ``eigh`` can take the root.) Returns a float >= 0, in squared feature units.
+    """
+    mu_a, cov_a = _mean_and_cov(feats_a)
+    mu_b, cov_b = _mean_and_cov(feats_b)
+    root_a = _sqrt_psd(cov_a)
+    middle = root_a @ cov_b @ root_a
+    middle = (middle + middle.T) / 2  # symmetric in exact arithmetic; make it so in floats
+    trace_cross = torch.linalg.eigvalsh(middle).clamp(min=0).sqrt().sum()
+    fd = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_cross
+    return max(fd.item(), 0.0)  # identical sets can land a hair below 0 through rounding
+
+
+def diversity(feats: torch.Tensor, labels: torch.Tensor,
+              num_classes: int = NUM_CLASSES) -> tuple[float, list[float]]:
+    """Mean pairwise Euclidean distance between features of images of the same class.
+
+    feats: float N x D; labels: int N in 0..num_classes-1.
+    Returns (mean over the classes that have >= 2 images, per_class: num_classes floats,
+    NaN for a class with fewer than 2 images). Memory grows with the square of the
+    largest class size (fine up to a few thousand images per class).
+    """
+    feats, labels = feats.double().cpu(), labels.cpu()
+    per_class = []
+    for c in range(num_classes):
+        members = feats[labels == c]
+        per_class.append(torch.pdist(members).mean().item() if len(members) >= 2 else float("nan"))
+    return torch.tensor(per_class).nanmean().item(), per_class
+
+
+@torch.inference_mode()
+def embed(judge: Judge, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the judge over a uint8 N x 28 x 28 image set, ``BATCH`` images at a time.
+
+    Returns (features: float64 N x D, logits: float32 N x 10), both on the CPU.
+    """
+    device = next(judge.parameters()).device
+    feats, logits = [], []
+    for start in range(0, len(images_u8), BATCH):
+        f, l = judge.features_and_logits(images_u8[start : start + BATCH].to(device))
+        feats.append(f.double().cpu())
+        logits.append(l.cpu())
+    return torch.cat(feats), torch.cat(logits)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Judge features of a real image set, to compare generated sets against.
+
+    features: float64 N x D; labels: int64 N. ``diversity`` and ``per_class_diversity``
+    are the real images' own diversity: the value a generator should come close to.
+    """
+
+    split: str
+    features: torch.Tensor
+    labels: torch.Tensor
+    diversity: float
+    per_class_diversity: list[float]
+
+
+@functools.lru_cache(maxsize=4)
+def reference_stats(judge: Judge, split: str = "test", root: str | None = None) -> Reference:
+    """Judge features of a real Fashion-MNIST split; computed once per (judge, split, root).
+
+    The cache holds on to ``judge``; features depend on its weights, so do not change
+    them in place after calling this.
+    """
+    real = load_fashion_mnist(split, root=root)
+    feats, _ = embed(judge, real.images)
+    div, per_class_div = diversity(feats, real.labels)
+    return Reference(split, feats, real.labels, div, per_class_div)
+
+
+def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0,
+                    num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Indices (int64 n) of a seeded random subset with n // num_classes images per class,
+    the first n % num_classes classes getting one more."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        take = n // num_classes + (c < n % num_classes)
+        if take > len(members):
+            raise ValueError(f"class {c} has {len(members)} images, cannot take {take}")
+        picks.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    return torch.cat(picks)
+
+
+@functools.lru_cache(maxsize=16)
+def real_floor(judge: Judge, n: int, root: str | None = None) -> float:
+    """FD between n real *training* images (fixed, seeded, class-balanced) and the test set.
+
+    That is the FD a perfect generator would get with n samples: print it beside every FD.
+    """
+    train = load_fashion_mnist("train", root=root)
+    feats, _ = embed(judge, train.images[balanced_subset(train.labels, n)])
+    return frechet_distance(feats, reference_stats(judge, "test", root).features)
+
+
+def judge_report(images_u8: torch.Tensor, labels: torch.Tensor, judge: Judge,
+                 reference: Reference) -> dict:
+    """Score generated images against a real reference set (from ``reference_stats``).
+
+    images_u8: uint8 N x 28 x 28 in [0, 255], what the sampler saves.
+    labels: int64 N, the classes the images were asked to be.
+    Returns {"accuracy": float, "per_class_accuracy": 10 floats, "fd": float,
+    "diversity": float, "per_class_diversity": 10 floats, "n": N}.
+    """
+    feats, logits = embed(judge, images_u8)
+    accuracy, per_class_accuracy = class_accuracy(logits, labels)
+    div, per_class_div = diversity(feats, labels)
+    return {
+        "accuracy": accuracy,
+        "per_class_accuracy": per_class_accuracy,
+        "fd": frechet_distance(feats, reference.features),
+        "diversity": div,
+        "per_class_diversity": per_class_div,
+        "n": len(labels),
+    }
