@@ -27,7 +27,7 @@ from ddpm.checkpoint import MANIFEST, latest_good_checkpoint, verify_checkpoint
 from ddpm.data import class_index
 from ddpm.diffusion import SAMPLERS
 from ddpm.errors import UserError
-from ddpm.plots import read_metrics, save_grid
+from ddpm.plots import append_metrics, read_metrics, save_grid
 from train import load_run
 
 GRID_COLUMNS = 8
@@ -124,8 +124,7 @@ def evaluate(stage, model, folder: Path, args) -> None:
     print(ev.format_per_class(report, stage.class_names))
     png = out_dir / f"per_class_w{report['guidance']:g}.png"
     ev.plot_per_class(report, stage.class_names, png)
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": _model_step(folder), **ev.as_metrics(report)}) + "\n")
+    append_metrics(run_dir / "metrics.jsonl", {"step": _model_step(folder), **ev.as_metrics(report)})
     print(f"wrote {png}; appended to {run_dir / 'metrics.jsonl'}")
 
 

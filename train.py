@@ -45,7 +45,7 @@ from ddpm.checkpoint import (
 from ddpm.config import TrainConfig, apply_overrides, build, read_yaml, to_dict
 from ddpm.ema import EMA
 from ddpm.errors import UserError
-from ddpm.plots import plot_metrics, read_metrics
+from ddpm.plots import append_metrics, plot_metrics, read_metrics
 
 STAGES = {
     "ddpm": "ddpm.stage:ClassConditionedDDPM",
@@ -291,8 +291,7 @@ def _load_checkpoint(folder, stage_name, accelerator, model, ema, optimizer, lr_
 def _log(accelerator, metrics_path: Path, record: dict) -> None:
     """Append one record to metrics.jsonl (main process) and to any trackers."""
     if accelerator.is_main_process:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(metrics_path, record)
     if accelerator.trackers:
         accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
                         step=record["step"])

@@ -47,6 +47,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def append_metrics(path: str | Path, record: dict) -> None:
+    """Add one JSON record as a line of a metrics.jsonl file."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def plot_metrics(metrics_path: str | Path, out: str | Path) -> Path | None:
     """Plot every numeric series in a metrics.jsonl file against ``step``, one panel each."""
     records = read_metrics(metrics_path)
