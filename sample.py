@@ -6,6 +6,8 @@
     python sample.py runs/ddpm_fashion_quick/checkpoints/step-00001000 --class all
     python sample.py runs/ddpm_fashion_quick --evaluate --n 1000       # judge's metrics
     python sample.py runs/ddpm_fashion_quick --sweep 0 1 2 3 5 8       # guidance sweep
+    python sample.py runs/latent_fashion_quick --class all              # a latent run: the same
+    python sample.py runs/autoencoder_fashion_quick --evaluate --n 10000  # PSNR, judge accuracy
 
 RUN is a run directory (its final model, or else its newest good checkpoint) or one
 checkpoint folder inside it; the EMA weights are used.
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.n <= 0 or (args.steps is not None and args.steps <= 0):
             raise UserError("--n and --steps must be positive")
         stage, model, folder = load_for_sampling(args.run, args.device)
+        if not hasattr(stage, "generate"):  # an autoencoder run: reconstructions, not samples
+            reconstructions(stage, model, folder, args)
+            return 0
         if evaluating:
             evaluate(stage, model, folder, args)
             return 0
@@ -101,6 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def reconstructions(stage, model, folder: Path, args) -> None:
+    """An autoencoder run: --evaluate prints PSNR and the judge's accuracy on the first n test
+    images; otherwise a grid of test images above their reconstructions."""
+    if args.evaluate:
+        report = stage.evaluate(model, args.n)
+        print(f"{folder}: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" if isinstance(v, float)
+                                        else f"{k.removeprefix('eval_')} {v}" for k, v in report.items()))
+        append_metrics(_run_dir(folder) / "metrics.jsonl", {"step": _model_step(folder), **report})
+        return
+    out = Path(args.out) if args.out else _run_dir(folder) / "samples" / f"reconstructions-{folder.name}.png"
+    print(f"wrote {stage.preview(model, out, title=f'{folder}: test images and reconstructions')}")
 
 
 def evaluate(stage, model, folder: Path, args) -> None:

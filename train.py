@@ -49,6 +49,8 @@ from ddpm.plots import append_metrics, plot_metrics, read_metrics
 
 STAGES = {
     "ddpm": "ddpm.stage:ClassConditionedDDPM",
+    "autoencoder": "latent.autoencoder:AutoencoderStage",
+    "latent": "latent.stage:LatentDDPM",
 }
 
 
@@ -178,7 +180,7 @@ def train(raw_config: dict) -> Path:
                desc="train", dynamic_ncols=True)
     for step in bar:
         generator.manual_seed(step_seed(cfg.seed, "step", step))
-        batch = stage.make_batch({k: v[order.indices(step)] for k, v in data.items()}, generator)
+        batch = stage.make_batch({k: v[order.indices(step)] for k, v in data.items()}, generator, step)
         mine = {k: v[my_slice] for k, v in batch.items()}
         model.train()
         for m in range(cfg.grad_accum_steps):

@@ -2,12 +2,15 @@
 
 A *stage* gives train.py everything that is not generic:
     load_data()              -> dict of equal-length tensors held in memory
-    make_batch(raw, gen)     -> a training batch, with all its randomness drawn from ``gen``
+    make_batch(raw, gen, step) -> a training batch, with all its randomness drawn from ``gen``
     build_model()            -> the network to train
     loss(model, batch)       -> a scalar
     preview(model, path)     -> a sample grid PNG
     save_final(model, dir)   -> the trained model as ``save_pretrained`` folders
 and sample.py uses ``load_model`` and ``generate``.
+
+Stage 2 (``latent/stage.py``) reuses all of this on autoencoder latents by changing two
+things: ``sample_shape`` (what the UNet denoises) and ``to_images`` (how that becomes pixels).
 """
 
 from __future__ import annotations
@@ -74,6 +77,13 @@ class SampleConfig:
             raise UserError("sample.steps and sample.n_per_class must be > 0")
 
 
+def load_training_set(c: DataConfig) -> dict[str, torch.Tensor]:
+    """images: uint8 N x 28 x 28; labels: int64 N (the first ``c.limit`` if set)."""
+    data = load_fashion_mnist("train", root=c.root, hub_name=c.hub_name)
+    n = c.limit or len(data)
+    return {"images": data.images[:n], "labels": data.labels[:n]}
+
+
 # Set by the stage from the data, never by the config.
 _DERIVED_MODEL_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds")
 
@@ -113,26 +123,37 @@ class ClassConditionedDDPM:
     # -- training ---------------------------------------------------------------------
 
     def load_data(self) -> dict[str, torch.Tensor]:
-        """images: uint8 N x 28 x 28; labels: int64 N."""
-        c = self.config.data
-        data = load_fashion_mnist("train", root=c.root, hub_name=c.hub_name)
-        n = c.limit or len(data)
-        return {"images": data.images[:n], "labels": data.labels[:n]}
+        return load_training_set(self.config.data)
 
-    def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """uint8 images + labels -> x0 (B x 1 x 32 x 32 in [-1, 1]), labels with some set to
-        the null label, timesteps (B) and noise (like x0)."""
-        images, labels = raw["images"], raw["labels"]
+    def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator, step: int = 0
+                   ) -> dict[str, torch.Tensor]:
+        """A raw batch (images or latents, labels) -> x0 (B x ``sample_shape``), labels with
+        some set to the null label, timesteps (B) and noise (like x0)."""
+        labels = raw["labels"]
         batch, device = len(labels), labels.device
         flip = torch.rand(batch, generator=generator, device=device) < 0.5 if self.config.data.flip else None
-        x0 = to_model_space(images, flip)
+        x0 = self.clean_sample(raw, flip)
         dropped = condition_dropout_mask(batch, self.config.diffusion.p_uncond, generator, device)
         labels = torch.where(dropped, self.null_label, labels)
         timesteps, noise = draw_timesteps_and_noise(x0, self.scheduler.config.num_train_timesteps, generator)
         return {"x0": x0, "labels": labels, "timesteps": timesteps, "noise": noise}
 
+    def clean_sample(self, raw: dict[str, torch.Tensor], flip: torch.Tensor | None) -> torch.Tensor:
+        """x0 for a batch: uint8 images -> B x 1 x 32 x 32 in [-1, 1], mirrored where ``flip``."""
+        return to_model_space(raw["images"], flip)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """C x H x W of what the UNet denoises: padded pixels here."""
+        return (1, PADDED_SIZE, PADDED_SIZE)
+
+    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+        """A denoised sample (B x ``sample_shape``) -> uint8 B x 28 x 28."""
+        return to_pixels(x0.float())
+
     def build_model(self) -> UNet2DModel:
-        kwargs = dict(sample_size=PADDED_SIZE, in_channels=1, out_channels=1,
+        channels, size, _ = self.sample_shape
+        kwargs = dict(sample_size=size, in_channels=channels, out_channels=channels,
                       num_class_embeds=len(self.class_names) + 1)
         return UNet2DModel(**kwargs, **self.config.model)
 
@@ -145,7 +166,7 @@ class ClassConditionedDDPM:
     # -- sampling ---------------------------------------------------------------------
 
     def predict(self, model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float) -> torch.Tensor:
-        """The guided network output for x (B x 1 x 32 x 32) at timestep t, asked for ``labels``.
+        """The guided network output for x (B x ``sample_shape``) at timestep t, asked for ``labels``.
 
         Conditional and unconditional branches run as one batch of 2B.
         """
@@ -177,11 +198,11 @@ class ClassConditionedDDPM:
         out = []
         for i, chunk in enumerate(labels.to(device).split(batch_size)):
             generator = torch.Generator(device).manual_seed(seed + i)
-            noise = torch.randn((len(chunk), 1, PADDED_SIZE, PADDED_SIZE), generator=generator, device=device)
+            noise = torch.randn((len(chunk), *self.sample_shape), generator=generator, device=device)
             with _autocast(device):
                 x0 = sample_loop(lambda x, t: self.predict(model, x, t, chunk, guidance), sampler, noise,
                                  steps, generator, progress=progress)
-            out.append(to_pixels(x0.float()).cpu())
+            out.append(self.to_images(x0).cpu())
         return torch.cat(out)
 
     def preview(self, model, path: Path, title: str = "") -> Path:

@@ -20,6 +20,9 @@ from ddpm.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "ddpm_fashion_tiny.yaml"
+TINY_AUTOENCODER = ROOT / "configs" / "autoencoder_fashion_tiny.yaml"
+TINY_LATENT = ROOT / "configs" / "latent_fashion_tiny.yaml"
+SHARED_MODELS = ROOT.parent / "shared" / "models"
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +33,9 @@ def fashion_mnist():
         pytest.skip(f"real Fashion-MNIST not installed: {e}")
 
 
-def tiny_config(output_dir: Path, **sections) -> dict:
-    """The tiny preset with ``train.output_dir`` set and sections updated key by key."""
-    raw = copy.deepcopy(read_yaml(TINY))
+def tiny_config(output_dir: Path, preset: Path = TINY, **sections) -> dict:
+    """A tiny preset with ``train.output_dir`` set and sections updated key by key."""
+    raw = copy.deepcopy(read_yaml(preset))
     raw["train"]["output_dir"] = str(output_dir)
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -45,6 +48,23 @@ def trained_tiny_run(tmp_path_factory, fashion_mnist):
     import train
 
     return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_autoencoder(tmp_path_factory, fashion_mnist):
+    """A finished tiny autoencoder run (with its discriminator switched on halfway)."""
+    import train
+
+    return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "autoencoder", TINY_AUTOENCODER))
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_latent_run(tmp_path_factory, trained_tiny_autoencoder):
+    """A finished tiny latent-diffusion run on the tiny autoencoder's latents."""
+    import train
+
+    return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "latent", TINY_LATENT,
+                                   autoencoder={"source": str(trained_tiny_autoencoder)}))
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:

@@ -1,0 +1,135 @@
+"""Pixel against latent diffusion: compute per training image, speed, and quality per minute.
+
+    python benchmarks/pixel_vs_latent.py runs/ddpm_fashion_quick runs/latent_fashion_quick
+    python benchmarks/pixel_vs_latent.py RUN_A RUN_B --n 1000 --guidance 3 --timed-steps 20
+
+For each finished run (any stage 1 or stage 2 run, typically the two quick presets):
+  FLOPs / image    model FLOPs of one training step per image (forward and backward of the UNet,
+                   ``torch.utils.flop_counter``); for a latent run the autoencoder is not in the
+                   step: its encoder ran once, to build the latent cache;
+  images/s         training steps timed here and now, the two runs' models alternating so that
+                   the ratio is fair on a shared machine (eager fp32 forward, backward, AdamW);
+  train minutes    the run's own training time, summed over its logged windows (checkpoints,
+                   previews and evaluation not counted); for a latent run, also the minutes of
+                   the autoencoder run it used, which is trained once and reused;
+  accuracy, FD     the judge's scores of n samples of the final EMA model at the given
+                   guidance (``sample.py --evaluate``), and the time sampling them took.
+The output is Markdown, to paste into benchmarks/RESULTS.md as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # so that `train` and `ddpm` import when run as a script
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from benchmarks.train_speed import model_size_and_flops  # noqa: E402
+from ddpm import evaluate as ev  # noqa: E402
+from ddpm.errors import UserError  # noqa: E402
+from ddpm.plots import read_metrics  # noqa: E402
+from sample import load_for_sampling  # noqa: E402
+
+
+def training_minutes(run_dir: Path, batch_size: int) -> float:
+    """Minutes of training a run logged: each window's steps x batch / its images per second."""
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "images_per_s" in r]
+    seconds, last_step = 0.0, 0
+    for r in records:
+        seconds += (r["step"] - last_step) * batch_size / r["images_per_s"]
+        last_step = r["step"]
+    return seconds / 60
+
+
+def time_training_steps(runs: list[dict], steps: int) -> None:
+    """Fill in run["images_per_s"]: ``steps`` timed AdamW steps per model after 2 untimed ones,
+    the models taking turns one step at a time."""
+    for run in runs:
+        model = run["stage"].build_model().train()
+        data = {k: v[: run["batch_size"]] for k, v in run["data"].items()}
+        batch = run["stage"].make_batch(data, torch.Generator().manual_seed(0))
+        run.update(model=model, batch=batch, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4), seconds=0.0)
+    for i in range(steps + 2):
+        for run in runs:
+            start = time.perf_counter()
+            run["stage"].loss(run["model"], run["batch"]).backward()
+            run["optimizer"].step()
+            run["optimizer"].zero_grad(set_to_none=True)
+            if i >= 2:
+                run["seconds"] += time.perf_counter() - start
+    for run in runs:
+        run["images_per_s"] = steps * run["batch_size"] / run.pop("seconds")
+        del run["model"], run["batch"], run["optimizer"]
+
+
+def measure(run_dir: Path, n: int, guidance: float) -> dict:
+    stage, cfg, _ = train.load_run(run_dir)
+    data = stage.load_data()
+    params, flops = model_size_and_flops(stage, data, torch.device("cpu"), min(cfg.batch_size, 32))
+    row = {"run": run_dir, "stage": stage, "batch_size": cfg.batch_size, "data": data, "params": params,
+           "flops": flops, "shape": "x".join(map(str, stage.sample_shape)),
+           "minutes": training_minutes(run_dir, cfg.batch_size), "steps": cfg.max_steps}
+    if stage.name == "latent":
+        source = Path(stage.config.autoencoder.source)
+        if (source / "config.yaml").is_file():
+            _, ae_cfg, _ = train.load_run(source)
+            row["autoencoder_minutes"] = training_minutes(source, ae_cfg.batch_size)
+    print(f"{run_dir}: evaluating n = {n} at guidance {guidance}", file=sys.stderr)
+    _, model, _ = load_for_sampling(run_dir)
+    start = time.perf_counter()
+    report = ev.evaluate_model(stage, model, n, guidance=guidance, progress=True)
+    row.update(report=report, sample_seconds=time.perf_counter() - start)
+    return row
+
+
+def format_report(argv: list[str], rows: list[dict], timed_steps: int) -> str:
+    lines = [f"### Pixel vs latent: `python benchmarks/pixel_vs_latent.py {shlex.join(argv)}`", "",
+             f"{datetime.date.today()}, {platform.processor() or platform.machine()} CPU, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}; images/s from {timed_steps} "
+             f"alternating training steps per model in this run", "",
+             "| run | denoises | params | GFLOPs / train image | train images/s | train min | "
+             "+ autoencoder min | accuracy | FD (floor) | sampling s / 1000 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rep = r["report"]
+        ae = f"{r['autoencoder_minutes']:.1f}" if "autoencoder_minutes" in r else "-"
+        lines.append(f"| `{r['run']}` | {r['shape']} | {r['params'] / 1e6:.2f}M | {r['flops'] / 1e9:.3f} | "
+                     f"{r['images_per_s']:.0f} | {r['minutes']:.1f} | {ae} | {rep['accuracy']:.3f} | "
+                     f"{rep['fd']:.1f} ({rep['fd_floor']:.1f}) | {r['sample_seconds'] * 1000 / rep['n']:.0f} |")
+    a, b = rows[0], rows[-1]
+    lines += ["", f"Ratios {b['run'].name} / {a['run'].name}: FLOPs per training image "
+              f"{b['flops'] / a['flops']:.3f}, training images/s {b['images_per_s'] / a['images_per_s']:.2f}; "
+              f"sampling: {rows[-1]['report']['scheduler']}-{rows[-1]['report']['steps']}, "
+              f"guidance {rows[-1]['report']['guidance']:g}, n = {rows[-1]['report']['n']}."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="finished run directories (pixel first, then latent)")
+    parser.add_argument("--n", type=int, default=1000, help="samples for the judge (default 1000)")
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--timed-steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    try:
+        rows = [measure(Path(r), args.n, args.guidance) for r in args.runs]
+        time_training_steps(rows, args.timed_steps)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(argv, rows, args.timed_steps))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

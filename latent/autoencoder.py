@@ -1,0 +1,240 @@
+"""Stage 2a for the shared trainer: our own ``AutoencoderKL`` for 32 x 32 Fashion-MNIST.
+
+    python train.py configs/autoencoder_fashion_quick.yaml
+    python sample.py runs/autoencoder_fashion_quick --evaluate --n 10000   # PSNR, judge
+
+The encoder maps an image x (1 x 32 x 32 in [-1, 1]) to a diagonal Gaussian q(z|x) =
+N(mu, sigma^2) over latents z (C x h x w, by default 4 x 8 x 8: 4x fewer numbers than
+pixels); the decoder maps a sample z = mu + sigma * eps back to an image. The loss, as for
+Stable Diffusion's VAE (all terms are means over pixels or latent values):
+
+    reconstruction   |x - D(z)|   (or (x - D(z))^2)
+    + kl_weight   * KL(q(z|x) || N(0, I))       tiny: it only keeps the latents from drifting
+    + disc_weight * hinge GAN loss               optional, from step disc_start
+
+The GAN term pits the decoder against a patch discriminator that scores every overlapping
+patch of an image as real or reconstructed, which rewards sharp texture over the blur an
+L1/L2 loss settles for. Both networks are one model here, trained by one optimizer: the
+decoder's adversarial term is computed with the discriminator frozen, and the
+discriminator's own term on detached reconstructions, so each loss moves only its network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ddpm.config import build
+from ddpm.data import CLASS_NAMES, PADDED_SIZE, LabelledImages, load_fashion_mnist, to_model_space
+from ddpm.errors import UserError
+from ddpm.evaluate import cached_judge
+from ddpm.judge import accuracy
+from ddpm.plots import save_grid
+from ddpm.stage import DataConfig, load_training_set
+
+from .space import LatentSpace
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix): B x C x H x W images -> B x 1 x H/2^n x W/2^n real-vs-fake logits,
+    one per overlapping patch."""
+
+    def __init__(self, in_channels: int = 1, channels: int = 64, layers: int = 2):
+        super().__init__()
+        blocks = [nn.Conv2d(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        for i in range(1, layers):
+            c_in, c_out = channels * 2 ** (i - 1), channels * 2**i
+            blocks += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)]
+        blocks.append(nn.Conv2d(channels * 2 ** (layers - 1), 1, 3, padding=1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Compute through ``module`` without its parameters collecting gradients."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+class AutoencoderWithDiscriminator(ModelMixin, ConfigMixin):
+    """What the trainer optimizes: ``vae`` (a diffusers ``AutoencoderKL``) and, if asked for,
+    its ``discriminator``. Everything that touches their weights runs in ``forward``, so a
+    multi-GPU wrapper sees one forward pass."""
+
+    @register_to_config
+    def __init__(self, vae_config: dict, use_discriminator: bool = False, disc_channels: int = 64,
+                 disc_layers: int = 2):
+        # (argument names differ from the attribute names: diffusers also sets each one as an attribute)
+        super().__init__()
+        self.vae = AutoencoderKL(**vae_config)
+        self.discriminator = (PatchDiscriminator(vae_config["in_channels"], disc_channels, disc_layers)
+                              if use_discriminator else None)
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: B x 1 x 32 x 32 in [-1, 1]; eps: B x C x h x w standard normal, for z = mu + sigma * eps.
+
+        Returns the reconstruction, the posterior's ``mean`` and ``logvar`` and, with a
+        discriminator, its logits for the reconstruction (discriminator frozen), for real
+        images, and for detached reconstructions.
+        """
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.mean + posterior.std * eps).sample
+        out = {"recon": recon, "mean": posterior.mean, "logvar": posterior.logvar}
+        if self.discriminator is not None:
+            with frozen(self.discriminator):
+                out["fake_logits"] = self.discriminator(recon)
+            out["real_logits"] = self.discriminator(x)
+            out["detached_fake_logits"] = self.discriminator(recon.detach())
+        return out
+
+
+@dataclasses.dataclass
+class AutoencoderLossConfig:
+    reconstruction: Literal["l1", "mse"] = "l1"
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.0  # 0: no discriminator
+    disc_start: int = 0  # the step from which the GAN terms count (let reconstructions form first)
+    disc_channels: int = 64
+    disc_layers: int = 2
+
+    def __post_init__(self):
+        if self.kl_weight < 0 or self.disc_weight < 0 or self.disc_start < 0:
+            raise UserError("loss.kl_weight, loss.disc_weight and loss.disc_start must be >= 0")
+
+
+_DERIVED_MODEL_KEYS = ("in_channels", "out_channels", "sample_size")
+
+
+@dataclasses.dataclass
+class AutoencoderStageConfig:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: dict = dataclasses.field(default_factory=dict)  # keyword arguments of AutoencoderKL
+    loss: AutoencoderLossConfig = dataclasses.field(default_factory=AutoencoderLossConfig)
+
+    def __post_init__(self):
+        valid = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self", *_DERIVED_MODEL_KEYS}
+        for key in self.model:
+            if key in _DERIVED_MODEL_KEYS:
+                raise UserError(f"model.{key} is set from the data; remove it from the config")
+            if key not in valid:
+                raise UserError(f"unknown key model.{key}; valid AutoencoderKL keys: {', '.join(sorted(valid))}")
+
+
+class AutoencoderStage:
+    name = "autoencoder"
+    Config = AutoencoderStageConfig
+
+    def __init__(self, config: AutoencoderStageConfig):
+        self.config = config
+        self.vae_kwargs = {"in_channels": 1, "out_channels": 1, "sample_size": PADDED_SIZE, **config.model}
+        defaults = {k: p.default for k, p in inspect.signature(AutoencoderKL.__init__).parameters.items()}
+        kwargs = {**defaults, **self.vae_kwargs}
+        size = PADDED_SIZE // 2 ** (len(kwargs["block_out_channels"]) - 1)
+        self.latent_shape = (kwargs["latent_channels"], size, size)
+
+    @classmethod
+    def from_dict(cls, sections: dict) -> "AutoencoderStage":
+        return cls(build(cls.Config, sections, where="config"))
+
+    # -- training ---------------------------------------------------------------------
+
+    def load_data(self) -> dict[str, torch.Tensor]:
+        return load_training_set(self.config.data)
+
+    def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator, step: int = 0
+                   ) -> dict[str, torch.Tensor]:
+        """x: B x 1 x 32 x 32 in [-1, 1]; eps: B x C x h x w; adversarial: B, 1.0 once the GAN
+        terms are on."""
+        images = raw["images"]
+        batch, device = len(images), images.device
+        flip = torch.rand(batch, generator=generator, device=device) < 0.5 if self.config.data.flip else None
+        eps = torch.randn((batch, *self.latent_shape), generator=generator, device=device)
+        adversarial = torch.full((batch,), float(step >= self.config.loss.disc_start), device=device)
+        return {"x": to_model_space(images, flip), "eps": eps, "adversarial": adversarial}
+
+    def build_model(self) -> AutoencoderWithDiscriminator:
+        c = self.config.loss
+        return AutoencoderWithDiscriminator(self.vae_kwargs, c.disc_weight > 0, c.disc_channels, c.disc_layers)
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        c = self.config.loss
+        x = batch["x"]
+        out = model(x, batch["eps"])
+        error = out["recon"] - x
+        reconstruction = error.abs().mean() if c.reconstruction == "l1" else error.pow(2).mean()
+        kl = 0.5 * (out["mean"].pow(2) + out["logvar"].exp() - 1 - out["logvar"]).mean()
+        loss = reconstruction + c.kl_weight * kl
+        if "fake_logits" in out:
+            decoder_gan = -out["fake_logits"].mean()
+            discriminator = F.relu(1 - out["real_logits"]).mean() + F.relu(1 + out["detached_fake_logits"]).mean()
+            loss = loss + batch["adversarial"].mean() * (c.disc_weight * decoder_gan + discriminator)
+        return loss
+
+    # -- looking at it ----------------------------------------------------------------
+
+    def latent_space(self, model) -> LatentSpace:
+        vae = model.vae if isinstance(model, AutoencoderWithDiscriminator) else model
+        return LatentSpace(vae, PADDED_SIZE)
+
+    def preview(self, model, path: Path, title: str = "") -> Path:
+        """Two test images per class: originals above their reconstructions."""
+        test = load_fashion_mnist("test", root=self.config.data.root, hub_name=self.config.data.hub_name)
+        first = torch.cat([torch.nonzero(test.labels == c)[:2, 0] for c in range(len(CLASS_NAMES))])
+        originals = test.images[first].view(len(CLASS_NAMES), 2, 28, 28).transpose(0, 1).reshape(-1, 28, 28)
+        recon = self.latent_space(model).reconstruct(originals).cpu()
+        grid = torch.stack([originals[:10], recon[:10], originals[10:], recon[10:]])
+        return save_grid(grid, path, ["original", "reconstruction"] * 2, title or "autoencoder",
+                         col_titles=list(CLASS_NAMES))
+
+    @torch.no_grad()
+    def evaluate(self, model, n: int) -> dict:
+        """On the first n real test images: mean PSNR (dB) of the reconstructions, and the
+        judge's accuracy on the reconstructions and on the originals."""
+        test = load_fashion_mnist("test", root=self.config.data.root, hub_name=self.config.data.hub_name)
+        images, labels = test.images[:n], test.labels[:n]
+        space = self.latent_space(model)
+        recon = torch.cat([space.reconstruct(chunk).cpu() for chunk in images.split(500)])
+        judge = cached_judge()
+        return {"eval_psnr": psnr(recon, images).mean().item(),
+                "eval_recon_accuracy": accuracy(judge, LabelledImages(recon, labels)),
+                "eval_real_accuracy": accuracy(judge, LabelledImages(images, labels)),
+                "eval_n": len(images)}
+
+    # -- saving and loading -----------------------------------------------------------
+
+    def save_final(self, model, folder: Path) -> None:
+        """Only the autoencoder (``vae/``): the discriminator is a training aid. Its
+        ``scaling_factor`` is set when a latent run measures it on the cached latents."""
+        model.vae.register_to_config(scaling_factor=1.0)
+        model.vae.save_pretrained(folder / "vae")
+
+    def load_model(self, folder: Path) -> AutoencoderKL:
+        if (folder / "vae" / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+        if (folder / "ema" / "config.json").is_file():
+            return AutoencoderWithDiscriminator.from_pretrained(folder / "ema", use_safetensors=True).vae
+        raise UserError(f"{folder} holds no autoencoder (expected vae/ or ema/ inside)")
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of uint8 N x H x W images against ``reference``, on a 0..1 scale."""
+    mse = (images.float() / 255 - reference.float() / 255).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))

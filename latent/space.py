@@ -1,0 +1,161 @@
+"""An autoencoder as the diffusion model sees it: images <-> scaled latents.
+
+    encode:  uint8 B x 28 x 28  ->  z = scaling_factor * E(x)         float B x C x h x w
+    decode:  z                  ->  D(z / scaling_factor) as pixels   uint8 B x 28 x 28
+
+The diffusion model never sees pixels, only z. Its noise schedule assumes data of about unit
+variance (at t = T the sample must be almost pure N(0, 1) noise), so z is multiplied by
+``scaling_factor`` = 1 / std of the autoencoder's latents on the training data. Stable
+Diffusion's 0.18215 is that number for its VAE on its images; ours is measured on ours
+(``latent/cache.py``). Encoding with one factor and decoding with another silently gives
+washed-out or blown-out samples, so one ``LatentSpace`` object does both.
+
+Any autoencoder works: our own 1-channel ``AutoencoderKL`` (``latent/autoencoder.py``) sees the
+padded 32 x 32 image; a pretrained RGB one (``stabilityai/sd-vae-ft-mse``,
+``madebyollin/taesd``) sees it as 3 equal channels, resized so its latent grid is at least
+8 x 8 (64 px for a down factor of 8), and its output is averaged back to 1 channel, 32 x 32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, AutoencoderTiny
+
+from ddpm.data import PADDED_SIZE, to_model_space, to_pixels
+from ddpm.errors import UserError
+
+AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+MIN_LATENT_SIZE = 8
+
+
+def down_factor(vae) -> int:
+    """How many pixels per latent cell along each side (8 for SD's VAE and TAESD)."""
+    blocks = vae.config.get("block_out_channels") or vae.config["encoder_block_out_channels"]
+    return 2 ** (len(blocks) - 1)
+
+
+class LatentSpace:
+    """An autoencoder (eval mode, frozen) with the size it is fed and the latent scaling factor."""
+
+    def __init__(self, vae: AutoencoderKL | AutoencoderTiny, image_size: int | None = None,
+                 scaling_factor: float | None = None):
+        self.vae = vae.eval().requires_grad_(False)
+        self.factor = down_factor(vae)
+        self.image_size = image_size or max(PADDED_SIZE, MIN_LATENT_SIZE * self.factor)
+        if self.image_size % self.factor:
+            raise UserError(f"autoencoder.image_size={self.image_size} must be a multiple of the "
+                            f"autoencoder's down factor {self.factor}")
+        self.scaling_factor = scaling_factor
+        self.channels = vae.config.latent_channels
+        self.latent_size = self.image_size // self.factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.latent_size, self.latent_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    def to(self, device) -> "LatentSpace":
+        self.vae.to(device)
+        return self
+
+    # -- pixels <-> what the autoencoder takes ------------------------------------------
+
+    def vae_input(self, images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 B x 28 x 28 -> float B x in_channels x image_size x image_size in [-1, 1]."""
+        x = to_model_space(images.to(self.device), flip)
+        if self.image_size != PADDED_SIZE:
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+        return x.expand(-1, self.vae.config.in_channels, -1, -1)
+
+    def vae_output_to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """float B x out_channels x image_size x image_size in about [-1, 1] -> uint8 B x 28 x 28."""
+        x = x.float().mean(dim=1, keepdim=True)
+        if x.shape[-1] != PADDED_SIZE:
+            x = F.interpolate(x, size=PADDED_SIZE, mode="bilinear", antialias=True, align_corners=False)
+        return to_pixels(x)
+
+    # -- latents ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def posterior(self, images: torch.Tensor, flip: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 B x 28 x 28 -> the unscaled posterior mean and std, each B x C x h x w.
+        A deterministic autoencoder (TAESD) has one latent per image and no std (None)."""
+        out = self.vae.encode(self.vae_input(images, flip))
+        if hasattr(out, "latent_dist"):
+            return out.latent_dist.mean, out.latent_dist.std
+        return out.latents, None
+
+    def encode_unscaled(self, images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 B x 28 x 28 -> B x C x h x w: the posterior mean, before scaling."""
+        return self.posterior(images, flip)[0]
+
+    def encode(self, images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 B x 28 x 28 -> scaled latents B x C x h x w (std about 1 over the data)."""
+        return self.encode_unscaled(images, flip) * self._factor()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents B x C x h x w -> uint8 B x 28 x 28."""
+        return self.vae_output_to_pixels(self.vae.decode(latents.to(self.device) / self._factor()).sample)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 B x 28 x 28 -> uint8 B x 28 x 28 through the autoencoder (no scaling involved)."""
+        return self.vae_output_to_pixels(self.vae.decode(self.encode_unscaled(images)).sample)
+
+    def _factor(self) -> float:
+        if self.scaling_factor is None:
+            raise RuntimeError("the scaling factor is measured from the latent cache; build it first")
+        return self.scaling_factor
+
+    # -- saving ------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: Path) -> None:
+        """The autoencoder with *our* scaling factor in its config.json, plus the image size."""
+        self.vae.register_to_config(scaling_factor=self._factor())
+        self.vae.save_pretrained(folder)
+        (folder / "latent_space.json").write_text(json.dumps({"image_size": self.image_size}))
+
+    @classmethod
+    def from_pretrained(cls, folder: Path) -> "LatentSpace":
+        """A folder written by ``save_pretrained``: the factor comes from its config.json."""
+        vae = load_autoencoder(str(folder))
+        size = json.loads((folder / "latent_space.json").read_text())["image_size"]
+        return cls(vae, size, vae.config.scaling_factor)
+
+
+def load_autoencoder(source: str, subfolder: str | None = None) -> AutoencoderKL | AutoencoderTiny:
+    """An autoencoder from a local folder in diffusers format, or by Hub name.
+
+    ``source``: our autoencoder run (its ``final/vae``), a folder holding ``config.json`` and
+    weights (``AutoencoderKL`` or ``AutoencoderTiny``), or a Hub name such as
+    ``stabilityai/sd-vae-ft-mse`` or ``madebyollin/taesd`` (downloaded once, then cached).
+    """
+    path = Path(source)
+    if (path / "config.yaml").is_file():  # one of our autoencoder runs
+        path = path / "final" / "vae"
+        if not (path / "config.json").is_file():
+            raise UserError(f"{source} has no final/vae yet; finish training it (train.resume=latest)")
+    local = path.is_dir()
+    if not local and (source.startswith((".", "/", "~")) or path.suffix):
+        raise UserError(f"autoencoder folder {source} does not exist; train one with "
+                        f"`python train.py configs/autoencoder_fashion_quick.yaml` or give a Hub name")
+    where = str(path) if local else source
+    try:
+        config = AutoencoderKL.load_config(where, subfolder=subfolder, local_files_only=local)
+    except (OSError, ValueError) as e:
+        how = "is it a diffusers autoencoder folder?" if local else "is the name right and the Hub reachable?"
+        raise UserError(f"cannot read the autoencoder config of {where}: {how} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    cls = AUTOENCODERS.get(config.get("_class_name"))
+    if cls is None:
+        raise UserError(f"{where} holds a {config.get('_class_name')}, not one of {', '.join(AUTOENCODERS)}")
+    return cls.from_pretrained(where, subfolder=subfolder, local_files_only=local, use_safetensors=True)

@@ -1,0 +1,274 @@
+"""Stage 2: our autoencoder, pretrained autoencoders, the latent cache and its scaling factor,
+and latent diffusion trained and sampled like stage 1."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny
+from safetensors.torch import load_file
+
+import train
+from ddpm.config import read_yaml
+from ddpm.errors import UserError
+from ddpm.plots import read_metrics
+from ddpm.stage import load_training_set
+from latent.autoencoder import AutoencoderStage, AutoencoderWithDiscriminator, psnr
+from latent.cache import cache_path, fingerprint, load_or_build, read_scaling_factor
+from latent.space import LatentSpace, load_autoencoder
+
+from .conftest import ROOT, SHARED_MODELS, TINY_AUTOENCODER, TINY_LATENT, tiny_config
+from .test_cli import one_line_error, run
+
+
+def tiny_kl(in_channels=1, blocks=3, seed=0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=in_channels, out_channels=in_channels, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks,
+                         block_out_channels=[8] * blocks, norm_num_groups=4, layers_per_block=1)
+
+
+def some_images(n=24, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+    images[:, 6:22, 8:20] = torch.randint(60, 255, (n, 16, 12), generator=g, dtype=torch.uint8)
+    return images
+
+
+# -- our own autoencoder ----------------------------------------------------------------
+
+
+def test_autoencoder_run_trains_saves_and_reports(trained_tiny_autoencoder):
+    run_dir = trained_tiny_autoencoder
+    vae = load_autoencoder(str(run_dir))  # an autoencoder run resolves to its final/vae
+    assert isinstance(vae, AutoencoderKL) and vae.config.in_channels == 1
+    assert (run_dir / "samples" / "final.png").stat().st_size > 1000  # originals above reconstructions
+    losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
+    # the checkpoint keeps the discriminator, final/ only the autoencoder
+    ema = AutoencoderWithDiscriminator.from_pretrained(run_dir / "checkpoints" / "step-00000006" / "ema")
+    assert ema.discriminator is not None and not (run_dir / "final" / "discriminator").exists()
+
+
+def test_autoencoder_learns_to_reconstruct(tmp_path, fashion_mnist):
+    run_dir = train.train(tiny_config(tmp_path / "ae", TINY_AUTOENCODER, loss={"disc_weight": 0.0},
+                                      train={"max_steps": 60, "batch_size": 32, "lr": 3e-3}))
+    stage, _, _ = train.load_run(run_dir)
+    before = stage.evaluate(AutoencoderStage(stage.config).build_model(), 200)
+    after = stage.evaluate(stage.load_model(run_dir / "final"), 200)
+    assert after["eval_psnr"] > before["eval_psnr"] + 3, (before, after)
+
+
+def test_discriminator_and_decoder_losses_move_only_their_own_network():
+    model = AutoencoderWithDiscriminator(dict(tiny_kl().config), use_discriminator=True, disc_channels=8)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    out = model(x, torch.randn(2, 4, 8, 8))
+    (-out["fake_logits"].mean()).backward(retain_graph=True)  # the decoder's GAN term
+    assert all(p.grad is None for p in model.discriminator.parameters())
+    assert model.vae.decoder.conv_out.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    (out["real_logits"].mean() + out["detached_fake_logits"].mean()).backward()  # the discriminator's
+    assert all(p.grad is None for p in model.vae.parameters())
+    assert all(p.grad is not None for p in model.discriminator.parameters())
+
+
+def test_gan_terms_switch_on_at_disc_start():
+    stage = AutoencoderStage.from_dict({"model": {"block_out_channels": [8, 8, 8], "norm_num_groups": 4,
+                                                  "down_block_types": ["DownEncoderBlock2D"] * 3,
+                                                  "up_block_types": ["UpDecoderBlock2D"] * 3},
+                                        "loss": {"disc_weight": 0.5, "disc_start": 10, "disc_channels": 8}})
+    model = stage.build_model()
+    raw = {"images": some_images(4), "labels": torch.zeros(4, dtype=torch.long)}
+    for step, expect_grad in ((9, False), (10, True)):
+        batch = stage.make_batch(raw, torch.Generator().manual_seed(0), step)
+        assert batch["eps"].shape == (4, 4, 8, 8)
+        model.zero_grad(set_to_none=True)
+        stage.loss(model, batch).backward()
+        d_grad = sum(p.grad.abs().sum() for p in model.discriminator.parameters())
+        assert (d_grad > 0) == expect_grad
+
+
+def test_psnr():
+    a = torch.full((1, 28, 28), 100, dtype=torch.uint8)
+    b = a.clone()
+    b[0, 0, :] += 51  # 28 of 784 pixels off by 0.2
+    assert psnr(b, a).item() == pytest.approx(10 * torch.log10(torch.tensor(784 / 28 / 0.04)).item(), abs=1e-3)
+
+
+# -- pretrained autoencoders --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["kl", "tiny"])
+def test_pretrained_rgb_autoencoder_folder(tmp_path, kind):
+    """An RGB autoencoder with down factor 8 sees 64 px images and gives 8 x 8 latents."""
+    torch.manual_seed(0)
+    vae = tiny_kl(in_channels=3, blocks=4) if kind == "kl" else AutoencoderTiny(
+        encoder_block_out_channels=[8] * 4, decoder_block_out_channels=[8] * 4,
+        num_encoder_blocks=[1, 1, 1, 1], num_decoder_blocks=[1, 1, 1, 1])
+    vae.save_pretrained(tmp_path / "vae")
+    loaded = load_autoencoder(str(tmp_path / "vae"))
+    assert type(loaded) is type(vae)
+    space = LatentSpace(loaded, scaling_factor=0.5)
+    assert space.image_size == 64 and space.latent_shape == (4, 8, 8)
+    images = some_images(3)
+    latents = space.encode(images)
+    assert latents.shape == (3, 4, 8, 8)
+    decoded = space.decode(latents)
+    assert decoded.shape == (3, 28, 28) and decoded.dtype == torch.uint8
+    assert torch.equal(decoded, space.reconstruct(images))
+
+
+def test_missing_or_wrong_autoencoder_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_autoencoder(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="cannot read the autoencoder config"):
+        load_autoencoder(str(tmp_path / "empty"))
+
+
+@pytest.mark.skipif(not (SHARED_MODELS / "taesd").is_dir(), reason="../shared/models/taesd is not here")
+def test_real_taesd_reconstructs_fashion_mnist(fashion_mnist):
+    space = LatentSpace(load_autoencoder(str(SHARED_MODELS / "taesd")))
+    assert isinstance(space.vae, AutoencoderTiny) and space.latent_shape == (4, 8, 8)
+    images = fashion_mnist.images[:64]
+    assert psnr(space.reconstruct(images), images).mean() > 15
+
+
+# -- the latent cache and the scaling factor ----------------------------------------------
+
+
+def test_cache_is_built_once_reused_and_invalidated(tmp_path):
+    space, images, said = LatentSpace(tiny_kl()), some_images(), []
+    cached = load_or_build(space, images, tmp_path, flip=True, batch_size=10, say=said.append)
+    assert cached["latents"].shape == cached["latents_flipped"].shape == (24, 4, 8, 8)
+    assert any("encoded 24 images" in line for line in said)
+    factor = space.scaling_factor
+    scaled = torch.cat([cached["latents"], cached["latents_flipped"]]) * factor
+    assert abs(scaled.std().item() - 1) < 0.05
+    path = cache_path(tmp_path, fingerprint(space, images, True))
+    assert read_scaling_factor(path) == pytest.approx(factor)
+
+    said.clear()
+    space.scaling_factor = None
+    again = load_or_build(space, images, tmp_path, flip=True, say=said.append)
+    assert not any("encoded" in line for line in said) and space.scaling_factor == pytest.approx(factor)
+    assert torch.equal(again["latents"], cached["latents"])
+
+    # a changed autoencoder, or other images, get their own cache
+    with torch.no_grad():
+        space.vae.encoder.conv_in.bias.add_(0.1)
+    assert fingerprint(space, images, True) != fingerprint(LatentSpace(tiny_kl()), images, True)
+    assert fingerprint(LatentSpace(tiny_kl()), images[:-1], True) != path.name
+
+    # a damaged file is encoded again
+    path.write_bytes(path.read_bytes()[:100])
+    said.clear()
+    load_or_build(LatentSpace(tiny_kl()), images, tmp_path, flip=True, say=said.append)
+    assert any("damaged" in line for line in said) and read_scaling_factor(path) == pytest.approx(factor)
+
+
+def test_one_scaling_factor_from_cache_to_training_to_decoding(trained_tiny_latent_run):
+    """Training latents have std 1, and what the sampler decodes them with uses the same factor:
+    decoding a training latent gives the autoencoder's own reconstruction of that image."""
+    stage, _, _ = train.load_run(trained_tiny_latent_run)
+    data = stage.load_data()
+    assert abs(torch.cat([data["latents"], data["latents_flipped"]]).std().item() - 1) < 0.05
+    factor = stage.latent_space().scaling_factor
+    saved = LatentSpace.from_pretrained(trained_tiny_latent_run / "final" / "vae")
+    assert saved.scaling_factor == pytest.approx(factor)
+    direct = saved.reconstruct(load_training_set(stage.config.data)["images"][:16])
+    for space in (saved, stage.latent_space()):
+        assert torch.equal(space.decode(data["latents"][:16]), direct)
+    wrong = LatentSpace(saved.vae, saved.image_size, factor * 1.5)
+    assert not torch.equal(wrong.decode(data["latents"][:16]), direct)
+
+
+def test_latent_run_samples_and_evaluates_like_a_pixel_run(trained_tiny_latent_run, tmp_path):
+    run_dir = trained_tiny_latent_run
+    assert {p.name for p in (run_dir / "final").iterdir()} == {"unet", "scheduler", "vae"}
+    grid = tmp_path / "latent.png"
+    result = run("sample.py", str(run_dir), "--class", "all", "--n", "2", "--steps", "2", "--out", str(grid))
+    assert result.returncode == 0, result.stderr
+    assert grid.stat().st_size > 1000
+    # a checkpoint has no vae/: the factor comes back from the cache
+    result = run("sample.py", str(run_dir / "checkpoints" / "step-00000006"), "--class", "0", "--n", "2",
+                 "--steps", "2", "--save-array", str(tmp_path / "a.npy"), "--out", str(tmp_path / "c.png"))
+    assert result.returncode == 0, result.stderr
+    result = run("sample.py", str(run_dir), "--evaluate", "--n", "20", "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout
+
+
+def test_autoencoder_run_in_sample_py(trained_tiny_autoencoder, tmp_path):
+    result = run("sample.py", str(trained_tiny_autoencoder), "--evaluate", "--n", "50")
+    assert result.returncode == 0, result.stderr
+    assert "psnr" in result.stdout
+    result = run("sample.py", str(trained_tiny_autoencoder), "--out", str(tmp_path / "r.png"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_latent_config_errors_are_one_line(tmp_path):
+    result = run("train.py", "configs/latent_fashion_tiny.yaml", f"train.output_dir={tmp_path}/x",
+                 f"autoencoder.source={tmp_path}/missing")
+    one_line_error(result, "does not exist")
+    result = run("train.py", "configs/latent_fashion_tiny.yaml", "autoencoder.colour=1")
+    one_line_error(result, "autoencoder.colour")
+    result = run("train.py", "configs/autoencoder_fashion_tiny.yaml", "model.sample_size=64")
+    one_line_error(result, "model.sample_size is set from the data")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_is_valid(path):
+    stage, cfg, resolved = train.load_config(read_yaml(path))
+    assert resolved["stage"] == stage.name and cfg.output_dir.startswith("runs/")
+
+
+# -- exact resume and several processes, for both stage-2 stages ----------------------------
+
+
+def checkpoint_weights(checkpoint) -> dict:
+    return load_file(checkpoint / "model.safetensors") | {
+        f"ema.{k}": v for k, v in load_file(checkpoint / "ema" / "diffusion_pytorch_model.safetensors").items()}
+
+
+@pytest.mark.parametrize("fixture, preset", [("trained_tiny_autoencoder", TINY_AUTOENCODER),
+                                             ("trained_tiny_latent_run", TINY_LATENT)], ids=["autoencoder", "latent"])
+def test_resume_continues_the_same_run_exactly(request, tmp_path, fixture, preset):
+    """6 steps straight == 3 steps, stop, resume, 3 more (the autoencoder's discriminator
+    switches on at step 3, inside the resumed part)."""
+    straight = request.getfixturevalue(fixture)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "config.yaml", resumed / "config.yaml")
+    shutil.copytree(straight / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    raw = read_yaml(straight / "config.yaml")
+    raw["train"].update(output_dir=str(resumed), resume="latest")
+    train.train(raw)
+    loss = lambda run: [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]  # noqa: E731
+    assert loss(resumed) == loss(straight)[3:]
+    a, b = (checkpoint_weights(run / "checkpoints" / "step-00000006") for run in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_train_the_latent_stage_like_one(tmp_path, trained_tiny_latent_run, trained_tiny_autoencoder):
+    """The main process builds the latent cache while the other waits, then both train."""
+    out, cache = tmp_path / "two", tmp_path / "cache"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", str(TINY_LATENT),
+           f"train.output_dir={out}", f"autoencoder.source={trained_tiny_autoencoder}", f"autoencoder.cache_dir={cache}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(cache.glob("latents-*.safetensors"))) == 1
+    la, lb = ([r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+              for run in (trained_tiny_latent_run, out))
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-4, atol=1e-5)
+    a, b = (checkpoint_weights(run / "checkpoints" / "step-00000006") for run in (trained_tiny_latent_run, out))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
