@@ -201,8 +201,8 @@ class AutoencoderStage:
         originals = test.images[first].view(len(CLASS_NAMES), 2, 28, 28).transpose(0, 1).reshape(-1, 28, 28)
         recon = self.latent_space(model).reconstruct(originals).cpu()
         grid = torch.stack([originals[:10], recon[:10], originals[10:], recon[10:]])
-        return save_grid(grid, path, ["original", "reconstruction"] * 2, title or "autoencoder",
-                         col_titles=list(CLASS_NAMES))
+        title = title or "test images and their reconstructions"
+        return save_grid(grid, path, ["original", "reconstruction"] * 2, title, col_titles=list(CLASS_NAMES))
 
     @torch.no_grad()
     def evaluate(self, model, n: int) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from benchmarks import sample_speed, train_speed
+from benchmarks import pixel_vs_latent, sample_speed, train_speed
 from ddpm import evaluate
 from ddpm.data import to_model_space
 from ddpm.errors import UserError
@@ -98,3 +98,10 @@ def test_sample_speed_rejects_an_unknown_sampler():
         sample_speed.parse_sampler("plms")
     assert sample_speed.parse_sampler("dpm++") == ("dpm++", 20)
     assert sample_speed.parse_sampler("ddpm-7") == ("ddpm", 7)
+
+
+def test_pixel_vs_latent_compares_two_runs(trained_tiny_run, trained_tiny_latent_run, capsys):
+    argv = [str(trained_tiny_run), str(trained_tiny_latent_run), "--n", "20", "--timed-steps", "1"]
+    assert pixel_vs_latent.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| 1x32x32 |" in table and "| 4x8x8 |" in table and "FLOPs per training image" in table

