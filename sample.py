@@ -69,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="also save the samples (uint8 N x 28 x 28) and PATH_labels.npy")
     parser.add_argument("--evaluate", action="store_true", help="score a balanced set with the judge")
     parser.add_argument("--sweep", type=float, nargs="+", metavar="W", help="evaluate at each guidance scale")
+    parser.add_argument("--prompt", dest="prompts", action="append", default=None,
+                        help='a text run: one grid row per prompt ("" is unconditional); repeat for several')
+    parser.add_argument("--negative-prompt", default="", help="a text run: guide away from this prompt")
+    parser.add_argument("--phrasings", choices=["train", "unseen"], default="train",
+                        help="a text run with --class/--evaluate/--sweep: prompts from the training "
+                             "captions or from phrasings never trained on")
+    parser.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image")
+    parser.add_argument("--strength", type=float, default=0.6,
+                        help="img2img: 0 returns the image (through the autoencoder), 1 ignores it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
@@ -76,24 +85,46 @@ def main(argv: list[str] | None = None) -> int:
         args.n = args.n or (1000 if evaluating else 8)
         if args.n <= 0 or (args.steps is not None and args.steps <= 0):
             raise UserError("--n and --steps must be positive")
+        init_images = read_image(args.init_image) if args.init_image else None  # fail before loading models
         stage, model, folder = load_for_sampling(args.run, args.device)
         if not hasattr(stage, "generate"):  # an autoencoder run: reconstructions, not samples
             reconstructions(stage, model, folder, args)
             return 0
+        is_text = hasattr(stage, "generate_prompts")
+        if (args.prompts or args.negative_prompt) and not is_text:
+            raise UserError(f"--prompt and --negative-prompt need a text run; {args.run} is a "
+                            f"'{stage.name}' run: ask for --class instead")
+        if is_text:
+            stage.eval_phrasings = args.phrasings
         if evaluating:
             evaluate(stage, model, folder, args)
             return 0
+        settings = dict(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                        progress=True)
+        if args.init_image:
+            if not 0 <= args.strength <= 1:
+                raise UserError(f"--strength must be in [0, 1], got {args.strength}")
+            settings.update(init_images=init_images, strength=args.strength)
         names = stage.class_names
-        wanted = args.classes or ["all"]
-        classes = list(range(len(names))) if "all" in wanted else [class_index(c, names) for c in wanted]
-        labels = torch.tensor(classes).repeat_interleave(args.n)
-        images = stage.generate(model, labels, scheduler=args.scheduler, steps=args.steps,
-                                guidance=args.guidance, seed=args.seed, progress=True)
+        if args.prompts:
+            rows, labels = args.prompts, torch.full((len(args.prompts) * args.n,), -1)
+            prompts = [p for p in rows for _ in range(args.n)]
+            images = stage.generate_prompts(model, prompts, negative_prompt=args.negative_prompt,
+                                            **_repeat_init(settings, len(prompts)))
+        else:
+            wanted = args.classes or ["all"]
+            classes = list(range(len(names))) if "all" in wanted else [class_index(c, names) for c in wanted]
+            rows, labels = [names[c] for c in classes], torch.tensor(classes).repeat_interleave(args.n)
+            images = stage.generate(model, labels, **_repeat_init(settings, len(labels)))
         out = Path(args.out) if args.out else _run_dir(folder) / "samples" / f"sample-{folder.name}.png"
         s = stage.config.sample
         title = (f"{folder}: {args.scheduler or s.scheduler}, {args.steps or s.steps} steps, "
                  f"guidance {s.guidance if args.guidance is None else args.guidance:g}, seed {args.seed}")
-        grid, row_titles = _grid_layout(images, classes, names, args.n)
+        if args.negative_prompt:
+            title += f", negative prompt {args.negative_prompt!r}"
+        if args.init_image:
+            title += f", img2img strength {args.strength:g}"
+        grid, row_titles = _grid_layout(images, rows, args.n)
         save_grid(grid, out, row_titles, title=title)
         print(f"wrote {out}")
         if args.save_array:
@@ -157,18 +188,40 @@ def _model_step(folder: Path) -> int:
     return max((r["step"] for r in read_metrics(folder.parent / "metrics.jsonl")), default=0)
 
 
-def _grid_layout(images: torch.Tensor, classes: list[int], names, n: int):
-    """N x 28 x 28 (n per class, in order) -> R x C x 28 x 28 with rows of at most 8, and row titles."""
+def read_image(path: str) -> torch.Tensor:
+    """An image file -> uint8 1 x 28 x 28 grayscale (resized if it is another size)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path).convert("L")
+    except FileNotFoundError:
+        raise UserError(f"--init-image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError):
+        raise UserError(f"--init-image {path} is not an image file PIL can read") from None
+    if image.size != (28, 28):
+        image = image.resize((28, 28), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(image).copy())[None]
+
+
+def _repeat_init(settings: dict, n: int) -> dict:
+    """The one init image, once per sample."""
+    if "init_images" not in settings:
+        return settings
+    return {**settings, "init_images": settings["init_images"].expand(n, -1, -1)}
+
+
+def _grid_layout(images: torch.Tensor, row_names: list[str], n: int):
+    """N x 28 x 28 (n per row name, in order) -> R x C x 28 x 28 with rows of at most 8, and row titles."""
     cols = min(n, GRID_COLUMNS)
     rows_per_class = math.ceil(n / cols)
-    grid = torch.zeros(len(classes) * rows_per_class, cols, 28, 28, dtype=torch.uint8)
+    grid = torch.zeros(len(row_names) * rows_per_class, cols, 28, 28, dtype=torch.uint8)
     titles = []
-    for i, c in enumerate(classes):
+    for i, name in enumerate(row_names):
         block = images[i * n : (i + 1) * n]
         for r in range(rows_per_class):
             row = block[r * cols : (r + 1) * cols]
             grid[i * rows_per_class + r, : len(row)] = row
-            titles.append(names[c] if r == 0 else "")
+            titles.append(name if r == 0 else "")
     return grid, titles
 
 

@@ -51,6 +51,7 @@ STAGES = {
     "ddpm": "ddpm.stage:ClassConditionedDDPM",
     "autoencoder": "latent.autoencoder:AutoencoderStage",
     "latent": "latent.stage:LatentDDPM",
+    "text": "conditioning.stage:TextConditionedLDM",
 }
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from ddpm.errors import UserError
 
@@ -67,6 +68,7 @@ class FrozenTextEncoder:
         through ``AutoModel`` + ``AutoTokenizer``."""
         where, local = resolve_source(source)
         kwargs = {"local_files_only": local}
+        transformers_logging.disable_progress_bar()  # a bar per load is noise in sample.py's output
         try:
             config = AutoConfig.from_pretrained(where, subfolder=subfolder or "", **kwargs)
             is_clip = config.model_type in ("clip", "clip_text_model")

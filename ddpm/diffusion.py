@@ -96,15 +96,26 @@ def make_sampler(name: str, train_scheduler: DDPMScheduler):
 @torch.no_grad()
 def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
                 noise: torch.Tensor, steps: int, generator: torch.Generator | None = None,
-                progress: bool = False) -> torch.Tensor:
-    """Run a scheduler from pure noise to x0.
+                progress: bool = False, init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+    """Run a scheduler from noise to x0.
 
     predict(x_t, t) -> the (guided) network output, same shape as x_t.
     noise: B x C x H x W standard normal. Returns the final sample, same shape.
+    img2img: ``init`` (a clean x0, like noise) is noised to the timestep a fraction ``strength``
+    of the way up the schedule, and only the last round(strength x steps) steps run: strength 1
+    starts from pure noise (text-to-image), strength 0 returns ``init`` unchanged.
     """
     scheduler.set_timesteps(steps, device=noise.device)
-    x = noise * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+    skipped = steps - round(steps * strength) if init is not None else 0
+    if skipped == steps:
+        return init
+    if skipped == 0:
+        x = noise * scheduler.init_noise_sigma
+    else:
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(skipped)
+        x = scheduler.add_noise(init, noise, scheduler.timesteps[skipped].repeat(len(init)))
+    for t in tqdm(scheduler.timesteps[skipped:], desc="sampling", disable=not progress, leave=False):
         model_input = scheduler.scale_model_input(x, t)
         x = scheduler.step(predict(model_input, t), t, x, generator=generator).prev_sample
     return x

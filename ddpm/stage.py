@@ -84,8 +84,15 @@ def load_training_set(c: DataConfig) -> dict[str, torch.Tensor]:
     return {"images": data.images[:n], "labels": data.labels[:n]}
 
 
-# Set by the stage from the data, never by the config.
-_DERIVED_MODEL_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds")
+def check_model_keys(model: dict, cls: type, derived: tuple[str, ...]) -> None:
+    """The ``model`` section holds keyword arguments of ``cls``, except those the stage derives
+    from the data (``derived``)."""
+    valid = set(inspect.signature(cls.__init__).parameters) - {"self", *derived}
+    for key in model:
+        if key in derived:
+            raise UserError(f"model.{key} is set from the data; remove it from the config")
+        if key not in valid:
+            raise UserError(f"unknown key model.{key}; valid {cls.__name__} keys: {', '.join(sorted(valid))}")
 
 
 @dataclasses.dataclass
@@ -96,12 +103,7 @@ class DDPMConfig:
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
 
     def __post_init__(self):
-        valid = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self", *_DERIVED_MODEL_KEYS}
-        for key in self.model:
-            if key in _DERIVED_MODEL_KEYS:
-                raise UserError(f"model.{key} is set from the data; remove it from the config")
-            if key not in valid:
-                raise UserError(f"unknown key model.{key}; valid UNet2DModel keys: {', '.join(sorted(valid))}")
+        check_model_keys(self.model, UNet2DModel, ("sample_size", "in_channels", "out_channels", "num_class_embeds"))
 
 
 class ClassConditionedDDPM:
@@ -151,6 +153,10 @@ class ClassConditionedDDPM:
         """A denoised sample (B x ``sample_shape``) -> uint8 B x 28 x 28."""
         return to_pixels(x0.float())
 
+    def from_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 B x 28 x 28 -> clean samples B x ``sample_shape`` (the start of img2img)."""
+        return to_model_space(images)
+
     def build_model(self) -> UNet2DModel:
         channels, size, _ = self.sample_shape
         kwargs = dict(sample_size=size, in_channels=channels, out_channels=channels,
@@ -178,30 +184,44 @@ class ClassConditionedDDPM:
         cond, uncond = model(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.chunk(2)
         return guide(cond, uncond, guidance)
 
-    @torch.no_grad()
-    def generate(self, model, labels: torch.Tensor, *, scheduler: str | None = None, steps: int | None = None,
-                 guidance: float | None = None, seed: int | None = None, batch_size: int = 500,
-                 progress: bool = False) -> torch.Tensor:
+    def generate(self, model, labels: torch.Tensor, *, guidance: float | None = None, **settings) -> torch.Tensor:
         """Sample one image per entry of ``labels`` (int64 N); returns uint8 N x 28 x 28.
+        ``settings``: those of ``run_sampler``."""
+        guidance = self.config.sample.guidance if guidance is None else guidance
+        return self.run_sampler(model, labels, lambda x, t, chunk: self.predict(model, x, t, chunk, guidance),
+                                **settings)
 
-        The same seed gives the same images; batches are seeded ``seed + batch index``.
+    @torch.no_grad()
+    def run_sampler(self, model, conditions: torch.Tensor, predict, *, scheduler: str | None = None,
+                    steps: int | None = None, seed: int | None = None, batch_size: int = 500,
+                    progress: bool = False, init_images: torch.Tensor | None = None,
+                    strength: float = 1.0) -> torch.Tensor:
+        """One image per entry of ``conditions`` (N x ...): predict(x, t, conditions chunk) -> the
+        guided network output. Returns uint8 N x 28 x 28.
+
+        The same seed gives the same images; batches are seeded ``seed + batch index``. img2img:
+        ``init_images`` (uint8 N x 28 x 28) are noised according to ``strength`` (see
+        ``sample_loop``) instead of starting from pure noise.
         """
         s = self.config.sample
         scheduler, steps = scheduler or s.scheduler, steps or s.steps
-        guidance = s.guidance if guidance is None else guidance
         seed = s.seed if seed is None else seed
         if scheduler not in SAMPLERS:
             raise UserError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SAMPLERS)}")
+        if not 0 <= strength <= 1:
+            raise UserError(f"strength must be in [0, 1], got {strength}")
         device = next(model.parameters()).device
         model.eval()
         sampler = make_sampler(scheduler, self.scheduler)
         out = []
-        for i, chunk in enumerate(labels.to(device).split(batch_size)):
+        for i, index in enumerate(torch.arange(len(conditions)).split(batch_size)):
+            chunk = conditions[index].to(device)
             generator = torch.Generator(device).manual_seed(seed + i)
             noise = torch.randn((len(chunk), *self.sample_shape), generator=generator, device=device)
+            init = self.from_images(init_images[index].to(device)) if init_images is not None else None
             with _autocast(device):
-                x0 = sample_loop(lambda x, t: self.predict(model, x, t, chunk, guidance), sampler, noise,
-                                 steps, generator, progress=progress)
+                x0 = sample_loop(lambda x, t: predict(x, t, chunk), sampler, noise, steps, generator,
+                                 progress=progress, init=init, strength=strength)
             out.append(self.to_images(x0).cpu())
         return torch.cat(out)
 

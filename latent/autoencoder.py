@@ -40,7 +40,7 @@ from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
 from ddpm.plots import save_grid
-from ddpm.stage import DataConfig, load_training_set
+from ddpm.stage import DataConfig, check_model_keys, load_training_set
 
 from .space import LatentSpace
 
@@ -120,9 +120,6 @@ class AutoencoderLossConfig:
             raise UserError("loss.kl_weight, loss.disc_weight and loss.disc_start must be >= 0")
 
 
-_DERIVED_MODEL_KEYS = ("in_channels", "out_channels", "sample_size")
-
-
 @dataclasses.dataclass
 class AutoencoderStageConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -130,12 +127,7 @@ class AutoencoderStageConfig:
     loss: AutoencoderLossConfig = dataclasses.field(default_factory=AutoencoderLossConfig)
 
     def __post_init__(self):
-        valid = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self", *_DERIVED_MODEL_KEYS}
-        for key in self.model:
-            if key in _DERIVED_MODEL_KEYS:
-                raise UserError(f"model.{key} is set from the data; remove it from the config")
-            if key not in valid:
-                raise UserError(f"unknown key model.{key}; valid AutoencoderKL keys: {', '.join(sorted(valid))}")
+        check_model_keys(self.model, AutoencoderKL, ("in_channels", "out_channels", "sample_size"))
 
 
 class AutoencoderStage:

@@ -97,11 +97,18 @@ class LatentDDPM(ClassConditionedDDPM):
     def sample_shape(self) -> tuple[int, int, int]:
         return self.latent_space().latent_shape
 
-    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+    def measured_latent_space(self) -> LatentSpace:
+        """The latent space with its scaling factor (sampling a checkpoint: from the cache)."""
         space = self.latent_space()
-        if space.scaling_factor is None:  # sampling a checkpoint: the factor is in the cache
+        if space.scaling_factor is None:
             self.load_data()
-        return space.to(x0.device).decode(x0.float())
+        return space
+
+    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.measured_latent_space().to(x0.device).decode(x0.float())
+
+    def from_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.measured_latent_space().to(images.device).encode(images)
 
     def save_final(self, model, folder: Path) -> None:
         super().save_final(model, folder)

@@ -5,13 +5,17 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from conditioning.captions import class_captions, unseen_captions, with_article
 from conditioning.text_encoder import MINILM_PACKAGE, FrozenTextEncoder
 from ddpm.errors import UserError
 
-from .conftest import SHARED_MODELS
+from .conftest import ROOT, SHARED_MODELS, tiny_config
+from .test_cli import one_line_error, run
+
+TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
 
 
 def clip_tokenizer(folder) -> CLIPTokenizer:
@@ -88,3 +92,113 @@ def test_captions_cover_every_class_and_unseen_ones_are_new():
     unseen = unseen_captions()
     assert all(len(u) >= 2 for u in unseen) and not seen & {c for u in unseen for c in u}
     assert with_article("overcoat") == "an overcoat" and with_article("pair of jeans") == "a pair of jeans"
+
+
+# -- the text stage -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_text_run(tmp_path_factory, tiny_clip_folder, trained_tiny_autoencoder):
+    import train
+
+    return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "text", TINY_TEXT,
+                                   autoencoder={"source": str(trained_tiny_autoencoder)},
+                                   text_encoder={"source": str(tiny_clip_folder)}))
+
+
+def loaded(run_dir):
+    import train
+
+    stage, _, _ = train.load_run(run_dir)
+    return stage, stage.load_model(run_dir / "final").eval()
+
+
+def test_text_encoder_stays_frozen_and_out_of_checkpoints(trained_tiny_text_run, tiny_clip_folder):
+    before = load_file(tiny_clip_folder / "model.safetensors")
+    after = load_file(trained_tiny_text_run / "final" / "text_encoder" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    checkpoint = trained_tiny_text_run / "checkpoints" / "step-00000006"
+    assert not any("text" in k or "token_embedding" in k for k in load_file(checkpoint / "model.safetensors"))
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["ema", "manifest.json", "model.safetensors",
+                                                            "optimizer.pt", "trainer_state.json"]
+
+
+def test_caption_dropout_rate_matches_p_uncond(trained_tiny_text_run):
+    stage, _ = loaded(trained_tiny_text_run)
+    n = 20000
+    raw = {"latents": torch.zeros(n, 4, 8, 8), "latents_flipped": torch.zeros(n, 4, 8, 8),
+           "labels": torch.arange(n) % 10}
+    captions = stage.make_batch(raw, torch.Generator().manual_seed(0))["captions"]
+    assert abs((captions == 0).float().mean().item() - 0.1) < 0.01  # 5 standard errors
+    kept = captions[captions != 0]
+    labels = raw["labels"][captions != 0]
+    # every kept caption belongs to its image's class, and all 32 phrasings occur
+    prompts = [stage.training_prompts[i] for i in kept[:500].tolist()]
+    assert all(p in class_captions()[c] for p, c in zip(prompts, labels[:500].tolist()))
+    assert len(set(kept[labels == 9].tolist())) == 32
+
+
+def test_guidance_scales_and_negative_prompt(trained_tiny_text_run):
+    stage, model = loaded(trained_tiny_text_run)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor(500)
+    cond, empty, negative = stage.embed(["a boot", "a bag"]), stage.embed([""]), stage.embed(["a sandal"])
+    eps = lambda h: model(x, t, encoder_hidden_states=h.expand(2, -1, -1)).sample  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(stage.predict_text(model, x, t, cond, empty, 0.0), eps(empty))
+        torch.testing.assert_close(stage.predict_text(model, x, t, cond, empty, 1.0), eps(cond))
+        w = 4.0
+        with_empty = stage.predict_text(model, x, t, cond, empty, w)
+        with_negative = stage.predict_text(model, x, t, cond, negative, w)
+        # only the unconditional branch changed: the difference is (1 - w) (eps(neg) - eps(empty))
+        torch.testing.assert_close(with_negative - with_empty, (1 - w) * (eps(negative) - eps(empty)),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_img2img_strength_identities(trained_tiny_text_run):
+    stage, model = loaded(trained_tiny_text_run)
+    init = some_image().expand(2, -1, -1)
+    prompts = ["a boot", "a bag"]
+    plain = stage.generate_prompts(model, prompts, steps=4, seed=3)
+    full = stage.generate_prompts(model, prompts, steps=4, seed=3, init_images=init, strength=1.0)
+    assert torch.equal(full, plain)
+    none = stage.generate_prompts(model, prompts, steps=4, seed=3, init_images=init, strength=0.0)
+    assert torch.equal(none, stage.latent_space().reconstruct(init))
+    half = stage.generate_prompts(model, prompts, steps=4, seed=3, init_images=init, strength=0.5)
+    assert not torch.equal(half, plain) and not torch.equal(half, none)
+
+
+def test_final_folder_is_a_stable_diffusion_pipeline(trained_tiny_text_run):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(trained_tiny_text_run / "final", safety_checker=None,
+                                                   local_files_only=True)
+    out = pipe("an ankle boot", num_inference_steps=2, guidance_scale=3.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape[:3] == (1, 32, 32) and 0 <= out.min() and out.max() <= 1
+
+
+def test_prompts_on_the_command_line(trained_tiny_text_run, trained_tiny_run, tmp_path):
+    grid = tmp_path / "prompts.png"
+    result = run("sample.py", str(trained_tiny_text_run), "--prompt", "an ankle boot", "--prompt", "",
+                 "--negative-prompt", "a sandal", "--n", "2", "--steps", "2", "--out", str(grid))
+    assert result.returncode == 0, result.stderr
+    assert grid.stat().st_size > 1000
+    from PIL import Image
+
+    Image.fromarray(some_image()[0].numpy()).save(tmp_path / "init.png")
+    result = run("sample.py", str(trained_tiny_text_run), "--prompt", "a boot", "--init-image",
+                 str(tmp_path / "init.png"), "--strength", "0.5", "--n", "2", "--steps", "2",
+                 "--out", str(tmp_path / "i2i.png"))
+    assert result.returncode == 0, result.stderr
+    result = run("sample.py", str(trained_tiny_text_run), "--evaluate", "--n", "20", "--steps", "2",
+                 "--phrasings", "unseen")
+    assert result.returncode == 0, result.stderr
+    one_line_error(run("sample.py", str(trained_tiny_run), "--prompt", "a boot"), "need a text run")
+    one_line_error(run("sample.py", str(trained_tiny_text_run), "--prompt", "a boot", "--init-image",
+                       str(tmp_path / "missing.png")), "does not exist")
+
+
+def some_image() -> torch.Tensor:
+    image = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    image[0, 8:20, 6:22] = 200
+    return image
