@@ -14,6 +14,7 @@ from ddpm.errors import UserError
 
 from .conftest import ROOT, SHARED_MODELS, tiny_config
 from .test_cli import one_line_error, run
+from .test_latent import assert_resume_is_exact
 
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
 
@@ -121,6 +122,10 @@ def test_text_encoder_stays_frozen_and_out_of_checkpoints(trained_tiny_text_run,
     assert not any("text" in k or "token_embedding" in k for k in load_file(checkpoint / "model.safetensors"))
     assert sorted(p.name for p in checkpoint.iterdir()) == ["ema", "manifest.json", "model.safetensors",
                                                             "optimizer.pt", "trainer_state.json"]
+
+
+def test_resume_continues_the_same_text_run_exactly(trained_tiny_text_run, tmp_path):
+    assert_resume_is_exact(trained_tiny_text_run, tmp_path / "resumed")
 
 
 def test_caption_dropout_rate_matches_p_uncond(trained_tiny_text_run):
