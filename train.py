@@ -125,6 +125,10 @@ def train(raw_config: dict) -> Path:
     mixed_precision = cfg.mixed_precision
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        # Accelerate would quietly train in fp32: fp16 autocast and its loss scaling need a GPU
+        raise UserError("train.mixed_precision=fp16 needs a GPU (fp16 autocast with loss scaling); "
+                        "on a CPU use 'no' or 'bf16'")
     # Several processes but no GPU: without cpu=True, Accelerate would run them as independent
     # single-process runs, each believing it is the main one.
     multi_cpu = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()

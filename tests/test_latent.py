@@ -2,10 +2,7 @@
 and latent diffusion trained and sampled like stage 1."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +19,7 @@ from latent.cache import cache_path, fingerprint, load_or_build, read_scaling_fa
 from latent.space import LatentSpace, load_autoencoder
 
 from .conftest import ROOT, SHARED_MODELS, TINY_AUTOENCODER, TINY_LATENT, tiny_config
+from .test_multiprocess import TOLERANCE, accelerate_launch
 from .test_cli import one_line_error, run
 
 
@@ -182,10 +180,12 @@ def test_one_scaling_factor_from_cache_to_training_to_decoding(trained_tiny_late
     saved = LatentSpace.from_pretrained(trained_tiny_latent_run / "final" / "vae")
     assert saved.scaling_factor == pytest.approx(factor)
     direct = saved.reconstruct(load_training_set(stage.config.data)["images"][:16])
+    error = lambda space: (space.decode(data["latents"][:16]).int() - direct.int()).abs()  # noqa: E731
     for space in (saved, stage.latent_space()):
-        assert torch.equal(space.decode(data["latents"][:16]), direct)
+        # equal up to float rounding: z * f / f, and the cache was encoded in batches of another size
+        assert error(space).max() <= 1
     wrong = LatentSpace(saved.vae, saved.image_size, factor * 1.5)
-    assert not torch.equal(wrong.decode(data["latents"][:16]), direct)
+    assert error(wrong).float().mean() > 2, error(wrong).float().mean()
 
 
 def test_latent_run_samples_and_evaluates_like_a_pixel_run(trained_tiny_latent_run, tmp_path):
@@ -261,17 +261,12 @@ def assert_resume_is_exact(straight, resumed):
 def test_two_processes_train_the_latent_stage_like_one(tmp_path, trained_tiny_latent_run, trained_tiny_autoencoder):
     """The main process builds the latent cache while the other waits, then both train."""
     out, cache = tmp_path / "two", tmp_path / "cache"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "train.py", str(TINY_LATENT), f"train.output_dir={out}",
-           f"autoencoder.source={trained_tiny_autoencoder}", f"autoencoder.cache_dir={cache}"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    accelerate_launch("train.py", str(TINY_LATENT), f"train.output_dir={out}",
+                      f"autoencoder.source={trained_tiny_autoencoder}", f"autoencoder.cache_dir={cache}")
     assert len(list(cache.glob("latents-*.safetensors"))) == 1
     la, lb = ([r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
               for run in (trained_tiny_latent_run, out))
-    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), **TOLERANCE)
     a, b = (checkpoint_weights(run / "checkpoints" / "step-00000006") for run in (trained_tiny_latent_run, out))
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], **TOLERANCE)

@@ -140,6 +140,13 @@ def test_bad_config_values_are_one_line_errors(tmp_path, override, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU")
+def test_fp16_without_a_gpu_is_refused_not_silently_fp32(tmp_path):
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        train.train(tiny_config(tmp_path / "fp16", train={"mixed_precision": "fp16"}))
+    assert not (tmp_path / "fp16").exists()
+
+
 def test_batch_order_visits_every_example_once_per_epoch():
     order = train.BatchOrder(100, 10, seed=0, device=torch.device("cpu"))
     epoch0 = torch.cat([order.indices(s) for s in range(10)])
