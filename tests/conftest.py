@@ -67,6 +67,14 @@ def trained_tiny_latent_run(tmp_path_factory, trained_tiny_autoencoder):
                                    autoencoder={"source": str(trained_tiny_autoencoder)}))
 
 
+def checkpoint_weights(checkpoint: Path) -> dict:
+    """The model and EMA tensors of one checkpoint folder, EMA keys prefixed ``ema.``."""
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "model.safetensors") | {
+        f"ema.{k}": v for k, v in load_file(checkpoint / "ema" / "diffusion_pytorch_model.safetensors").items()}
+
+
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     data = header + array.astype(np.uint8).tobytes()

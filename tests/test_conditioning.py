@@ -15,7 +15,7 @@ from ddpm.errors import UserError
 from .conftest import ROOT, SHARED_MODELS, tiny_config
 from .test_cli import one_line_error, run
 from .test_latent import assert_resume_is_exact
-from .test_multiprocess import assert_processes_shard_the_data_and_stay_in_sync
+from .test_multiprocess import assert_two_processes_train_like_one
 
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
 
@@ -129,10 +129,10 @@ def test_resume_continues_the_same_text_run_exactly(trained_tiny_text_run, tmp_p
     assert_resume_is_exact(trained_tiny_text_run, tmp_path / "resumed")
 
 
-def test_two_processes_shard_the_captioned_data_and_stay_in_sync(tmp_path, tiny_clip_folder, trained_tiny_autoencoder):
-    assert_processes_shard_the_data_and_stay_in_sync(tmp_path, TINY_TEXT, f"text_encoder.source={tiny_clip_folder}",
-                                                     f"autoencoder.source={trained_tiny_autoencoder}",
-                                                     f"autoencoder.cache_dir={tmp_path / 'cache'}")
+def test_two_processes_train_the_text_stage_like_one(tmp_path, tiny_clip_folder, trained_tiny_autoencoder):
+    assert_two_processes_train_like_one(tmp_path, TINY_TEXT, f"text_encoder.source={tiny_clip_folder}",
+                                        f"autoencoder.source={trained_tiny_autoencoder}",
+                                        f"autoencoder.cache_dir={tmp_path / 'cache'}")
 
 
 def test_caption_dropout_rate_matches_p_uncond(trained_tiny_text_run):

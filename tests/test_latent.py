@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
-from safetensors.torch import load_file
 
 import train
 from ddpm.config import read_yaml
@@ -18,8 +17,8 @@ from latent.autoencoder import AutoencoderStage, AutoencoderWithDiscriminator, p
 from latent.cache import cache_path, fingerprint, load_or_build, read_scaling_factor
 from latent.space import LatentSpace, load_autoencoder
 
-from .conftest import ROOT, SHARED_MODELS, TINY_AUTOENCODER, TINY_LATENT, tiny_config
-from .test_multiprocess import TOLERANCE, accelerate_launch
+from .conftest import ROOT, SHARED_MODELS, TINY_AUTOENCODER, TINY_LATENT, checkpoint_weights, tiny_config
+from .test_multiprocess import assert_two_processes_train_like_one
 from .test_cli import one_line_error, run
 
 
@@ -232,11 +231,6 @@ def test_every_shipped_config_is_valid(path):
 # -- exact resume and several processes, for both stage-2 stages ----------------------------
 
 
-def checkpoint_weights(checkpoint) -> dict:
-    return load_file(checkpoint / "model.safetensors") | {
-        f"ema.{k}": v for k, v in load_file(checkpoint / "ema" / "diffusion_pytorch_model.safetensors").items()}
-
-
 @pytest.mark.parametrize("fixture", ["trained_tiny_autoencoder", "trained_tiny_latent_run"])
 def test_resume_continues_the_same_run_exactly(request, tmp_path, fixture):
     """6 steps straight == 3 steps, stop, resume, 3 more (the autoencoder's discriminator
@@ -258,15 +252,9 @@ def assert_resume_is_exact(straight, resumed):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_train_the_latent_stage_like_one(tmp_path, trained_tiny_latent_run, trained_tiny_autoencoder):
+def test_two_processes_train_the_latent_stage_like_one(tmp_path, trained_tiny_autoencoder):
     """The main process builds the latent cache while the other waits, then both train."""
-    out, cache = tmp_path / "two", tmp_path / "cache"
-    accelerate_launch("train.py", str(TINY_LATENT), f"train.output_dir={out}",
-                      f"autoencoder.source={trained_tiny_autoencoder}", f"autoencoder.cache_dir={cache}")
+    cache = tmp_path / "cache"
+    assert_two_processes_train_like_one(tmp_path, TINY_LATENT, f"autoencoder.source={trained_tiny_autoencoder}",
+                                        f"autoencoder.cache_dir={cache}")
     assert len(list(cache.glob("latents-*.safetensors"))) == 1
-    la, lb = ([r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-              for run in (trained_tiny_latent_run, out))
-    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), **TOLERANCE)
-    a, b = (checkpoint_weights(run / "checkpoints" / "step-00000006") for run in (trained_tiny_latent_run, out))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], **TOLERANCE)
