@@ -164,10 +164,12 @@ def evaluate(stage, model, folder: Path, args) -> None:
     print(f"{folder} (n = {args.n}; FD floor = real train vs real test at the same n)")
     print(ev.format_table(reports))
     if args.sweep:
-        (out_dir / "sweep.json").write_text(json.dumps(reports, indent=1))
-        ev.plot_sweep(reports, out_dir / "sweep.png")
-        ev.sweep_grid(stage, model, args.sweep, out_dir / "sweep_grid.png", **settings)
-        print(f"wrote {out_dir / 'sweep.png'}, {out_dir / 'sweep_grid.png'} and {out_dir / 'sweep.json'}")
+        name = "sweep_unseen" if getattr(stage, "eval_phrasings", "train") == "unseen" else "sweep"
+        paths = [out_dir / f"{name}.json", out_dir / f"{name}.png", out_dir / f"{name}_grid.png"]
+        paths[0].write_text(json.dumps(reports, indent=1))
+        ev.plot_sweep(reports, paths[1])
+        ev.sweep_grid(stage, model, args.sweep, paths[2], **settings)
+        print(f"wrote {', '.join(map(str, paths))}")
         return
     report = reports[0]
     print(ev.format_per_class(report, stage.class_names))
