@@ -2,13 +2,17 @@
 
     python benchmarks/pixel_vs_latent.py runs/ddpm_fashion_quick runs/latent_fashion_quick
     python benchmarks/pixel_vs_latent.py RUN_A RUN_B --n 1000 --guidance 3 --timed-steps 20
+    python benchmarks/pixel_vs_latent.py configs/ddpm_fashion_quick.yaml runs/latent_fashion_quick
 
-For each finished run (any stage 1 or stage 2 run, typically the two quick presets):
+For each finished run (any stage 1 or stage 2 run, typically the two quick presets), or a config
+not trained yet (then only its cost: FLOPs, images/s and the minutes they imply):
   FLOPs / image    model FLOPs of one training step per image (forward and backward of the UNet,
                    ``torch.utils.flop_counter``); for a latent run the autoencoder is not in the
                    step: its encoder ran once, to build the latent cache;
   images/s         training steps timed here and now, the two runs' models alternating so that
                    the ratio is fair on a shared machine (eager fp32 forward, backward, AdamW);
+  minutes at that  the preset's steps x batch at those images/s: the two presets' training
+                   times on one machine, from one measurement;
   train minutes    the run's own training time, summed over its logged windows (checkpoints,
                    previews and evaluation not counted); for a latent run, also the minutes of
                    the autoencoder run it used, which is trained once and reused;
@@ -35,6 +39,7 @@ import torch  # noqa: E402
 import train  # noqa: E402
 from benchmarks.train_speed import model_size_and_flops  # noqa: E402
 from ddpm import evaluate as ev  # noqa: E402
+from ddpm.config import read_yaml  # noqa: E402
 from ddpm.errors import UserError  # noqa: E402
 from ddpm.plots import read_metrics  # noqa: E402
 from sample import load_for_sampling  # noqa: E402
@@ -72,12 +77,16 @@ def time_training_steps(runs: list[dict], steps: int) -> None:
 
 
 def measure(run_dir: Path, n: int, guidance: float) -> dict:
-    stage, cfg, _ = train.load_run(run_dir)
+    """One row: a finished run's cost and quality, or (``run_dir`` a YAML config) its cost only."""
+    trained = run_dir.is_dir()
+    stage, cfg, _ = train.load_run(run_dir) if trained else train.load_config(read_yaml(run_dir))
     data = stage.load_data()
     params, flops = model_size_and_flops(stage, data, torch.device("cpu"), min(cfg.batch_size, 32))
     row = {"run": run_dir, "stage": stage, "batch_size": cfg.batch_size, "data": data, "params": params,
-           "flops": flops, "shape": "x".join(map(str, stage.sample_shape)),
-           "minutes": training_minutes(run_dir, cfg.batch_size), "steps": cfg.max_steps}
+           "flops": flops, "shape": "x".join(map(str, stage.sample_shape)), "steps": cfg.max_steps,
+           "minutes": training_minutes(run_dir, cfg.batch_size) if trained else None}
+    if not trained:
+        return row
     if stage.name == "latent":
         source = Path(stage.config.autoencoder.source)
         if (source / "config.yaml").is_file():
@@ -96,27 +105,34 @@ def format_report(argv: list[str], rows: list[dict], timed_steps: int) -> str:
              f"{datetime.date.today()}, {platform.processor() or platform.machine()} CPU, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}; images/s from {timed_steps} "
              f"alternating training steps per model in this run", "",
-             "| run | denoises | params | GFLOPs / train image | train images/s | train min | "
-             "+ autoencoder min | accuracy | FD (floor) | sampling s / 1000 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | denoises | params | GFLOPs / train image | train images/s | steps x batch | "
+             "min at these images/s | run's own train min | + autoencoder min | accuracy | FD (floor) | "
+             "sampling s / 1000 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        rep = r["report"]
+        rep = r.get("report")
+        at_this_speed = r["steps"] * r["batch_size"] / r["images_per_s"] / 60
+        own = f"{r['minutes']:.1f}" if r["minutes"] is not None else "-"
         ae = f"{r['autoencoder_minutes']:.1f}" if "autoencoder_minutes" in r else "-"
+        quality = (f"{rep['accuracy']:.3f} | {rep['fd']:.1f} ({rep['fd_floor']:.1f}) | "
+                   f"{r['sample_seconds'] * 1000 / rep['n']:.0f}") if rep else "- | - | -"
         lines.append(f"| `{r['run']}` | {r['shape']} | {r['params'] / 1e6:.2f}M | {r['flops'] / 1e9:.3f} | "
-                     f"{r['images_per_s']:.0f} | {r['minutes']:.1f} | {ae} | {rep['accuracy']:.3f} | "
-                     f"{rep['fd']:.1f} ({rep['fd_floor']:.1f}) | {r['sample_seconds'] * 1000 / rep['n']:.0f} |")
+                     f"{r['images_per_s']:.0f} | {r['steps']} x {r['batch_size']} | {at_this_speed:.1f} | {own} | "
+                     f"{ae} | {quality} |")
     a, b = rows[0], rows[-1]
-    lines += ["", f"Ratios {b['run'].name} / {a['run'].name}: FLOPs per training image "
-              f"{b['flops'] / a['flops']:.3f}, training images/s {b['images_per_s'] / a['images_per_s']:.2f}; "
-              f"sampling: {rows[-1]['report']['scheduler']}-{rows[-1]['report']['steps']}, "
-              f"guidance {rows[-1]['report']['guidance']:g}, n = {rows[-1]['report']['n']}."]
+    lines += ["", f"Ratios {Path(b['run']).stem} / {Path(a['run']).stem}: FLOPs per training image "
+              f"{b['flops'] / a['flops']:.3f}, training images/s {b['images_per_s'] / a['images_per_s']:.2f}."]
+    scored = [r["report"] for r in rows if "report" in r]
+    if scored:
+        lines[-1] += (f" Sampling: {scored[0]['scheduler']}-{scored[0]['steps']}, guidance "
+                      f"{scored[0]['guidance']:g}, n = {scored[0]['n']}.")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="finished run directories (pixel first, then latent)")
+    parser.add_argument("runs", nargs="+", help="finished run directories or configs (pixel first, then latent)")
     parser.add_argument("--n", type=int, default=1000, help="samples for the judge (default 1000)")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--timed-steps", type=int, default=20)

@@ -105,3 +105,8 @@ def test_pixel_vs_latent_compares_two_runs(trained_tiny_run, trained_tiny_latent
     assert pixel_vs_latent.main(argv) == 0
     table = capsys.readouterr().out
     assert "| 1x32x32 |" in table and "| 4x8x8 |" in table and "FLOPs per training image" in table
+    # a config that is not trained yet: its cost, no scores
+    argv = [str(TINY), str(trained_tiny_latent_run), "--n", "20", "--timed-steps", "1"]
+    assert pixel_vs_latent.main(argv) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| 1x32x32 |" in line)
+    assert row.endswith("| - | - | - | - | - |") and "| 8 x 16 |" in row
