@@ -214,3 +214,12 @@ def some_image() -> torch.Tensor:
     image = torch.zeros(1, 28, 28, dtype=torch.uint8)
     image[0, 8:20, 6:22] = 200
     return image
+
+
+def test_guidance_sweep_of_a_text_run_keeps_each_phrasing_set_apart(trained_tiny_text_run):
+    for phrasings, name in (("train", "sweep"), ("unseen", "sweep_unseen")):
+        result = run("sample.py", str(trained_tiny_text_run), "--sweep", "0", "2", "--n", "10", "--steps", "2",
+                     "--phrasings", phrasings)
+        assert result.returncode == 0, result.stderr
+        reports = json.loads((trained_tiny_text_run / "eval" / f"{name}.json").read_text())
+        assert [r["guidance"] for r in reports] == [0, 2] and (trained_tiny_text_run / "eval" / f"{name}_grid.png").is_file()
