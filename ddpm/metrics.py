@@ -127,13 +127,17 @@ class Reference:
     per_class_diversity: list[float]
 
 
-@functools.lru_cache(maxsize=4)
 def reference_stats(judge: Judge, split: str = "test", root: str | None = None) -> Reference:
     """Judge features of a real Fashion-MNIST split; computed once per (judge, split, root).
 
     The cache holds on to ``judge``; features depend on its weights, so do not change
     them in place after calling this.
     """
+    return _reference_stats(judge, split, root)  # one cache key however the defaults are passed
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_stats(judge: Judge, split: str, root: str | None) -> Reference:
     real = load_fashion_mnist(split, root=root)
     feats, _ = embed(judge, real.images)
     div, per_class_div = diversity(feats, real.labels)

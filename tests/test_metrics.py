@@ -114,3 +114,8 @@ def test_judge_report_tells_real_images_from_noise(judge_and_reference):
     assert good["accuracy"] > 0.9 and bad["accuracy"] < 0.3
     assert good["fd"] * 10 < bad["fd"]
     assert good["diversity"] == pytest.approx(reference.diversity, rel=0.2)
+
+
+def test_reference_features_are_computed_once_however_they_are_asked_for(judge_and_reference):
+    judge, reference = judge_and_reference
+    assert reference_stats(judge) is reference is reference_stats(judge, "test", None)
