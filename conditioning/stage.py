@@ -189,6 +189,7 @@ class TextConditionedLDM(LatentDDPM):
         super().save_final(model, folder)
         encoder = self.text_encoder()
         encoder.model.save_pretrained(folder / "text_encoder")
+        encoder.tokenizer.model_max_length = encoder.max_length  # pipelines pad prompts to this length
         encoder.tokenizer.save_pretrained(folder / "tokenizer")
         vae_class = type(self.latent_space().vae).__name__
         if isinstance(encoder.model, CLIPTextModel) and vae_class == "AutoencoderKL":
