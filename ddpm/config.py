@@ -9,6 +9,7 @@ what is valid, before anything is trained.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -71,12 +72,25 @@ class TrainConfig:
             raise UserError(f"unknown train.trackers {sorted(unknown)}; valid: wandb, tensorboard")
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``1e-3`` is a float, as in YAML 1.2 (PyYAML follows
+    YAML 1.1, where a float needs a dot, ``1.0e-3``, and ``1e-3`` is the string "1e-3")."""
+
+
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                  list("-+.0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found; presets are in configs/")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -96,7 +110,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(text) if text else None
+        try:
+            node[leaf] = parse_yaml(text) if text else None
+        except yaml.YAMLError as e:
+            raise UserError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     return raw
 
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import train
 from ddpm.checkpoint import latest_good_checkpoint, list_checkpoints, verify_checkpoint
+from ddpm.config import apply_overrides, read_yaml
 from ddpm.errors import UserError
 from ddpm.plots import read_metrics
 
@@ -162,3 +163,16 @@ def test_evaluation_during_training_lands_in_metrics_and_plot(tmp_path, fashion_
     for r in evals:
         assert 0 <= r["eval_accuracy"] <= 1 and r["eval_fd"] > 0 and r["eval_fd_floor"] > 0 and r["eval_n"] == 20
     assert (run / "metrics.png").is_file()
+
+
+def test_overrides_and_config_files_read_numbers_as_people_write_them(tmp_path):
+    # PyYAML alone (YAML 1.1) reads 1e-3 as the string "1e-3"
+    raw = apply_overrides(tiny_config(tmp_path), ["train.lr=2e-4", "train.weight_decay=1E-2", "train.ema_decay=.5",
+                                                  "model.block_out_channels=[8, 16]", "sample.scheduler=ddim"])
+    cfg = train.load_config(raw)[1]
+    assert (cfg.lr, cfg.weight_decay, cfg.ema_decay) == (2e-4, 1e-2, 0.5)
+    assert raw["model"]["block_out_channels"] == [8, 16] and raw["sample"]["scheduler"] == "ddim"
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 3e-4\n  output_dir: 1e3x\n")
+    assert read_yaml(tmp_path / "c.yaml")["train"] == {"lr": 3e-4, "output_dir": "1e3x"}
+    with pytest.raises(UserError, match="not valid YAML"):
+        apply_overrides({}, ["model.block_out_channels=[8, 16"])
