@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import copy
 import gzip
+import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# `make test` runs the suite on every core with pytest-xdist: one thread per worker, and for the
+# processes the tests start, so that the workers do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 from ddpm.config import read_yaml
 from ddpm.data import load_fashion_mnist
@@ -23,6 +31,13 @@ TINY = ROOT / "configs" / "ddpm_fashion_tiny.yaml"
 TINY_AUTOENCODER = ROOT / "configs" / "autoencoder_fashion_tiny.yaml"
 TINY_LATENT = ROOT / "configs" / "latent_fashion_tiny.yaml"
 SHARED_MODELS = ROOT.parent / "shared" / "models"
+SLOWEST_FIRST = ("test_notebook_runs", "test_two_processes_train", "test_kill_9_mid_run")  # the longest, 30 s to 3 min
+
+
+def pytest_collection_modifyitems(items):
+    """Run the longest tests first, so that parallel workers end together rather than one
+    starting a notebook when the other has nothing left."""
+    items.sort(key=lambda item: not item.name.startswith(SLOWEST_FIRST))
 
 
 @pytest.fixture(scope="session")

@@ -51,8 +51,9 @@ def test_notebook_runs(path, fashion_mnist, tmp_path, monkeypatch):
     # The kernel starts in the scratch root (the notebooks find train.py there and stay in it) and inherits
     # this environment: imports from the scratch root, offline, 2 threads at most.
     monkeypatch.setenv("PYTHONPATH", str(repo))
-    monkeypatch.setenv("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
-    monkeypatch.setenv("MKL_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+    threads = os.environ.get("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))  # 1 under `make test`'s workers
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    monkeypatch.setenv("MKL_NUM_THREADS", threads)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "disabled")
