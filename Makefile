@@ -27,7 +27,7 @@ demo: install data
 	done
 
 test: install data
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --maxschedchunk 1
 
 clean:
 	rm -rf runs/ddpm_fashion_tiny runs/autoencoder_fashion_tiny runs/latent_fashion_tiny .pytest_cache

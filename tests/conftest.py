@@ -36,7 +36,8 @@ SLOWEST_FIRST = ("test_notebook_runs", "test_two_processes_train", "test_kill_9_
 
 def pytest_collection_modifyitems(items):
     """Run the longest tests first, so that parallel workers end together rather than one
-    starting a notebook when the other has nothing left."""
+    starting a notebook when the other has nothing left (with --maxschedchunk 1, xdist deals
+    the tests out two at a time, in this order)."""
     items.sort(key=lambda item: not item.name.startswith(SLOWEST_FIRST))
 
 
