@@ -272,7 +272,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps before timing")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: table)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     if args.steps <= 0 or args.warmup < 0:
         parser.error("--steps must be > 0 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():

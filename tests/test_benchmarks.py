@@ -58,8 +58,9 @@ def test_reference_pil_pipeline_gives_our_pixels(fashion_mnist):
 
 
 def test_train_speed_prints_both_loops_and_their_ratio(fashion_mnist, capsys):
-    assert train_speed.main([str(TINY), "--steps", "2", "--warmup", "1"]) == 0
+    assert train_speed.main([str(TINY), "--steps", "2", "--warmup", "1", "train.batch_size=8"]) == 0
     out = capsys.readouterr().out
+    assert "global batch 8;" in out, "an override after the options applies"
     rates = dict(re.findall(r"^\| (reference|ours) .*? \| [\w ]+ \| ([\d,.]+) \|", out, re.M))
     assert rates.keys() == {"reference", "ours"}, out
     assert all(float(v.replace(",", "")) > 0 for v in rates.values())
