@@ -96,6 +96,11 @@ def step_seed(seed: int, *keys) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def count_steps(cfg: TrainConfig, n_examples: int) -> int:
+    """Optimizer steps in a run: ``train.max_steps``, else ``train.epochs`` of full batches."""
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * (n_examples // cfg.batch_size)))
+
+
 class BatchOrder:
     """Which examples form the global batch of each step: a new permutation every epoch,
     the last incomplete batch of an epoch dropped."""
@@ -149,7 +154,7 @@ def train(raw_config: dict) -> Path:
 
     data = {k: v.to(device) for k, v in stage.load_data().items()}
     order = BatchOrder(len(next(iter(data.values()))), cfg.batch_size, cfg.seed, device)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.steps_per_epoch))
+    total_steps = count_steps(cfg, order.n)
 
     set_seed(cfg.seed)  # the initial weights
     model = stage.build_model()

@@ -83,7 +83,8 @@ def measure(run_dir: Path, n: int, guidance: float) -> dict:
     data = stage.load_data()
     params, flops = model_size_and_flops(stage, data, torch.device("cpu"), min(cfg.batch_size, 32))
     row = {"run": run_dir, "stage": stage, "batch_size": cfg.batch_size, "data": data, "params": params,
-           "flops": flops, "shape": "x".join(map(str, stage.sample_shape)), "steps": cfg.max_steps,
+           "flops": flops, "shape": "x".join(map(str, stage.sample_shape)),
+           "steps": train.count_steps(cfg, len(next(iter(data.values())))),
            "minutes": training_minutes(run_dir, cfg.batch_size) if trained else None}
     if not trained:
         return row

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+import yaml
 
 import train
 from benchmarks import pixel_vs_latent, sample_speed, train_speed
@@ -101,13 +102,16 @@ def test_sample_speed_rejects_an_unknown_sampler():
     assert sample_speed.parse_sampler("ddpm-7") == ("ddpm", 7)
 
 
-def test_pixel_vs_latent_compares_two_runs(trained_tiny_run, trained_tiny_latent_run, capsys):
+def test_pixel_vs_latent_compares_two_runs(trained_tiny_run, trained_tiny_latent_run, tmp_path, capsys):
     argv = [str(trained_tiny_run), str(trained_tiny_latent_run), "--n", "20", "--timed-steps", "1"]
     assert pixel_vs_latent.main(argv) == 0
     table = capsys.readouterr().out
     assert "| 1x32x32 |" in table and "| 4x8x8 |" in table and "FLOPs per training image" in table
-    # a config that is not trained yet: its cost, no scores
-    argv = [str(TINY), str(trained_tiny_latent_run), "--n", "20", "--timed-steps", "1"]
+    assert "| 8 x 16 |" in table  # the tiny preset's train.max_steps x train.batch_size
+    # a config that is not trained yet, as long as train.epochs says (2 x 256 images / 16): its cost, no scores
+    raw = tiny_config(tmp_path / "run", train={"max_steps": None, "epochs": 2})
+    (tmp_path / "by_epochs.yaml").write_text(yaml.safe_dump(raw))
+    argv = [str(tmp_path / "by_epochs.yaml"), str(trained_tiny_latent_run), "--n", "20", "--timed-steps", "1"]
     assert pixel_vs_latent.main(argv) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "| 1x32x32 |" in line)
-    assert row.endswith("| - | - | - | - | - |") and "| 8 x 16 |" in row
+    assert row.endswith("| - | - | - | - | - |") and "| 32 x 16 |" in row
