@@ -4,7 +4,8 @@
     accelerate launch --num_processes 2 train.py configs/ddpm_fashion.yaml train.batch_size=512
 
 The loop knows nothing about images or UNets: the config's ``stage`` names a class (see
-``STAGES``) that supplies the data, the model, the loss and the sample grids. The trainer
+``ddpm/runs.py``) that supplies the data, the model, the loss and the sample grids, as the
+stage contract (``ddpm/contract.py``) says. The trainer
 adds what every stage needs: processes and devices, mixed precision, gradient accumulation,
 AdamW with warm-up and decay, gradient clipping, an EMA of the weights, logging,
 checkpoints and exact resume.
@@ -18,7 +19,6 @@ and N processes draw the same global batch and each trains on its own slice of i
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -42,63 +42,16 @@ from ddpm.checkpoint import (
     save_tensors,
     verify_checkpoint,
 )
-from ddpm.config import TrainConfig, apply_overrides, build, read_yaml, to_dict
+from ddpm.config import TrainConfig, apply_overrides, read_yaml
 from ddpm.ema import EMA
-from ddpm.errors import UserError
+from ddpm.errors import UserError, cli_errors
 from ddpm.plots import append_metrics, plot_metrics, read_metrics
-
-STAGES = {
-    "ddpm": "ddpm.stage:ClassConditionedDDPM",
-    "autoencoder": "latent.autoencoder:AutoencoderStage",
-    "latent": "latent.stage:LatentDDPM",
-    "text": "conditioning.stage:TextConditionedLDM",
-}
-
-
-# -- configs and runs -------------------------------------------------------------------
-
-
-def stage_class(name: str):
-    if name not in STAGES:
-        raise UserError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
-    module, cls = STAGES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def load_config(raw: dict):
-    """A raw config dict -> (stage object, TrainConfig, the resolved config as a dict)."""
-    raw = dict(raw)
-    name = raw.pop("stage", None)
-    if name is None:
-        raise UserError(f"the config has no 'stage' key; valid stages: {', '.join(STAGES)}")
-    cls = stage_class(name)
-    train_cfg = build(TrainConfig, raw.pop("train", None), where="train")
-    sections = {f for f in cls.Config.__dataclass_fields__}
-    unknown = sorted(set(raw) - sections)
-    if unknown:
-        raise UserError(f"unknown section {unknown[0]!r}; valid: stage, train, {', '.join(sorted(sections))}")
-    stage = cls.from_dict(raw)
-    resolved = {"stage": name, "train": to_dict(train_cfg), **to_dict(stage.config)}
-    return stage, train_cfg, resolved
-
-
-def load_run(run_dir: str | Path):
-    """The stage and TrainConfig a run was trained with, from its saved config.yaml."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml); train one with train.py")
-    return load_config(read_yaml(path))
-
+from ddpm.runs import load_config
 
 def step_seed(seed: int, *keys) -> int:
     """A 63-bit seed for one (seed, key...) stream, e.g. (seed, "step", 1234)."""
     digest = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def count_steps(cfg: TrainConfig, n_examples: int) -> int:
-    """Optimizer steps in a run: ``train.max_steps``, else ``train.epochs`` of full batches."""
-    return cfg.max_steps or max(1, math.ceil(cfg.epochs * (n_examples // cfg.batch_size)))
 
 
 class BatchOrder:
@@ -154,7 +107,7 @@ def train(raw_config: dict) -> Path:
 
     data = {k: v.to(device) for k, v in stage.load_data().items()}
     order = BatchOrder(len(next(iter(data.values()))), cfg.batch_size, cfg.seed, device)
-    total_steps = count_steps(cfg, order.n)
+    total_steps = cfg.total_steps(order.n)
 
     set_seed(cfg.seed)  # the initial weights
     model = stage.build_model()
@@ -218,6 +171,8 @@ def train(raw_config: dict) -> Path:
             elapsed = time.perf_counter() - window_start
             record = {"step": done, "epoch": round(done / order.steps_per_epoch, 4), "loss": mean_loss,
                       "lr": lr_schedule.get_last_lr()[0], "images_per_s": window_steps * cfg.batch_size / elapsed}
+            if device.type == "cuda":
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             _log(accelerator, metrics_path, record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
             running_loss.zero_()
@@ -225,7 +180,7 @@ def train(raw_config: dict) -> Path:
 
         if cfg.sample_every and done % cfg.sample_every == 0 and is_main:
             stage.preview(ema.model, run_dir / "samples" / f"step-{done:08d}.png", title=f"EMA, step {done}")
-        if cfg.eval_every and done % cfg.eval_every == 0 and hasattr(stage, "evaluate"):
+        if cfg.eval_every and done % cfg.eval_every == 0 and stage.capabilities.evaluates:
             if is_main:
                 _log(accelerator, metrics_path, {"step": done, **stage.evaluate(ema.model, cfg.eval_n)})
             accelerator.wait_for_everyone()
@@ -325,6 +280,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -332,9 +288,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         train(apply_overrides(read_yaml(argv[0]), argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted; continue with train.resume=latest", file=sys.stderr)
         return 130

@@ -32,17 +32,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so that `train` and `ddpm` import when run as a script
+sys.path.insert(0, str(ROOT))  # so that `ddpm` imports when run as a script
 
 import torch  # noqa: E402
 
-import train  # noqa: E402
-from benchmarks.train_speed import model_size_and_flops  # noqa: E402
 from ddpm import evaluate as ev  # noqa: E402
 from ddpm.config import read_yaml  # noqa: E402
-from ddpm.errors import UserError  # noqa: E402
+from ddpm.errors import cli_errors  # noqa: E402
+from ddpm.flops import training_flops  # noqa: E402
 from ddpm.plots import read_metrics  # noqa: E402
-from sample import load_for_sampling  # noqa: E402
+from ddpm.runs import load_config, load_for_sampling, load_run  # noqa: E402
 
 
 def training_minutes(run_dir: Path, batch_size: int) -> float:
@@ -79,19 +78,19 @@ def time_training_steps(runs: list[dict], steps: int) -> None:
 def measure(run_dir: Path, n: int, guidance: float) -> dict:
     """One row: a finished run's cost and quality, or (``run_dir`` a YAML config) its cost only."""
     trained = run_dir.is_dir()
-    stage, cfg, _ = train.load_run(run_dir) if trained else train.load_config(read_yaml(run_dir))
+    stage, cfg, _ = load_run(run_dir) if trained else load_config(read_yaml(run_dir))
     data = stage.load_data()
-    params, flops = model_size_and_flops(stage, data, torch.device("cpu"), min(cfg.batch_size, 32))
+    params, flops = training_flops(stage, data, torch.device("cpu"), min(cfg.batch_size, 32))
     row = {"run": run_dir, "stage": stage, "batch_size": cfg.batch_size, "data": data, "params": params,
            "flops": flops, "shape": "x".join(map(str, stage.sample_shape)),
-           "steps": train.count_steps(cfg, len(next(iter(data.values())))),
+           "steps": cfg.total_steps(len(next(iter(data.values())))),
            "minutes": training_minutes(run_dir, cfg.batch_size) if trained else None}
     if not trained:
         return row
     if stage.name == "latent":
         source = Path(stage.config.autoencoder.source)
         if (source / "config.yaml").is_file():
-            _, ae_cfg, _ = train.load_run(source)
+            _, ae_cfg, _ = load_run(source)
             row["autoencoder_minutes"] = training_minutes(source, ae_cfg.batch_size)
     print(f"{run_dir}: evaluating n = {n} at guidance {guidance}", file=sys.stderr)
     _, model, _ = load_for_sampling(run_dir)
@@ -130,6 +129,7 @@ def format_report(argv: list[str], rows: list[dict], timed_steps: int) -> str:
     return "\n".join(lines)
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,12 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--timed-steps", type=int, default=20)
     args = parser.parse_args(argv)
-    try:
-        rows = [measure(Path(r), args.n, args.guidance) for r in args.runs]
-        time_training_steps(rows, args.timed_steps)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rows = [measure(Path(r), args.n, args.guidance) for r in args.runs]
+    time_training_steps(rows, args.timed_steps)
     print(format_report(argv, rows, args.timed_steps))
     return 0
 

@@ -23,16 +23,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so that `sample` and `ddpm` import when run as a script
+sys.path.insert(0, str(ROOT))  # so that `ddpm` imports when run as a script
 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
 
 from ddpm.diffusion import SAMPLERS  # noqa: E402
-from ddpm.errors import UserError  # noqa: E402
+from ddpm.errors import UserError, cli_errors  # noqa: E402
 from ddpm.evaluate import balanced_labels, cached_judge  # noqa: E402
 from ddpm.metrics import judge_report, real_floor, reference_stats  # noqa: E402
-from sample import load_for_sampling  # noqa: E402
+from ddpm.runs import load_for_sampling  # noqa: E402
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "euler": 50}
 DEFAULT_SAMPLERS = ["ddpm-1000", "ddim-50", "dpm++-20"]
@@ -143,19 +143,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    try:
-        samplers = [parse_sampler(s) for s in args.samplers]
-        stage, model, folder = load_for_sampling(args.run, args.device)
-        guidance = stage.config.sample.guidance if args.guidance is None else args.guidance
-        if not args.no_score:
-            load_judge_now()
-        rows = benchmark(stage, model, samplers, args.n, guidance, args.batch_size, scored=not args.no_score)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    samplers = [parse_sampler(s) for s in args.samplers]
+    stage, model, folder = load_for_sampling(args.run, args.device)
+    guidance = stage.config.sample.guidance if args.guidance is None else args.guidance
+    if not args.no_score:
+        load_judge_now()
+    rows = benchmark(stage, model, samplers, args.n, guidance, args.batch_size, scored=not args.no_score)
     print(format_report(argv, folder, args, guidance, rows))
     return 0
 

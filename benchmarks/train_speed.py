@@ -12,7 +12,7 @@ batch, AdamW settings, LR schedule and gradient clipping, for ``--warmup`` untim
              ``Dataset`` that makes a PIL image per example and applies torchvision transforms,
              a ``DataLoader``, fp32 eager, ``DDPMScheduler.add_noise``, MSE, ``loss.item()`` every
              step, and diffusers' ``EMAModel`` (a Python loop over the parameters) every step.
-  ours       ``train.train``: the uint8 dataset on the device, batches gathered by index,
+  ours       ``train.py``: the uint8 dataset on the device, batches gathered by index,
              augmentation on the device, bf16 autocast on GPUs, fused AdamW, a foreach EMA, and
              the host waiting for the device only at log steps. Its images/s are read from the
              run's metrics.jsonl, log windows after warm-up only (so the final checkpoint and
@@ -35,13 +35,14 @@ import gc
 import math
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so that `train` and `ddpm` import when run as a script
+sys.path.insert(0, str(ROOT))  # so that `ddpm` imports when run as a script
 
 import accelerate  # noqa: E402
 import diffusers  # noqa: E402
@@ -51,13 +52,15 @@ from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-import train  # noqa: E402
+import yaml  # noqa: E402
+
 from ddpm.config import apply_overrides, read_yaml  # noqa: E402
-from ddpm.errors import UserError  # noqa: E402
+from ddpm.errors import UserError, cli_errors  # noqa: E402
+from ddpm.flops import training_flops  # noqa: E402
 from ddpm.plots import read_metrics  # noqa: E402
+from ddpm.runs import load_config  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, matched against torch.cuda.get_device_name()
 # in this order ("H100 PCIe" before "H100"). Pass --peak-tflops for anything else.
@@ -164,10 +167,11 @@ def measure_reference(stage, cfg, data: dict, device: torch.device, warmup: int,
 # -- our trainer ------------------------------------------------------------------------
 
 
-def measure_ours(raw: dict, batch_size: int, warmup: int, steps: int, output_dir: Path) -> tuple[float, int]:
-    """Images/s of ``train.train`` over its log windows after ``warmup`` steps, and log_every.
-
-    log_every divides both warmup and steps, so no window straddles the end of warm-up.
+def measure_ours(raw: dict, batch_size: int, warmup: int, steps: int, output_dir: Path
+                 ) -> tuple[float, int, str]:
+    """Images/s of ``train.py`` (run as a command) over its log windows after ``warmup`` steps,
+    log_every, and its peak memory. log_every divides both warmup and steps, so no window straddles
+    the end of warm-up.
     """
     log_every = math.gcd(warmup, steps)
     raw = apply_overrides(copy.deepcopy(raw), [
@@ -175,25 +179,21 @@ def measure_ours(raw: dict, batch_size: int, warmup: int, steps: int, output_dir
         "train.checkpoint_every=0", "train.sample_every=0", "train.eval_every=0", "train.trackers=[]",
         "train.resume=null", "sample.n_per_class=1",  # a small final preview grid: it is not timed anyway
     ])
-    run_dir = train.train(raw)
+    config = output_dir.parent / "config.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), str(config)], capture_output=True, text=True)
+    sys.stderr.write(done.stdout)  # the trainer's messages: stdout is for the report
+    if done.returncode:
+        raise UserError(f"train.py failed on {config} (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+    run_dir = output_dir
     windows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "images_per_s" in r and r["step"] > warmup]
     assert len(windows) * log_every == steps, f"expected {steps // log_every} log windows, got {len(windows)}"
     seconds = sum(log_every * batch_size / r["images_per_s"] for r in windows)
-    return steps * batch_size / seconds, log_every
+    peak = max((r["peak_memory_gib"] for r in windows if "peak_memory_gib" in r), default=None)
+    return steps * batch_size / seconds, log_every, "n/a (CPU)" if peak is None else f"{peak:.2f} GiB"
 
 
 # -- FLOPs, peaks and memory ------------------------------------------------------------
-
-
-def model_size_and_flops(stage, data: dict, device: torch.device, batch_size: int) -> tuple[int, float]:
-    """(parameter count, model FLOPs per training image): one forward and backward pass of a
-    batch of ``batch_size`` under FlopCounterMode, divided by the batch size."""
-    model = stage.build_model().to(device).train()
-    raw = {k: v[:batch_size].to(device) for k, v in data.items()}
-    batch = stage.make_batch(raw, torch.Generator(device).manual_seed(0))
-    with FlopCounterMode(display=False) as counter:
-        stage.loss(model, batch).backward()
-    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / batch_size
 
 
 def peak_flops(device: torch.device, peak_tflops: float | None) -> tuple[float | None, str]:
@@ -211,7 +211,7 @@ def peak_flops(device: torch.device, peak_tflops: float | None) -> tuple[float |
 
 @contextlib.contextmanager
 def accelerate_on(device: torch.device):
-    """Make Accelerate (so train.train) use the CPU when asked to, even on a machine with a GPU."""
+    """Make Accelerate (so train.py) use the CPU when asked to, even on a machine with a GPU."""
     if device.type != "cpu" or not torch.cuda.is_available():
         yield
         return
@@ -280,33 +280,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     device = torch.device(args.device)
-    try:
-        raw = apply_overrides(read_yaml(args.config), args.overrides)
-        precision = raw.get("train", {}).get("mixed_precision", "auto")
-        if precision == "auto":  # resolved as train.train does, but for the device asked for
-            precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-            raw.setdefault("train", {})["mixed_precision"] = precision  # not an override: YAML reads "no" as False
-        stage, cfg, _ = train.load_config(copy.deepcopy(raw))
-        data = stage.load_data()
-        n_params, flops = model_size_and_flops(stage, data, device, cfg.batch_size)
-        peak, peak_source = peak_flops(device, args.peak_tflops)
+    raw = apply_overrides(read_yaml(args.config), args.overrides)
+    precision = raw.get("train", {}).get("mixed_precision", "auto")
+    if precision == "auto":  # resolved as train.py does, but for the device asked for
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        raw.setdefault("train", {})["mixed_precision"] = precision  # not an override: YAML reads "no" as False
+    stage, cfg, _ = load_config(copy.deepcopy(raw))
+    data = stage.load_data()
+    n_params, flops = training_flops(stage, data, device, cfg.batch_size)
+    peak, peak_source = peak_flops(device, args.peak_tflops)
 
-        reset_peak_memory(device)
-        reference_ips = measure_reference(stage, cfg, data, device, args.warmup, args.steps)
-        reference_memory = peak_memory(device)
+    reset_peak_memory(device)
+    reference_ips = measure_reference(stage, cfg, data, device, args.warmup, args.steps)
+    reference_memory = peak_memory(device)
 
-        reset_peak_memory(device)
-        with (tempfile.TemporaryDirectory(prefix="train_speed-") as tmp, accelerate_on(device),
-              contextlib.redirect_stdout(sys.stderr)):  # the trainer's messages: stdout is for the report
-            ours_ips, log_every = measure_ours(raw, cfg.batch_size, args.warmup, args.steps, Path(tmp) / "run")
-        ours_memory = peak_memory(device)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory(prefix="train_speed-") as tmp, accelerate_on(device):
+        ours_ips, log_every, ours_memory = measure_ours(raw, cfg.batch_size, args.warmup, args.steps,
+                                                        Path(tmp) / "run")
 
     ours_extras = ", compiled" if cfg.compile else ""
     lines = [

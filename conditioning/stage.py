@@ -25,16 +25,16 @@ from accelerate import PartialState
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ddpm.config import build
-from ddpm.diffusion import diffusion_loss, guide
+from ddpm.config import check_model_keys
+from ddpm.contract import Capabilities
+from ddpm.diffusion_stage import Condition
 from ddpm.errors import UserError
-from ddpm.plots import save_grid
-from ddpm.stage import check_model_keys
-from latent.space import LatentSpace
 from latent.stage import LatentDDPM, LatentDDPMConfig
 
 from .captions import NAMES, class_captions, unseen_captions, with_article
 from .text_encoder import MAX_LENGTH, FrozenTextEncoder
+
+PHRASINGS = {"train": class_captions, "unseen": unseen_captions}  # class names -> prompts, per class
 
 
 @dataclasses.dataclass
@@ -57,6 +57,8 @@ class TextDDPMConfig(LatentDDPMConfig):
 class TextConditionedLDM(LatentDDPM):
     name = "text"
     Config = TextDDPMConfig
+    capabilities = Capabilities(conditions=("class", "prompt"), generates=True, evaluates=True)
+    model_class = UNet2DConditionModel
 
     def __init__(self, config: TextDDPMConfig):
         super().__init__(config)
@@ -68,11 +70,6 @@ class TextConditionedLDM(LatentDDPM):
         counts = torch.tensor([len(c) for c in per_class])
         self.first_prompt = 1 + torch.cumsum(counts, 0) - counts  # index of each class's first caption
         self.prompt_counts = counts
-        self.eval_phrasings = "train"  # which prompts ``generate`` uses for class labels: train / unseen
-
-    @classmethod
-    def from_dict(cls, sections: dict) -> "TextConditionedLDM":
-        return cls(build(cls.Config, sections, where="config"))
 
     # -- the text encoder -------------------------------------------------------------
 
@@ -84,7 +81,7 @@ class TextConditionedLDM(LatentDDPM):
         return self._encoder
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        """float B x 77 x D hidden states, each distinct prompt encoded once and kept."""
+        """float B x 77 x D hidden states (on the CPU), each distinct prompt encoded once and kept."""
         new = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
         if new:
             encoder = self.text_encoder()
@@ -100,85 +97,61 @@ class TextConditionedLDM(LatentDDPM):
         self._table = self.embed(self.training_prompts)  # P x 77 x D
         return data
 
-    def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator, step: int = 0
-                   ) -> dict[str, torch.Tensor]:
-        """Stage 2's batch, with each label turned into a caption index into ``training_prompts``:
-        a random caption of the class, or 0 (the empty prompt) where the label was dropped."""
-        batch = super().make_batch(raw, generator, step)
-        labels = batch.pop("labels")
-        dropped = labels == self.null_label
-        known = labels.clamp(max=self.null_label - 1)
-        first, counts = self.first_prompt.to(labels.device)[known], self.prompt_counts.to(labels.device)[known]
+    # -- the condition: a prompt's hidden states -------------------------------------------
+
+    def training_condition(self, raw, dropped, generator) -> dict[str, torch.Tensor]:
+        """captions (int64 B): indices into ``training_prompts``, a random caption of each
+        image's class, or 0 (the empty prompt) where dropped."""
+        labels = raw["labels"]
+        first, counts = self.first_prompt.to(labels.device)[labels], self.prompt_counts.to(labels.device)[labels]
         choice = (torch.rand(len(labels), generator=generator, device=labels.device) * counts).long()
-        batch["captions"] = torch.where(dropped, 0, first + choice)
-        return batch
+        return {"captions": torch.where(dropped, 0, first + choice)}
 
-    def build_model(self) -> UNet2DConditionModel:
-        channels, size, _ = self.sample_shape
-        return UNet2DConditionModel(sample_size=size, in_channels=channels, out_channels=channels,
-                                    cross_attention_dim=self.text_encoder().width, **self.config.model)
+    def model_condition(self, batch) -> Condition:
+        table = self._table = self._table.to(batch["captions"].device)
+        return {"encoder_hidden_states": table[batch["captions"]]}
 
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x_t = self.scheduler.add_noise(batch["x0"], batch["noise"], batch["timesteps"])
-        table = self._table = self._table.to(x_t.device)
-        prediction = model(x_t, batch["timesteps"], encoder_hidden_states=table[batch["captions"]]).sample
-        return diffusion_loss(self.scheduler, prediction, batch["x0"], batch["noise"], batch["timesteps"],
-                              self.config.diffusion.snr_gamma)
+    def prompt_condition(self, prompts: list[str]) -> Condition:
+        """float N x 77 x D: each prompt's hidden states (an empty prompt is the null condition)."""
+        return {"encoder_hidden_states": self.embed(list(prompts))}
 
-    # -- sampling ---------------------------------------------------------------------
+    def class_condition(self, labels: torch.Tensor, phrasings: str = "train") -> Condition:
+        return self.prompt_condition(self.prompts_for(labels, phrasings))
 
-    def predict_text(self, model, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                     guidance: float) -> torch.Tensor:
-        """The guided output for x (B x C x h x w): ``cond`` B x 77 x D are the prompts' hidden
-        states, ``uncond`` 1 x 77 x D the empty prompt's or the negative prompt's. As one 2B batch:
+    def null_condition(self, condition: Condition, negative_prompt: str = "") -> Condition:
+        """The empty prompt's hidden states or, with ``negative_prompt``, that prompt's, so that
+        guidance steers away from it."""
+        n = len(condition["encoder_hidden_states"])
+        return {"encoder_hidden_states": self.embed([negative_prompt]).expand(n, -1, -1)}
 
-            eps = eps(x, uncond) + w * (eps(x, cond) - eps(x, uncond))
-        """
-        uncond = uncond.expand(len(x), -1, -1)
-        if guidance == 1:
-            return model(x, t, encoder_hidden_states=cond).sample
-        if guidance == 0:
-            return model(x, t, encoder_hidden_states=uncond).sample
-        both = model(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([cond, uncond])).sample
-        eps_cond, eps_uncond = both.chunk(2)
-        return guide(eps_cond, eps_uncond, guidance)
-
-    def generate_prompts(self, model, prompts: list[str], *, negative_prompt: str = "",
-                         guidance: float | None = None, **settings) -> torch.Tensor:
-        """One image per prompt (an empty prompt is unconditional); returns uint8 N x 28 x 28.
-        ``negative_prompt`` replaces the empty prompt in the unconditional branch, so guidance
-        steers away from it. ``settings``: those of ``run_sampler`` (img2img included)."""
-        guidance = self.config.sample.guidance if guidance is None else guidance
-        device = next(model.parameters()).device
-        self.text_encoder().to(device)
-        cond = self.embed(list(prompts))
-        uncond = self.embed([negative_prompt]).to(device)
-        return self.run_sampler(model, cond, lambda x, t, c: self.predict_text(model, x, t, c, uncond, guidance),
-                                **settings)
-
-    def prompts_for(self, labels: torch.Tensor) -> list[str]:
+    def prompts_for(self, labels: torch.Tensor, phrasings: str = "train") -> list[str]:
         """A prompt per class label, cycling through the class's training (or unseen) phrasings."""
-        phrasings = class_captions(self.class_names) if self.eval_phrasings == "train" else \
-            unseen_captions(self.class_names)
+        if phrasings not in PHRASINGS:
+            raise UserError(f"unknown phrasings {phrasings!r}; valid: {', '.join(PHRASINGS)}")
+        per_class = PHRASINGS[phrasings](self.class_names)
         seen: dict[int, int] = {}
         prompts = []
         for label in labels.tolist():
             i = seen[label] = seen.get(label, -1) + 1
-            prompts.append(phrasings[label][i % len(phrasings[label])])
+            prompts.append(per_class[label][i % len(per_class[label])])
         return prompts
 
-    def generate(self, model, labels: torch.Tensor, **settings) -> torch.Tensor:
-        """Class labels -> prompts (``prompts_for``) -> images: what the judge's evaluation uses."""
-        return self.generate_prompts(model, self.prompts_for(labels), **settings)
+    def condition_args(self) -> dict:
+        return {"cross_attention_dim": self.text_encoder().width}
 
-    def preview(self, model, path: Path, title: str = "") -> Path:
-        """One row per class prompt ("a photo of ..."), ``sample.n_per_class`` columns."""
-        n = self.config.sample.n_per_class
+    # -- sampling ---------------------------------------------------------------------
+
+    def generate_prompts(self, model, prompts: list[str], *, negative_prompt: str = "", **settings) -> torch.Tensor:
+        """One image per prompt (an empty prompt is unconditional); returns uint8 N x 28 x 28.
+        ``negative_prompt`` replaces the empty prompt in the unconditional branch, so guidance
+        steers away from it. ``settings``: those of ``sample`` (img2img included)."""
+        condition = self.prompt_condition(prompts)
+        return self.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
+
+    def preview_rows(self, n: int) -> tuple[list[str], Condition]:
+        """One row per class, asked for as "a photo of a <first name of the class>"."""
         prompts = [f"a photo of {with_article(NAMES[c][0])}" for c in self.class_names]
-        images = self.generate_prompts(model, [p for p in prompts for _ in range(n)])
-        s = self.config.sample
-        title = title or f"{s.scheduler}, {s.steps} steps, guidance {s.guidance:g}"
-        return save_grid(images.view(len(prompts), n, 28, 28), path, prompts, title)
+        return prompts, self.prompt_condition([p for p in prompts for _ in range(n)])
 
     # -- saving and loading -----------------------------------------------------------
 
@@ -201,14 +174,9 @@ class TextConditionedLDM(LatentDDPM):
                      "requires_safety_checker": False}
             (folder / "model_index.json").write_text(json.dumps(index, indent=1))
 
-    def load_model(self, folder: Path) -> UNet2DConditionModel:
-        """The UNet from ``final/`` (whose vae/ and text_encoder/ are used too) or a checkpoint."""
-        if (folder / "vae" / "config.json").is_file():
-            self._space = LatentSpace.from_pretrained(folder / "vae")
+    def load_components(self, folder: Path) -> None:
+        """A ``final/`` folder's autoencoder (stage 2) and its frozen text encoder and tokenizer."""
+        super().load_components(folder)
         if (folder / "text_encoder" / "config.json").is_file():
             self._encoder = FrozenTextEncoder.from_pretrained(str(folder), self.config.text_encoder.max_length,
                                                               "text_encoder", "tokenizer")
-        for sub in ("unet", "ema"):
-            if (folder / sub / "config.json").is_file():
-                return UNet2DConditionModel.from_pretrained(folder / sub, use_safetensors=True)
-        raise UserError(f"{folder} holds no model (expected unet/ or ema/ inside)")

@@ -9,6 +9,8 @@ what is valid, before anything is trained.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 import re
 import types
 import typing
@@ -70,6 +72,10 @@ class TrainConfig:
         unknown = set(self.trackers) - {"wandb", "tensorboard"}
         if unknown:
             raise UserError(f"unknown train.trackers {sorted(unknown)}; valid: wandb, tensorboard")
+
+    def total_steps(self, n_examples: int) -> int:
+        """Optimizer steps in a run: ``max_steps``, else ``epochs`` of full batches of ``n_examples``."""
+        return self.max_steps or max(1, math.ceil(self.epochs * (n_examples // self.batch_size)))
 
 
 class _YAMLLoader(yaml.SafeLoader):
@@ -173,6 +179,17 @@ def _check(value: Any, hint: Any, where: str) -> Any:
     if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
         raise UserError(f"{where} must be {hint.__name__}, got {value!r}")
     return value
+
+
+def check_model_keys(model: dict, cls: type, derived: tuple[str, ...]) -> None:
+    """A ``model`` section holds keyword arguments of ``cls`` (a network class), except those
+    the stage derives from the data (``derived``)."""
+    valid = set(inspect.signature(cls.__init__).parameters) - {"self", *derived}
+    for key in model:
+        if key in derived:
+            raise UserError(f"model.{key} is set from the data; remove it from the config")
+        if key not in valid:
+            raise UserError(f"unknown key model.{key}; valid {cls.__name__} keys: {', '.join(sorted(valid))}")
 
 
 def to_dict(config) -> dict:

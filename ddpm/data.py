@@ -61,6 +61,23 @@ class LabelledImages:
         return len(self.labels)
 
 
+@dataclass
+class DataConfig:
+    """The ``data`` section of a config."""
+
+    root: str | None = None  # folder with the IDX files; default: $FASHION_MNIST_DIR, Debian, Hub
+    hub_name: str | None = HUB_NAME  # null: never go online
+    flip: bool = True  # random horizontal flips
+    limit: int | None = None  # train on the first N images only (tests)
+
+
+def load_training_set(c: DataConfig) -> dict[str, torch.Tensor]:
+    """images: uint8 N x 28 x 28; labels: int64 N (the first ``c.limit`` if set)."""
+    data = load_fashion_mnist("train", root=c.root, hub_name=c.hub_name)
+    n = c.limit or len(data)
+    return {"images": data.images[:n], "labels": data.labels[:n]}
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read one IDX file (optionally gzipped) into a uint8 array, checking its header."""
     opener = gzip.open if path.suffix == ".gz" else open

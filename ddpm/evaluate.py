@@ -33,13 +33,14 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 
 def evaluate_model(stage, model, n: int = 1000, *, guidance: float | None = None, scheduler: str | None = None,
-                   steps: int | None = None, seed: int = 0, progress: bool = False) -> dict:
-    """Sample n images with the given settings (default: the run's ``sample`` config) and score them."""
+                   steps: int | None = None, seed: int = 0, phrasings: str = "train", progress: bool = False) -> dict:
+    """Sample n images with the given settings (default: the run's ``sample`` config) and score them.
+    ``phrasings``: a text run's prompts for each class, "train" or "unseen" (see ``generate``)."""
     s = stage.config.sample
     settings = {"guidance": s.guidance if guidance is None else guidance,
                 "scheduler": scheduler or s.scheduler, "steps": steps or s.steps, "seed": seed}
     labels = balanced_labels(n, len(stage.class_names)).sort().values
-    images = stage.generate(model, labels, progress=progress, **settings)
+    images = stage.generate(model, labels, phrasings=phrasings, progress=progress, **settings)
     judge = cached_judge()
     reference = reference_stats(judge)
     report = judge_report(images, labels, judge, reference)
@@ -103,7 +104,8 @@ def plot_sweep(reports: list[dict], path) -> None:
 
 
 def sweep_grid(stage, model, scales: list[float], path, seed: int = 0, **settings) -> None:
-    """One row per guidance scale, one column per class, the same starting noise in every row."""
+    """One row per guidance scale, one column per class, the same starting noise in every row.
+    ``settings``: those of ``stage.generate`` (scheduler, steps, phrasings)."""
     labels = torch.arange(len(stage.class_names))
     rows = [stage.generate(model, labels, guidance=w, seed=seed, **settings) for w in scales]
     save_grid(torch.stack(rows), path, [f"w = {w:g}" for w in scales], title="same seeds, rising guidance",

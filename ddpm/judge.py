@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .data import CLASS_NAMES, IMAGE_SIZE, LabelledImages, load_fashion_mnist
-from .errors import UserError
+from .errors import UserError, cli_errors
 
 TRAIN_COMMAND = "python -m ddpm.judge"
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530  # of the Fashion-MNIST training set, pixels in [0, 1]
@@ -181,7 +181,8 @@ def save_judge(judge: Judge, path: Path, metadata: dict[str, str]) -> None:
     save_file(tensors, path, metadata=metadata)
 
 
-def main(argv: list[str] | None = None) -> None:
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=TRAIN_COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=10, help="passes over the 60k training images")
     parser.add_argument("--seed", type=int, default=0)
@@ -189,11 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
-    try:
-        train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     start = time.time()
     judge = train_judge(train, args.epochs, args.seed)
     test_accuracy = accuracy(judge, test)
@@ -205,4 +202,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

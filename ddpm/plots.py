@@ -1,8 +1,11 @@
-"""PNG figures: sample grids with class names, and training curves."""
+"""Figures: sample grids with class names or prompts and training curves, as PNG files
+for runs and shown inline in the notebooks (the same layout both ways)."""
 
 from __future__ import annotations
 
 import json
+import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -12,32 +15,75 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
-def save_grid(images: torch.Tensor, path: str | Path, row_titles: list[str], title: str = "",
-              col_titles: list[str] | None = None) -> Path:
-    """Save uint8 images (R x C x H x W grayscale, or R x C x H x W x 3) as a titled PNG grid.
-
-    Row r is labelled ``row_titles[r]`` (e.g. a class name or a prompt).
-    """
+def grid_figure(images: torch.Tensor, row_titles: list[str] | None = None, title: str = "",
+                col_titles: list[str] | None = None, size: float = 1.1, wrap: int = 14):
+    """A matplotlib figure of uint8 images laid out R x C x H x W (or C x H x W for one row),
+    grayscale (or R x C x H x W x 3). Row r is labelled ``row_titles[r]`` (a class name, a prompt),
+    column titles are wrapped at ``wrap`` characters."""
+    images = images[None] if images.ndim == 3 else images
     rows, cols = images.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols + 1.6, 1.1 * rows + 0.5), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 1.6, size * rows + 0.5), squeeze=False)
     for r in range(rows):
         for c in range(cols):
             ax = axes[r][c]
             ax.imshow(images[r, c].cpu().numpy(), cmap="gray", vmin=0, vmax=255)
             ax.set_xticks([])
             ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(row_titles[r], rotation=0, ha="right", va="center", fontsize=9)
-            if r == 0 and col_titles:
-                ax.set_title(col_titles[c], fontsize=9)
+        if row_titles:
+            axes[r][0].set_ylabel(row_titles[r], rotation=0, ha="right", va="center", fontsize=9)
+    for c, name in enumerate(col_titles or []):
+        axes[0][c].set_title(textwrap.fill(name, wrap), fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def save_grid(images: torch.Tensor, path: str | Path, row_titles: list[str], title: str = "",
+              col_titles: list[str] | None = None) -> Path:
+    """Save ``grid_figure`` of the images as a PNG; returns ``path``."""
+    fig = grid_figure(images, row_titles, title, col_titles)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def show_grid(images: torch.Tensor, row_titles: list[str] | None = None, col_titles: list[str] | None = None,
+              title: str = "", size: float = 1.0, wrap: int = 14) -> None:
+    """Show ``grid_figure`` of the images in a notebook."""
+    grid_figure(images, row_titles, title, col_titles, size, wrap)
+    plt.show()
+
+
+def rows_of(images: torch.Tensor, row_names: list[str], n: int, columns: int = 8):
+    """N x 28 x 28 (n per row name, in order) -> (R x C x 28 x 28 with rows of at most ``columns``,
+    the row titles: each name on the first of its rows)."""
+    cols = min(n, columns)
+    rows_per_name = math.ceil(n / cols)
+    grid = torch.zeros(len(row_names) * rows_per_name, cols, *images.shape[1:], dtype=images.dtype)
+    titles = []
+    for i, name in enumerate(row_names):
+        block = images[i * n : (i + 1) * n]
+        for r in range(rows_per_name):
+            row = block[r * cols : (r + 1) * cols]
+            grid[i * rows_per_name + r, : len(row)] = row
+            titles.append(name if r == 0 else "")
+    return grid, titles
+
+
+def show_losses(run_dir: str | Path, title: str) -> None:
+    """The training loss of a run against the optimizer step, in a notebook."""
+    records = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+    plt.figure(figsize=(5, 2.6))
+    plt.plot([r["step"] for r in records], [r["loss"] for r in records], ".-")
+    plt.yscale("log")
+    plt.xlabel("optimizer step")
+    plt.ylabel("loss")
+    plt.title(title)
+    plt.grid(alpha=0.3)
+    plt.show()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -34,13 +34,14 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ddpm.config import build
-from ddpm.data import CLASS_NAMES, PADDED_SIZE, LabelledImages, load_fashion_mnist, to_model_space
+from ddpm.config import check_model_keys
+from ddpm.contract import Capabilities, Stage
+from ddpm.data import CLASS_NAMES, PADDED_SIZE, DataConfig, LabelledImages, load_fashion_mnist, load_training_set
+from ddpm.data import to_model_space
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
 from ddpm.plots import save_grid
-from ddpm.stage import DataConfig, check_model_keys, load_training_set
 
 from .space import LatentSpace
 
@@ -130,21 +131,18 @@ class AutoencoderStageConfig:
         check_model_keys(self.model, AutoencoderKL, ("in_channels", "out_channels", "sample_size"))
 
 
-class AutoencoderStage:
+class AutoencoderStage(Stage):
     name = "autoencoder"
     Config = AutoencoderStageConfig
+    capabilities = Capabilities(generates=False, evaluates=True)  # it reconstructs images; sample.py shows them
 
     def __init__(self, config: AutoencoderStageConfig):
-        self.config = config
+        super().__init__(config)
         self.vae_kwargs = {"in_channels": 1, "out_channels": 1, "sample_size": PADDED_SIZE, **config.model}
         defaults = {k: p.default for k, p in inspect.signature(AutoencoderKL.__init__).parameters.items()}
         kwargs = {**defaults, **self.vae_kwargs}
         size = PADDED_SIZE // 2 ** (len(kwargs["block_out_channels"]) - 1)
         self.latent_shape = (kwargs["latent_channels"], size, size)
-
-    @classmethod
-    def from_dict(cls, sections: dict) -> "AutoencoderStage":
-        return cls(build(cls.Config, sections, where="config"))
 
     # -- training ---------------------------------------------------------------------
 

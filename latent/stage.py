@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from ddpm.config import build
+from ddpm.data import load_training_set
 from ddpm.errors import UserError
-from ddpm.stage import ClassConditionedDDPM, DDPMConfig, load_training_set
+from ddpm.stage import ClassConditionedDDPM, DDPMConfig
 
 from .cache import load_or_build
 from .space import LatentSpace, load_autoencoder
@@ -63,10 +63,6 @@ class LatentDDPM(ClassConditionedDDPM):
     def __init__(self, config: LatentDDPMConfig):
         super().__init__(config)
         self._space: LatentSpace | None = None
-
-    @classmethod
-    def from_dict(cls, sections: dict) -> "LatentDDPM":
-        return cls(build(cls.Config, sections, where="config"))
 
     def latent_space(self) -> LatentSpace:
         """The frozen autoencoder, loaded on first use (its factor is set by ``load_data``)."""
@@ -114,7 +110,7 @@ class LatentDDPM(ClassConditionedDDPM):
         super().save_final(model, folder)
         self.latent_space().save_pretrained(folder / "vae")
 
-    def load_model(self, folder: Path):
+    def load_components(self, folder: Path) -> None:
+        """A ``final/`` folder's own autoencoder, with the scaling factor measured for this run."""
         if (folder / "vae" / "config.json").is_file():
             self._space = LatentSpace.from_pretrained(folder / "vae")
-        return super().load_model(folder)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny configs, a trained tiny run, and fake IDX datasets.
+"""Shared fixtures and helpers: tiny configs, trained tiny runs, fake IDX datasets, the CLIs
+run in-process, and the resume and two-process checks every stage's tests use.
 
 Everything runs on the CPU, offline. Tests that need the real Fashion-MNIST skip with the
 install hint when it is absent (CI installs it).
@@ -6,10 +7,17 @@ install hint when it is absent (CI installs it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import gzip
+import io
+import json
 import os
+import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +30,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
-from ddpm.config import read_yaml
-from ddpm.data import load_fashion_mnist
-from ddpm.errors import UserError
+import sample  # noqa: E402
+import train  # noqa: E402
+from ddpm.config import read_yaml  # noqa: E402
+from ddpm.data import load_fashion_mnist  # noqa: E402
+from ddpm.errors import UserError  # noqa: E402
+from ddpm.plots import read_metrics  # noqa: E402
+from ddpm.runs import load_config, load_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "ddpm_fashion_tiny.yaml"
@@ -61,24 +73,18 @@ def tiny_config(output_dir: Path, preset: Path = TINY, **sections) -> dict:
 @pytest.fixture(scope="session")
 def trained_tiny_run(tmp_path_factory, fashion_mnist):
     """A finished tiny stage-1 run, shared by the tests that only read it."""
-    import train
-
     return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "tiny"))
 
 
 @pytest.fixture(scope="session")
 def trained_tiny_autoencoder(tmp_path_factory, fashion_mnist):
     """A finished tiny autoencoder run (with its discriminator switched on halfway)."""
-    import train
-
     return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "autoencoder", TINY_AUTOENCODER))
 
 
 @pytest.fixture(scope="session")
 def trained_tiny_latent_run(tmp_path_factory, trained_tiny_autoencoder):
     """A finished tiny latent-diffusion run on the tiny autoencoder's latents."""
-    import train
-
     return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "latent", TINY_LATENT,
                                    autoencoder={"source": str(trained_tiny_autoencoder)}))
 
@@ -109,3 +115,126 @@ def fake_idx_dir(tmp_path) -> Path:
         write_idx(tmp_path / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
     return tmp_path
+
+
+# -- the command lines ------------------------------------------------------------------
+
+
+def command(*args, env=None) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a new interpreter, from the repository root."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+@dataclasses.dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(script: str, *args: str, env: dict | None = None) -> Result:
+    """``python train.py|sample.py ARGS`` from the repository root, but in this process: its
+    ``main`` with the environment updated by ``env``, and what it printed. It saves an interpreter
+    start-up per call; ``test_train_and_sample_end_to_end`` runs the real command lines."""
+    main = {"train.py": train.main, "sample.py": sample.main}[script]
+    out, err, saved_env, cwd = io.StringIO(), io.StringIO(), dict(os.environ), os.getcwd()
+    os.environ.update(env or {})
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+# -- exact resume and two processes, for every stage ----------------------------------------
+
+
+def assert_resume_is_exact(straight, resumed):
+    """A 6-step run, continued from its step-3 checkpoint in another folder, ends the same."""
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "config.yaml", resumed / "config.yaml")
+    shutil.copytree(straight / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    raw = read_yaml(straight / "config.yaml")
+    raw["train"].update(output_dir=str(resumed), resume="latest")
+    train.train(raw)
+    loss = lambda run: [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]  # noqa: E731
+    assert loss(resumed) == loss(straight)[3:]
+    a, b = (checkpoint_weights(run / "checkpoints" / "step-00000006") for run in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# float32 sums in another order. Adam moves a weight by about lr at first whatever the size of
+# its gradient, so where a gradient is close to 0 its rounding shows in the weight: lr is 2e-3
+# in the tiny presets, and we allow a twentieth of one such step.
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+ONE_THREAD = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def accelerate_launch(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """``accelerate launch`` on the CPU with ``processes`` processes (a gloo group) of one thread each."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Two runs of one config logged the same losses and ended with the same weights and EMA,
+    within TOLERANCE; one metrics line per step in each (only a main process writes)."""
+    la, lb = ([r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] for run in (a, b))
+    steps = load_run(a)[1].max_steps
+    assert len(la) == len(lb) == steps, "one metrics line per step: only the main process writes"
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), **TOLERANCE)
+    last = f"step-{steps:08d}"
+    wa, wb = (checkpoint_weights(run / "checkpoints" / last) for run in (a, b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], **TOLERANCE)
+
+
+def assert_two_processes_train_like_one(tmp_path: Path, config: Path, *overrides: str) -> None:
+    """The same config trained by two processes and by one (tests/process_probe.py records what
+    each process trained on): at every step the two micro-batches are disjoint and together
+    exactly the one-process batch, and both processes hold the same weights; each epoch deals the
+    examples out afresh; losses and final weights match the one-process run; only the main
+    process writes grids and metrics."""
+    batch_size = load_config(tiny_config(tmp_path, config))[1].batch_size
+    # two steps an epoch, no flips: an example's clean input is its image
+    overrides = (f"data.limit={2 * batch_size}", "data.flip=false", *overrides)
+    probe = ["tests/process_probe.py", str(config)]
+    two, one = tmp_path / "two", tmp_path / "one"
+    result = accelerate_launch(*probe, str(two / "probe"), f"train.output_dir={two}", *overrides)
+    assert "2 process(es)" in result.stderr + result.stdout
+    subprocess.run([sys.executable, *probe, str(one / "probe"), f"train.output_dir={one}", *overrides],
+                   cwd=ROOT, env=ONE_THREAD, check=True, capture_output=True, timeout=600)
+
+    whole, rank0, rank1 = (json.loads((run / "probe" / f"rank-{r}.json").read_text())
+                           for run, r in ((one, 0), (two, 0), (two, 1)))
+    assert len(whole) == len(rank0) == len(rank1) >= 4
+    for step, (a, b, both) in enumerate(zip(rank0, rank1, whole)):
+        assert a["weights"] == b["weights"], f"the processes' weights differ before step {step}"
+        assert not set(a["examples"]) & set(b["examples"]), f"both processes trained on one example at step {step}"
+        assert sorted(a["examples"] + b["examples"]) == sorted(both["examples"]), step
+    for e in range(0, len(rank0) - 1, 2):  # every example once an epoch
+        assert len({i for call in rank0[e : e + 2] + rank1[e : e + 2] for i in call["inputs"]}) == 2 * batch_size
+    assert rank0[0]["inputs"] != rank0[2]["inputs"], "process 0 got the same shard in epochs 0 and 1"
+
+    assert_same_training(one, two)
+    assert sorted(p.name for p in (two / "samples").iterdir()) == ["final.png"]

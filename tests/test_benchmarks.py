@@ -17,7 +17,7 @@ from ddpm import evaluate
 from ddpm.data import to_model_space
 from ddpm.errors import UserError
 from ddpm.judge import Judge
-from sample import load_for_sampling
+from ddpm.runs import load_config, load_for_sampling
 
 from .conftest import TINY, tiny_config
 
@@ -25,7 +25,7 @@ from .conftest import TINY, tiny_config
 @pytest.fixture(scope="module")
 def trained_batch(tmp_path_factory, trained_tiny_run):
     """(stage, trained tiny model in fp32 on the CPU, one training batch from ``stage.make_batch``)."""
-    stage, cfg, _ = train.load_config(tiny_config(tmp_path_factory.mktemp("unused")))
+    stage, cfg, _ = load_config(tiny_config(tmp_path_factory.mktemp("unused")))
     model = stage.load_model(trained_tiny_run / "final").train()
     raw = {k: v[: cfg.batch_size] for k, v in stage.load_data().items()}
     batch = stage.make_batch(raw, torch.Generator().manual_seed(0))

@@ -11,11 +11,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from conditioning.captions import class_captions, unseen_captions, with_article
 from conditioning.text_encoder import MINILM_PACKAGE, FrozenTextEncoder
 from ddpm.errors import UserError
+from ddpm.runs import load_run
 
-from .conftest import ROOT, SHARED_MODELS, tiny_config
-from .test_cli import one_line_error, run
-from .test_latent import assert_resume_is_exact
-from .test_multiprocess import assert_two_processes_train_like_one
+from .conftest import (ROOT, SHARED_MODELS, assert_resume_is_exact, assert_two_processes_train_like_one,
+                       one_line_error, run, tiny_config)
 
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
 
@@ -109,9 +108,7 @@ def trained_tiny_text_run(tmp_path_factory, tiny_clip_folder, trained_tiny_autoe
 
 
 def loaded(run_dir):
-    import train
-
-    stage, _, _ = train.load_run(run_dir)
+    stage, _, _ = load_run(run_dir)
     return stage, stage.load_model(run_dir / "final").eval()
 
 
@@ -153,14 +150,15 @@ def test_caption_dropout_rate_matches_p_uncond(trained_tiny_text_run):
 def test_guidance_scales_and_negative_prompt(trained_tiny_text_run):
     stage, model = loaded(trained_tiny_text_run)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor(500)
-    cond, empty, negative = stage.embed(["a boot", "a bag"]), stage.embed([""]), stage.embed(["a sandal"])
-    eps = lambda h: model(x, t, encoder_hidden_states=h.expand(2, -1, -1)).sample  # noqa: E731
+    condition = stage.prompt_condition(["a boot", "a bag"])
+    empty, negative = stage.null_condition(condition), stage.null_condition(condition, "a sandal")
+    eps = lambda c: model(x, t, **c).sample  # noqa: E731
     with torch.no_grad():
-        torch.testing.assert_close(stage.predict_text(model, x, t, cond, empty, 0.0), eps(empty))
-        torch.testing.assert_close(stage.predict_text(model, x, t, cond, empty, 1.0), eps(cond))
+        torch.testing.assert_close(stage.predict(model, x, t, condition, empty, 0.0), eps(empty))
+        torch.testing.assert_close(stage.predict(model, x, t, condition, empty, 1.0), eps(condition))
         w = 4.0
-        with_empty = stage.predict_text(model, x, t, cond, empty, w)
-        with_negative = stage.predict_text(model, x, t, cond, negative, w)
+        with_empty = stage.predict(model, x, t, condition, empty, w)
+        with_negative = stage.predict(model, x, t, condition, negative, w)
         # only the unconditional branch changed: the difference is (1 - w) (eps(neg) - eps(empty))
         torch.testing.assert_close(with_negative - with_empty, (1 - w) * (eps(negative) - eps(empty)),
                                    rtol=1e-4, atol=1e-5)

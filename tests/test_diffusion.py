@@ -54,13 +54,15 @@ def test_guidance_zero_is_unconditional_and_one_is_conditional():
     model = stage.build_model().eval()
     x, t = torch.randn(4, 1, 32, 32), torch.tensor(500)
     labels = torch.tensor([0, 3, 7, 9])
+    condition = stage.class_condition(labels)
+    null = stage.null_condition(condition)
     with torch.no_grad():
         cond = model(x, t, class_labels=labels).sample
         uncond = model(x, t, class_labels=torch.full_like(labels, stage.null_label)).sample
         for w, expected in ((0.0, uncond), (1.0, cond), (3.0, uncond + 3 * (cond - uncond))):
-            torch.testing.assert_close(stage.predict(model, x, t, labels, w), expected, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(stage.predict(model, x, t, condition, null, w), expected, atol=1e-5, rtol=1e-4)
         # the batched 2B path (w not in {0, 1}) must agree with separate passes at w = 1 too
-        mixed = stage.predict(model, x, t, labels, 1.0 + 1e-9)
+        mixed = stage.predict(model, x, t, condition, null, 1.0 + 1e-9)
         torch.testing.assert_close(mixed, cond, atol=1e-5, rtol=1e-4)
 
 

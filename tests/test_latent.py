@@ -12,14 +12,14 @@ import train
 from ddpm.config import read_yaml
 from ddpm.errors import UserError
 from ddpm.plots import read_metrics
-from ddpm.stage import load_training_set
+from ddpm.data import load_training_set
+from ddpm.runs import load_config, load_run
 from latent.autoencoder import AutoencoderStage, AutoencoderWithDiscriminator, psnr
 from latent.cache import cache_path, fingerprint, load_or_build, read_scaling_factor
 from latent.space import LatentSpace, load_autoencoder
 
-from .conftest import ROOT, SHARED_MODELS, TINY_AUTOENCODER, TINY_LATENT, checkpoint_weights, tiny_config
-from .test_multiprocess import assert_two_processes_train_like_one
-from .test_cli import one_line_error, run
+from .conftest import (ROOT, SHARED_MODELS, TINY_AUTOENCODER, TINY_LATENT, assert_resume_is_exact,
+                       assert_two_processes_train_like_one, one_line_error, run, tiny_config)
 
 
 def tiny_kl(in_channels=1, blocks=3, seed=0) -> AutoencoderKL:
@@ -55,7 +55,7 @@ def test_autoencoder_run_trains_saves_and_reports(trained_tiny_autoencoder):
 def test_autoencoder_learns_to_reconstruct(tmp_path, fashion_mnist):
     run_dir = train.train(tiny_config(tmp_path / "ae", TINY_AUTOENCODER, loss={"disc_weight": 0.0},
                                       train={"max_steps": 60, "batch_size": 32, "lr": 3e-3}))
-    stage, _, _ = train.load_run(run_dir)
+    stage, _, _ = load_run(run_dir)
     before = stage.evaluate(AutoencoderStage(stage.config).build_model(), 200)
     after = stage.evaluate(stage.load_model(run_dir / "final"), 200)
     assert after["eval_psnr"] > before["eval_psnr"] + 3, (before, after)
@@ -172,7 +172,7 @@ def test_cache_is_built_once_reused_and_invalidated(tmp_path):
 def test_one_scaling_factor_from_cache_to_training_to_decoding(trained_tiny_latent_run):
     """Training latents have std 1, and what the sampler decodes them with uses the same factor:
     decoding a training latent gives the autoencoder's own reconstruction of that image."""
-    stage, _, _ = train.load_run(trained_tiny_latent_run)
+    stage, _, _ = load_run(trained_tiny_latent_run)
     data = stage.load_data()
     assert abs(torch.cat([data["latents"], data["latents_flipped"]]).std().item() - 1) < 0.05
     factor = stage.latent_space().scaling_factor
@@ -224,7 +224,7 @@ def test_latent_config_errors_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_is_valid(path):
-    stage, cfg, resolved = train.load_config(read_yaml(path))
+    stage, cfg, resolved = load_config(read_yaml(path))
     assert resolved["stage"] == stage.name and cfg.output_dir.startswith("runs/")
 
 
@@ -236,20 +236,6 @@ def test_resume_continues_the_same_run_exactly(request, tmp_path, fixture):
     """6 steps straight == 3 steps, stop, resume, 3 more (the autoencoder's discriminator
     switches on at step 3, inside the resumed part)."""
     assert_resume_is_exact(request.getfixturevalue(fixture), tmp_path / "resumed")
-
-
-def assert_resume_is_exact(straight, resumed):
-    """A 6-step run, continued from its step-3 checkpoint in another folder, ends the same."""
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(straight / "config.yaml", resumed / "config.yaml")
-    shutil.copytree(straight / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
-    raw = read_yaml(straight / "config.yaml")
-    raw["train"].update(output_dir=str(resumed), resume="latest")
-    train.train(raw)
-    loss = lambda run: [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]  # noqa: E731
-    assert loss(resumed) == loss(straight)[3:]
-    a, b = (checkpoint_weights(run / "checkpoints" / "step-00000006") for run in (straight, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_two_processes_train_the_latent_stage_like_one(tmp_path, trained_tiny_autoencoder):

@@ -12,6 +12,7 @@ from ddpm.checkpoint import latest_good_checkpoint, list_checkpoints, verify_che
 from ddpm.config import apply_overrides, read_yaml
 from ddpm.errors import UserError
 from ddpm.plots import read_metrics
+from ddpm.runs import load_config
 
 from .conftest import tiny_config
 
@@ -137,7 +138,7 @@ def test_bad_config_values_are_one_line_errors(tmp_path, override, message):
     for section, values in override.items():
         raw.setdefault(section, {}).update(values)
     with pytest.raises(UserError, match=message) as e:
-        train.load_config(raw)
+        load_config(raw)
     assert "\n" not in str(e.value)
 
 
@@ -169,7 +170,7 @@ def test_overrides_and_config_files_read_numbers_as_people_write_them(tmp_path):
     # PyYAML alone (YAML 1.1) reads 1e-3 as the string "1e-3"
     raw = apply_overrides(tiny_config(tmp_path), ["train.lr=2e-4", "train.weight_decay=1E-2", "train.ema_decay=.5",
                                                   "model.block_out_channels=[8, 16]", "sample.scheduler=ddim"])
-    cfg = train.load_config(raw)[1]
+    cfg = load_config(raw)[1]
     assert (cfg.lr, cfg.weight_decay, cfg.ema_decay) == (2e-4, 1e-2, 0.5)
     assert raw["model"]["block_out_channels"] == [8, 16] and raw["sample"]["scheduler"] == "ddim"
     (tmp_path / "c.yaml").write_text("train:\n  lr: 3e-4\n  output_dir: 1e3x\n")

@@ -1,0 +1,104 @@
+"""The stage contract: what ``train.py`` and ``sample.py`` call on every stage.
+
+A *stage* is one thing the trainer can train: a class-conditioned DDPM, an autoencoder, a
+latent or text-conditioned diffusion model. The trainer and the sampler know nothing about
+images or UNets; they call the methods below and read the stage's declared ``capabilities``
+(never probe it with ``hasattr``). A new stage is one class that subclasses ``Stage`` (a
+diffusion stage: ``ddpm.diffusion_stage.DiffusionStage``, which implements most of this),
+one entry in ``ddpm.runs.STAGES`` and one config; see "How to add a stage" in the README.
+
+Shapes: B is a batch, N a number of samples; images are uint8 N x 28 x 28 (0 = black).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .config import build
+
+CONDITIONS = ("class", "prompt")  # what a sample can be asked for; image-conditioning stages add theirs
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a stage declares it can do; ``sample.py`` picks its modes from these."""
+
+    conditions: tuple[str, ...] = ()  # subset of CONDITIONS: what ``generate`` accepts
+    generates: bool = False  # samples new images from noise (else: reconstructs its inputs)
+    evaluates: bool = False  # has ``evaluate`` (the judge's numbers, or the autoencoder's PSNR)
+
+    def __post_init__(self):
+        unknown = set(self.conditions) - set(CONDITIONS)
+        assert not unknown, f"unknown conditions {unknown}; known: {CONDITIONS}"
+
+
+class Stage:
+    """The base of every stage. Subclasses set ``name``, ``Config`` and ``capabilities``."""
+
+    name: ClassVar[str]  # the config's ``stage:`` value
+    Config: ClassVar[type]  # a dataclass whose fields are the config's sections (besides ``train``)
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, config):
+        self.config = config
+
+    @classmethod
+    def from_dict(cls, sections: dict) -> "Stage":
+        """The stage from a config's sections (``train`` and ``stage`` removed), checked key by key."""
+        return cls(build(cls.Config, sections, where="config"))
+
+    # -- training (train.py) ----------------------------------------------------------
+
+    def load_data(self) -> dict[str, torch.Tensor]:
+        """The whole training set held in memory: equal-length tensors (N x ...), indexed per batch."""
+        raise NotImplementedError
+
+    def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator, step: int = 0
+                   ) -> dict[str, torch.Tensor]:
+        """``raw``: ``load_data``'s tensors at one global batch's indices (B x ...). Returns the
+        training batch (B x ... tensors), every random draw taken from ``generator`` (seeded by
+        the trainer from (seed, step)), so that any process can make any step's batch."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        """The network to train, freshly initialised."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A scalar: the mean loss of a (micro-)batch, a slice of ``make_batch``'s output."""
+        raise NotImplementedError
+
+    # -- looking at it (train.py and sample.py) ----------------------------------------
+
+    def preview(self, model: nn.Module, path: Path, title: str = "") -> Path:
+        """Write a fixed-seed PNG grid of what the model makes; returns ``path``."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, n: int) -> dict[str, float]:
+        """Flat numbers named ``eval_*`` for metrics.jsonl (when ``capabilities.evaluates``)."""
+        raise NotImplementedError
+
+    # -- generating (sample.py; when ``capabilities.generates``) -------------------------
+
+    def generate(self, model: nn.Module, labels: torch.Tensor, **settings) -> torch.Tensor:
+        """One image per class label (int64 N) -> uint8 N x 28 x 28."""
+        raise NotImplementedError
+
+    def generate_prompts(self, model: nn.Module, prompts: list[str], **settings) -> torch.Tensor:
+        """One image per prompt (when "prompt" is in ``capabilities.conditions``) -> uint8 N x 28 x 28."""
+        raise NotImplementedError
+
+    # -- saving and loading -----------------------------------------------------------
+
+    def save_final(self, model: nn.Module, folder: Path) -> None:
+        """The trained (EMA) model as diffusers/transformers ``save_pretrained`` folders in ``folder``."""
+        raise NotImplementedError
+
+    def load_model(self, folder: Path) -> nn.Module:
+        """The model from a ``final/`` folder or a checkpoint folder (its EMA weights)."""
+        raise NotImplementedError

@@ -1,0 +1,254 @@
+"""What every diffusion stage shares: the training batch, the loss, classifier-free guidance,
+the sampler, preview grids, evaluation, saving and loading, each written once.
+
+A diffusion stage says only two things (``ddpm/stage.py`` is the whole of stage 1):
+  * **where it diffuses**: ``sample_shape``, ``clean_sample`` (data -> x0), ``to_images`` and
+    ``from_images``; pixels here, autoencoder latents in ``latent/stage.py``;
+  * **what it is conditioned on**, through one hook, ``denoise``: a condition is a dict of the
+    network's keyword arguments (``class_labels``, ``encoder_hidden_states``) plus, under
+    ``"concat"``, extra input channels concatenated to x_t (for image conditioning). The stage
+    supplies ``training_condition`` (per example, null where dropped), ``model_condition``
+    (batch -> that dict), ``class_condition``, ``null_condition`` and ``condition_args``.
+
+Classifier-free guidance runs the conditional and the null branch as one batch of 2B; any
+"concat" channels are the same in both branches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import DDPMScheduler
+
+from .contract import Stage
+from .data import PADDED_SIZE, to_model_space, to_pixels
+from .diffusion import SAMPLERS, condition_dropout_mask, diffusion_loss, draw_timesteps_and_noise, guide
+from .diffusion import make_sampler, sample_loop
+from .errors import UserError
+from .evaluate import as_metrics, evaluate_model
+from .plots import save_grid
+
+Condition = dict[str, torch.Tensor]  # network keyword arguments, and "concat" channels; batch first
+
+
+@dataclasses.dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    p_uncond: float = 0.1  # condition dropout to the null condition, for classifier-free guidance
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5 is the paper's choice)
+
+    def __post_init__(self):
+        if not 0 <= self.p_uncond <= 1:
+            raise UserError(f"diffusion.p_uncond must be in [0, 1], got {self.p_uncond}")
+        if self.num_train_timesteps < 2:
+            raise UserError(f"diffusion.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """Defaults for preview grids during training and for sample.py."""
+
+    scheduler: Literal["ddpm", "ddim", "dpm++", "euler"] = "dpm++"
+    steps: int = 25
+    guidance: float = 3.0
+    n_per_class: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps <= 0 or self.n_per_class <= 0:
+            raise UserError("sample.steps and sample.n_per_class must be > 0")
+
+
+class DiffusionStage(Stage):
+    """A stage that trains a denoising network and samples from it (see the module docstring)."""
+
+    model_class: type  # UNet2DModel, UNet2DConditionModel: built by ``build_model``, loaded by ``load_model``
+
+    def __init__(self, config):
+        super().__init__(config)
+        d = config.diffusion
+        self.scheduler = DDPMScheduler(num_train_timesteps=d.num_train_timesteps,
+                                       beta_schedule=d.beta_schedule, prediction_type=d.prediction_type)
+
+    # -- where it diffuses: Fashion-MNIST pixels unless a stage says otherwise ---------------
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """C x H x W of what the network denoises: padded pixels here."""
+        return (1, PADDED_SIZE, PADDED_SIZE)
+
+    def clean_sample(self, raw: dict[str, torch.Tensor], flip: torch.Tensor | None) -> torch.Tensor:
+        """x0 for a batch: uint8 images -> B x 1 x 32 x 32 in [-1, 1], mirrored where ``flip``."""
+        return to_model_space(raw["images"], flip)
+
+    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+        """A denoised sample (B x ``sample_shape``) -> uint8 B x 28 x 28."""
+        return to_pixels(x0.float())
+
+    def from_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 B x 28 x 28 -> clean samples B x ``sample_shape`` (the start of img2img)."""
+        return to_model_space(images)
+
+    # -- what it is conditioned on: the hooks a stage supplies -------------------------------
+
+    def training_condition(self, raw: dict[str, torch.Tensor], dropped: torch.Tensor,
+                           generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The condition of each example of a raw batch, as batch entries (B x ...), the null
+        condition where ``dropped`` (bool B); any randomness from ``generator``."""
+        raise NotImplementedError
+
+    def model_condition(self, batch: dict[str, torch.Tensor]) -> Condition:
+        """A training (micro-)batch's condition entries -> the ``Condition`` the network takes."""
+        raise NotImplementedError
+
+    def class_condition(self, labels: torch.Tensor, phrasings: str = "train") -> Condition:
+        """The ``Condition`` that asks for class ``labels`` (int64 N). ``phrasings`` is for
+        prompt-conditioned stages ("train": the training captions, "unseen": never trained on)."""
+        raise NotImplementedError
+
+    def null_condition(self, condition: Condition, negative_prompt: str = "") -> Condition:
+        """The unconditional branch of CFG for each entry of ``condition`` (the same batch size)."""
+        raise NotImplementedError
+
+    def condition_args(self) -> dict:
+        """The network's constructor arguments for the condition (``num_class_embeds``, ...)."""
+        raise NotImplementedError
+
+    def network_args(self) -> dict:
+        """The network's constructor arguments that come from the data and the condition, not the config."""
+        channels, size, _ = self.sample_shape
+        return dict(sample_size=size, in_channels=channels, out_channels=channels, **self.condition_args())
+
+    def denoise(self, model, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """The conditioning hook: the network's output (eps or v, like x_t) for x_t at timesteps t."""
+        extra = condition.get("concat")
+        x = x_t if extra is None else torch.cat([x_t, extra], dim=1)
+        return model(x, t, **{k: v for k, v in condition.items() if k != "concat"}).sample
+
+    # -- training ---------------------------------------------------------------------
+
+    def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator, step: int = 0
+                   ) -> dict[str, torch.Tensor]:
+        """x0 (B x ``sample_shape``), timesteps (B), noise (like x0) and the condition entries."""
+        n, device = len(next(iter(raw.values()))), next(iter(raw.values())).device
+        flip = torch.rand(n, generator=generator, device=device) < 0.5 if self.config.data.flip else None
+        x0 = self.clean_sample(raw, flip)
+        dropped = condition_dropout_mask(n, self.config.diffusion.p_uncond, generator, device)
+        timesteps, noise = draw_timesteps_and_noise(x0, self.scheduler.config.num_train_timesteps, generator)
+        return {"x0": x0, "timesteps": timesteps, "noise": noise,
+                **self.training_condition(raw, dropped, generator)}
+
+    def build_model(self):
+        return self.model_class(**self.network_args(), **self.config.model)
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x_t = self.scheduler.add_noise(batch["x0"], batch["noise"], batch["timesteps"])
+        prediction = self.denoise(model, x_t, batch["timesteps"], self.model_condition(batch))
+        return diffusion_loss(self.scheduler, prediction, batch["x0"], batch["noise"], batch["timesteps"],
+                              self.config.diffusion.snr_gamma)
+
+    # -- sampling ---------------------------------------------------------------------
+
+    def predict(self, model, x: torch.Tensor, t: torch.Tensor, condition: Condition, null: Condition,
+                guidance: float) -> torch.Tensor:
+        """The guided network output for x (B x ``sample_shape``) at timestep t:
+
+            out = out(x, null) + w * (out(x, condition) - out(x, null))
+
+        w = 1 needs only the conditional branch and w = 0 only the null one; otherwise both run
+        as one batch of 2B.
+        """
+        if guidance == 1:
+            return self.denoise(model, x, t, condition)
+        if guidance == 0:
+            return self.denoise(model, x, t, null)
+        both = {k: torch.cat([condition[k], null[k]]) for k in condition}
+        cond, uncond = self.denoise(model, torch.cat([x, x]), t, both).chunk(2)
+        return guide(cond, uncond, guidance)
+
+    @torch.no_grad()
+    def sample(self, model, condition: Condition, null: Condition, *, guidance: float | None = None,
+               scheduler: str | None = None, steps: int | None = None, seed: int | None = None,
+               batch_size: int = 500, progress: bool = False, init_images: torch.Tensor | None = None,
+               strength: float = 1.0) -> torch.Tensor:
+        """One image per entry of ``condition`` (and of ``null``, its CFG branch): uint8 N x 28 x 28.
+
+        Unset settings come from the ``sample`` config. The same seed gives the same images;
+        batches are seeded ``seed + batch index``. img2img: ``init_images`` (uint8 N x 28 x 28)
+        are noised according to ``strength`` (see ``sample_loop``) instead of pure noise.
+        """
+        s = self.config.sample
+        scheduler, steps = scheduler or s.scheduler, steps or s.steps
+        guidance = s.guidance if guidance is None else guidance
+        seed = s.seed if seed is None else seed
+        if scheduler not in SAMPLERS:
+            raise UserError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SAMPLERS)}")
+        if not 0 <= strength <= 1:
+            raise UserError(f"strength must be in [0, 1], got {strength}")
+        device = next(model.parameters()).device
+        model.eval()
+        sampler = make_sampler(scheduler, self.scheduler)
+        n = len(next(iter(condition.values())))
+        out = []
+        for i, index in enumerate(torch.arange(n).split(batch_size)):
+            cond = {k: v[index].to(device) for k, v in condition.items()}
+            uncond = {k: v[index].to(device) for k, v in null.items()}
+            generator = torch.Generator(device).manual_seed(seed + i)
+            noise = torch.randn((len(index), *self.sample_shape), generator=generator, device=device)
+            init = self.from_images(init_images[index].to(device)) if init_images is not None else None
+            with _autocast(device):
+                x0 = sample_loop(lambda x, t: self.predict(model, x, t, cond, uncond, guidance), sampler, noise,
+                                 steps, generator, progress=progress, init=init, strength=strength)
+            out.append(self.to_images(x0).cpu())
+        return torch.cat(out)
+
+    def generate(self, model, labels: torch.Tensor, *, phrasings: str = "train", negative_prompt: str = "",
+                 **settings) -> torch.Tensor:
+        """One image per class label (int64 N) -> uint8 N x 28 x 28; ``settings``: those of ``sample``."""
+        condition = self.class_condition(labels, phrasings)
+        return self.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
+
+    def preview_rows(self, n: int) -> tuple[list[str], Condition]:
+        """The preview grid's row titles, and the condition of its images: n per row, row by row."""
+        labels = torch.arange(len(self.class_names)).repeat_interleave(n)
+        return list(self.class_names), self.class_condition(labels)
+
+    def preview(self, model, path: Path, title: str = "") -> Path:
+        """One row per class (or class prompt), ``sample.n_per_class`` columns, fixed seed."""
+        s = self.config.sample
+        rows, condition = self.preview_rows(s.n_per_class)
+        images = self.sample(model, condition, self.null_condition(condition))
+        title = title or f"{s.scheduler}, {s.steps} steps, guidance {s.guidance:g}"
+        return save_grid(images.view(len(rows), s.n_per_class, 28, 28), path, rows, title)
+
+    def evaluate(self, model, n: int) -> dict:
+        """The judge's metrics for n samples at the ``sample`` settings (for eval_every)."""
+        return as_metrics(evaluate_model(self, model, n))
+
+    # -- saving and loading -----------------------------------------------------------
+
+    def save_final(self, model, folder: Path) -> None:
+        model.save_pretrained(folder / "unet")
+        self.scheduler.save_pretrained(folder / "scheduler")
+
+    def load_components(self, folder: Path) -> None:
+        """Load what a ``final/`` folder holds besides the network (an autoencoder, a text encoder)."""
+
+    def load_model(self, folder: Path):
+        """The network from a ``final/`` folder (``unet/``) or a checkpoint (its EMA weights, ``ema/``)."""
+        self.load_components(folder)
+        for sub in ("unet", "ema"):
+            if (folder / sub / "config.json").is_file():
+                return self.model_class.from_pretrained(folder / sub, use_safetensors=True)
+        raise UserError(f"{folder} holds no model (expected unet/ or ema/ inside)")
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on GPUs that have it; plain fp32 elsewhere."""
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

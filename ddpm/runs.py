@@ -1,0 +1,102 @@
+"""From a config or a run directory to a stage and its model: what ``train.py``,
+``sample.py``, the benchmarks and the notebooks all start from.
+
+    stage, train_config, resolved = load_config(read_yaml("configs/ddpm_fashion_quick.yaml"))
+    stage, model, folder = load_for_sampling("runs/ddpm_fashion_quick")
+
+A run directory holds ``config.yaml`` (the resolved config), ``checkpoints/step-N/`` and, once
+finished, ``final/``. ``STAGES`` names each stage's class by module path: a stage module is
+imported only when a config asks for it, so ``ddpm`` never imports ``latent`` or
+``conditioning`` (they import ``ddpm``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import MANIFEST, latest_good_checkpoint, verify_checkpoint
+from .config import TrainConfig, build, read_yaml, to_dict
+from .contract import Stage
+from .errors import UserError
+from .plots import read_metrics
+
+STAGES = {
+    "ddpm": "ddpm.stage:ClassConditionedDDPM",
+    "autoencoder": "latent.autoencoder:AutoencoderStage",
+    "latent": "latent.stage:LatentDDPM",
+    "text": "conditioning.stage:TextConditionedLDM",
+}
+
+
+def stage_class(name: str) -> type[Stage]:
+    if name not in STAGES:
+        raise UserError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
+    module, cls = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_config(raw: dict) -> tuple[Stage, TrainConfig, dict]:
+    """A raw config dict -> (stage object, TrainConfig, the resolved config as a dict)."""
+    raw = dict(raw)
+    name = raw.pop("stage", None)
+    if name is None:
+        raise UserError(f"the config has no 'stage' key; valid stages: {', '.join(STAGES)}")
+    cls = stage_class(name)
+    train_config = build(TrainConfig, raw.pop("train", None), where="train")
+    sections = set(cls.Config.__dataclass_fields__)
+    unknown = sorted(set(raw) - sections)
+    if unknown:
+        raise UserError(f"unknown section {unknown[0]!r}; valid: stage, train, {', '.join(sorted(sections))}")
+    stage = cls.from_dict(raw)
+    resolved = {"stage": name, "train": to_dict(train_config), **to_dict(stage.config)}
+    return stage, train_config, resolved
+
+
+def load_run(run_dir: str | Path) -> tuple[Stage, TrainConfig, dict]:
+    """The stage and TrainConfig a run was trained with, from its saved config.yaml."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); train one with train.py")
+    return load_config(read_yaml(path))
+
+
+def model_folder(path: str | Path) -> Path:
+    """A run directory -> its ``final/`` (else its newest good checkpoint); a checkpoint folder
+    -> itself, verified."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():  # runs/NAME/checkpoints/step-N
+        verify_checkpoint(path)
+        return path
+    if (path / "final").is_dir():
+        return path / "final"
+    folder = latest_good_checkpoint(path / "checkpoints", warn=lambda m: print(m, file=sys.stderr))
+    if folder is None:
+        raise UserError(f"{path} has neither final/ nor a good checkpoint; train it first")
+    return folder
+
+
+def run_dir_of(folder: Path) -> Path:
+    """The run directory of a ``final/`` or ``checkpoints/step-N`` folder."""
+    return folder.parent if folder.name == "final" else folder.parent.parent
+
+
+def load_for_sampling(path: str | Path, device: str | torch.device = "cpu"):
+    """A run directory or checkpoint folder -> (stage, its model in eval mode on ``device``,
+    the folder the weights came from); the EMA weights, as ``final/`` holds them."""
+    path = Path(path)
+    run_dir = path.parent.parent if (path / MANIFEST).is_file() else path
+    stage, _, _ = load_run(run_dir)
+    folder = model_folder(path)
+    return stage, stage.load_model(folder).to(device).eval(), folder
+
+
+def model_step(folder: Path) -> int:
+    """The optimizer step the weights in a ``final/`` or checkpoint folder come from."""
+    if folder.name != "final":
+        return json.loads((folder / "trainer_state.json").read_text())["step"]
+    return max((r["step"] for r in read_metrics(folder.parent / "metrics.jsonl")), default=0)
