@@ -16,6 +16,7 @@ checkpoint folder inside it; the EMA weights are used.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -41,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's config)")
     parser.add_argument("--scheduler", choices=list(SAMPLERS), default=None)
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale w: 0 unconditional, 1 conditional")
+    parser.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="guide only at timesteps LO..HI (default: the run's sample.guidance_interval)")
+    parser.add_argument("--guide-everywhere", action="store_true", help="guide at every step (no interval)")
+    parser.add_argument("--no-clip-denoised", action="store_true",
+                        help="let the clean-sample estimate leave the pixel range while sampling")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="PNG path (default: RUN/samples/sample.png)")
     parser.add_argument("--save-array", default=None, metavar="PATH.npy",
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     init_images = read_image(args.init_image) if args.init_image else None  # fail before loading models
     stage, model, folder = load_for_sampling(args.run, args.device)
     can = stage.capabilities
+    if can.generates:
+        apply_sampling_options(stage, args)
     if not can.generates:  # an autoencoder run: reconstructions, not samples
         return reconstructions(stage, model, folder, args)
     if (args.prompts or args.negative_prompt) and "prompt" not in can.conditions:
@@ -89,6 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts:
         return sample_prompts(stage, model, folder, args, settings)
     return sample_classes(stage, model, folder, args, settings)
+
+
+def apply_sampling_options(stage, args) -> None:
+    """The run's ``sample`` settings, with those given on the command line."""
+    changes = {}
+    if args.guidance_interval or args.guide_everywhere:
+        changes["guidance_interval"] = None if args.guide_everywhere else tuple(args.guidance_interval)
+    if args.no_clip_denoised:
+        changes["clip_denoised"] = False
+    stage.config.sample = dataclasses.replace(stage.config.sample, **changes)  # checked like the config
 
 
 def classes_asked(args, stage) -> list[int]:

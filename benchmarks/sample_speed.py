@@ -1,4 +1,4 @@
-"""Sampling speed against quality: DDPM-1000, DDIM-50 and DPM-Solver++-20 on one trained run.
+"""Sampling speed against quality: every sampler at its usual and at fewer steps, on one trained run.
 
     python benchmarks/sample_speed.py runs/ddpm_fashion                          # GPU, n = 1000
     python benchmarks/sample_speed.py runs/ddpm_fashion_quick --samplers ddim dpm++ --device cpu
@@ -8,7 +8,8 @@ For each sampler, n class-balanced images are generated at the run's guidance sc
 branches in one batch of 2B, ``--batch-size`` images at a time, bf16 autocast on GPUs), and
 the generation alone is timed: images/s. The same images are then scored by the judge, as
 ``sample.py --evaluate`` does (same labels, same seed, so the same numbers at the default
-batch size): class accuracy, and Fréchet distance beside its floor, the FD of n real images.
+batch size): class accuracy, Fréchet distance beside its floor (the FD of n real images),
+within-class diversity and speckle (isolated pixels per image; real test images: about 0.2).
 A sampler is ``NAME`` (ddpm, ddim, dpm++, euler: the step count from the table below) or
 ``NAME-STEPS``, e.g. ``ddim-10``. The output is Markdown, for benchmarks/RESULTS.md.
 """
@@ -35,7 +36,7 @@ from ddpm.metrics import judge_report, real_floor, reference_stats  # noqa: E402
 from ddpm.runs import load_for_sampling  # noqa: E402
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "euler": 50}
-DEFAULT_SAMPLERS = ["ddpm-1000", "ddim-50", "dpm++-20"]
+DEFAULT_SAMPLERS = ["ddpm-1000", "ddim-50", "ddim-20", "ddim-10", "dpm++-20", "dpm++-10", "euler-50", "euler-20"]
 
 
 def parse_sampler(spec: str) -> tuple[str, int]:
@@ -52,15 +53,22 @@ def parse_sampler(spec: str) -> tuple[str, int]:
 
 
 def time_generation(stage, model, labels: torch.Tensor, name: str, steps: int, guidance: float,
-                    batch_size: int) -> tuple[torch.Tensor, float]:
-    """Generate one image per label (int64 N); returns (uint8 N x 28 x 28 on the CPU, seconds).
+                    batch_size: int) -> tuple[torch.Tensor, float, float]:
+    """Generate one image per label (int64 N); returns (uint8 N x 28 x 28 on the CPU, seconds,
+    network evaluations per image, counted as the images that went through the network).
 
     ``generate`` copies each batch to the CPU, which waits for the device: the clock is honest.
     """
-    start = time.perf_counter()
-    images = stage.generate(model, labels, scheduler=name, steps=steps, guidance=guidance, seed=0,
-                            batch_size=batch_size)
-    return images, time.perf_counter() - start
+    through = []
+    hook = model.register_forward_hook(lambda module, args, output: through.append(len(args[0])))
+    try:
+        start = time.perf_counter()
+        images = stage.generate(model, labels, scheduler=name, steps=steps, guidance=guidance, seed=0,
+                                batch_size=batch_size)
+        seconds = time.perf_counter() - start
+    finally:
+        hook.remove()
+    return images, seconds, sum(through) / len(labels)
 
 
 def load_judge_now() -> None:
@@ -72,15 +80,11 @@ def load_judge_now() -> None:
 
 
 def score(images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """The judge's accuracy and FD of generated images, and the FD floor at the same n."""
+    """The judge's accuracy, FD and diversity of generated images, and the FD floor at the same n."""
     judge = cached_judge()
     report = judge_report(images, labels, judge, reference_stats(judge))
-    return {"accuracy": report["accuracy"], "fd": report["fd"], "fd_floor": real_floor(judge, len(labels))}
-
-
-def model_evals_per_image(steps: int, guidance: float) -> int:
-    """Network evaluations per image: two per step with CFG (conditional and unconditional)."""
-    return steps * (1 if guidance in (0, 1) else 2)
+    return {"accuracy": report["accuracy"], "fd": report["fd"], "fd_floor": real_floor(judge, len(labels)),
+            "diversity": report["diversity"], "speckle": report["speckle"]}
 
 
 def benchmark(stage, model, samplers: list[tuple[str, int]], n: int, guidance: float, batch_size: int,
@@ -91,11 +95,11 @@ def benchmark(stage, model, samplers: list[tuple[str, int]], n: int, guidance: f
     stage.generate(model, labels[:batch_size], scheduler="ddim", steps=2, guidance=guidance)
     rows = []
     for name, steps in samplers:
-        images, seconds = time_generation(stage, model, labels, name, steps, guidance, batch_size)
+        images, seconds, evals = time_generation(stage, model, labels, name, steps, guidance, batch_size)
         print(f"{name}-{steps}: {seconds:.1f} s", file=sys.stderr)
         quality = score(images, labels) if scored else {}
-        rows.append({"sampler": f"{name}-{steps}", "evals": model_evals_per_image(steps, guidance),
-                     "images_per_s": n / seconds, "seconds": seconds, **quality})
+        rows.append({"sampler": f"{name}-{steps}", "evals": evals, "images_per_s": n / seconds,
+                     "seconds": seconds, **quality})
     return rows
 
 
@@ -115,12 +119,12 @@ def format_report(argv: list[str], folder: Path, args, guidance: float, rows: li
         f"n = {args.n} per sampler, guidance {guidance:g}, batches of {args.batch_size} "
         f"(x2 through the network with CFG); time = generation only, judge scoring not timed",
         "",
-        "| sampler | model evals/image | images/s | seconds | accuracy | FD | FD floor |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| sampler | network evals/image | images/s | seconds | accuracy | FD | FD floor | diversity | speckle |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        quality = [f"{r[k]:.3f}" if k in r else "n/a" for k in ("accuracy", "fd", "fd_floor")]
-        lines.append(f"| {r['sampler']} | {r['evals']} | {r['images_per_s']:,.1f} | {r['seconds']:.2f} | "
+        quality = [f"{r[k]:.3f}" if k in r else "n/a" for k in ("accuracy", "fd", "fd_floor", "diversity", "speckle")]
+        lines.append(f"| {r['sampler']} | {r['evals']:g} | {r['images_per_s']:,.1f} | {r['seconds']:.2f} | "
                      + " | ".join(quality) + " |")
     return "\n".join(lines)
 

@@ -15,10 +15,23 @@ by a *null* condition, predicts both eps(x, t, c) and eps(x, t, null); sampling 
     eps = eps_uncond + w * (eps_cond - eps_uncond)
 
 so w = 0 is unconditional, w = 1 plain conditional, and w > 1 pushes harder toward c.
+
+Sampling: every step of every sampler starts from the network's estimate of the clean sample,
+
+    x0_hat = (x_t - sqrt(1 - abar_t) * eps_hat) / sqrt(abar_t)
+
+At high noise sqrt(abar_t) is tiny (0.006 at t = 999), so a small error in eps_hat, which
+guidance multiplies by w, puts x0_hat far outside the data's range. For data with a known range
+(pixels in [-1, 1]) we clip x0_hat to it and re-express the network output from the clipped
+x0_hat (``clip_denoised``, as improved-diffusion's ``clip_denoised``), so that every sampler
+steps from a consistent (x0_hat, eps_hat) pair. Clipping x0_hat alone, as diffusers' DDIM does
+with ``clip_sample`` while keeping the unclipped eps_hat, makes guided DDIM steer toward
+saturated blocks; not clipping at all leaves overshooting pixels in the result as speckle.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -83,13 +96,38 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Te
     return uncond + guidance * (cond - uncond)
 
 
+def clip_denoised(scheduler: DDPMScheduler, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                  limit: float = 1.0) -> torch.Tensor:
+    """The network output (eps or v, like x_t) re-expressed so that its clean-sample estimate
+    x0_hat lies in [-limit, limit]. x_t is the variance-preserving noisy sample at the training
+    timestep t (a scalar; what ``scale_model_input`` hands the network). With a = sqrt(abar_t),
+    b = sqrt(1 - abar_t):
+
+        eps:  x0_hat = (x_t - b eps) / a         v:  x0_hat = a x_t - b v
+        eps' = (x_t - a clip(x0_hat)) / b        v' = a eps' - b clip(x0_hat)
+    """
+    abar = scheduler.alphas_cumprod[int(torch.as_tensor(t).round())].to(x_t.device, torch.float32)
+    a, b = abar.sqrt(), (1 - abar).sqrt()
+    x_t, output = x_t.float(), output.float()
+    if scheduler.config.prediction_type == "epsilon":
+        x0 = (x_t - b * output) / a
+    else:
+        x0 = a * x_t - b * output
+    x0 = x0.clamp(-limit, limit)
+    eps = (x_t - a * x0) / b
+    return eps if scheduler.config.prediction_type == "epsilon" else a * eps - b * x0
+
+
 def make_sampler(name: str, train_scheduler: DDPMScheduler):
     """A sampling scheduler sharing the training noise schedule and prediction type.
 
     "trailing" spacing makes few-step samplers start at t = T-1, pure noise, as training
-    expects (Lin et al. 2023), instead of part-way down the schedule.
+    expects (Lin et al. 2023), instead of part-way down the schedule. The schedulers' own
+    clipping is off: ``clip_denoised`` does it, the same way for every sampler.
     """
     cls, extra = SAMPLERS[name]
+    if "clip_sample" in inspect.signature(cls.__init__).parameters:
+        extra = {**extra, "clip_sample": False}
     return cls.from_config(train_scheduler.config, timestep_spacing="trailing", **extra)
 
 

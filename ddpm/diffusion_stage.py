@@ -26,7 +26,7 @@ from diffusers import DDPMScheduler
 from .contract import Stage
 from .data import PADDED_SIZE, to_model_space, to_pixels
 from .diffusion import SAMPLERS, condition_dropout_mask, diffusion_loss, draw_timesteps_and_noise, guide
-from .diffusion import make_sampler, sample_loop
+from .diffusion import clip_denoised, make_sampler, sample_loop
 from .errors import UserError
 from .evaluate import as_metrics, evaluate_model
 from .plots import save_grid
@@ -56,12 +56,19 @@ class SampleConfig:
     scheduler: Literal["ddpm", "ddim", "dpm++", "euler"] = "dpm++"
     steps: int = 25
     guidance: float = 3.0
+    # guide (w > 1) only at training timesteps lo <= t <= hi, plain conditional elsewhere
+    # (Kynkäänniemi et al. 2024); null: at every step
+    guidance_interval: tuple[int, int] | None = None
+    clip_denoised: bool = True  # keep the clean-sample estimate within the data's range (see ddpm/diffusion.py)
     n_per_class: int = 8
     seed: int = 0
 
     def __post_init__(self):
         if self.steps <= 0 or self.n_per_class <= 0:
             raise UserError("sample.steps and sample.n_per_class must be > 0")
+        if self.guidance_interval is not None and not 0 <= self.guidance_interval[0] <= self.guidance_interval[1]:
+            raise UserError(f"sample.guidance_interval must be [lo, hi] with 0 <= lo <= hi, got "
+                            f"{list(self.guidance_interval)}")
 
 
 class DiffusionStage(Stage):
@@ -72,8 +79,9 @@ class DiffusionStage(Stage):
     def __init__(self, config):
         super().__init__(config)
         d = config.diffusion
-        self.scheduler = DDPMScheduler(num_train_timesteps=d.num_train_timesteps,
-                                       beta_schedule=d.beta_schedule, prediction_type=d.prediction_type)
+        # clip_sample is for pipelines that load final/scheduler (our samplers use clip_denoised)
+        self.scheduler = DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
+                                       prediction_type=d.prediction_type, clip_sample=self.data_range is not None)
 
     # -- where it diffuses: Fashion-MNIST pixels unless a stage says otherwise ---------------
 
@@ -81,6 +89,11 @@ class DiffusionStage(Stage):
     def sample_shape(self) -> tuple[int, int, int]:
         """C x H x W of what the network denoises: padded pixels here."""
         return (1, PADDED_SIZE, PADDED_SIZE)
+
+    @property
+    def data_range(self) -> float | None:
+        """Clean samples lie in [-data_range, data_range] (pixels: 1), or None: no known range."""
+        return 1.0
 
     def clean_sample(self, raw: dict[str, torch.Tensor], flip: torch.Tensor | None) -> torch.Tensor:
         """x0 for a batch: uint8 images -> B x 1 x 32 x 32 in [-1, 1], mirrored where ``flip``."""
@@ -161,15 +174,24 @@ class DiffusionStage(Stage):
             out = out(x, null) + w * (out(x, condition) - out(x, null))
 
         w = 1 needs only the conditional branch and w = 0 only the null one; otherwise both run
-        as one batch of 2B.
+        as one batch of 2B. Outside ``sample.guidance_interval`` a w > 1 becomes 1. With
+        ``sample.clip_denoised`` and a ``data_range``, the result is re-expressed so that its
+        clean-sample estimate stays in that range (``clip_denoised``).
         """
+        interval = self.config.sample.guidance_interval
+        if guidance > 1 and interval is not None and not interval[0] <= int(t) <= interval[1]:
+            guidance = 1.0
         if guidance == 1:
-            return self.denoise(model, x, t, condition)
-        if guidance == 0:
-            return self.denoise(model, x, t, null)
-        both = {k: torch.cat([condition[k], null[k]]) for k in condition}
-        cond, uncond = self.denoise(model, torch.cat([x, x]), t, both).chunk(2)
-        return guide(cond, uncond, guidance)
+            out = self.denoise(model, x, t, condition)
+        elif guidance == 0:
+            out = self.denoise(model, x, t, null)
+        else:
+            both = {k: torch.cat([condition[k], null[k]]) for k in condition}
+            cond, uncond = self.denoise(model, torch.cat([x, x]), t, both).chunk(2)
+            out = guide(cond, uncond, guidance)
+        if self.config.sample.clip_denoised and self.data_range is not None:
+            out = clip_denoised(self.scheduler, out, x, t, self.data_range)
+        return out
 
     @torch.no_grad()
     def sample(self, model, condition: Condition, null: Condition, *, guidance: float | None = None,

@@ -7,7 +7,9 @@ A balanced set of n samples (n/10 per class) is scored for
   accuracy   the share the judge classifies as the class that was asked for;
   FD         Fréchet distance to the real test set in the judge's feature space, printed
              beside the floor: the FD of n *real* training images (FD grows as n shrinks);
-  diversity  mean feature distance between samples of a class, beside the real value.
+  diversity  mean feature distance between samples of a class, beside the real value;
+  speckle    isolated pixels per image (salt on the black background, pepper on a garment),
+             beside the real value (``metrics.speckle``).
 """
 
 from __future__ import annotations
@@ -44,20 +46,23 @@ def evaluate_model(stage, model, n: int = 1000, *, guidance: float | None = None
     judge = cached_judge()
     reference = reference_stats(judge)
     report = judge_report(images, labels, judge, reference)
-    return {**settings, **report, "fd_floor": real_floor(judge, n), "real_diversity": reference.diversity}
+    return {**settings, "guidance_interval": s.guidance_interval, "clip_denoised": s.clip_denoised, **report,
+            "fd_floor": real_floor(judge, n), "real_diversity": reference.diversity, "real_speckle": reference.speckle}
 
 
 def as_metrics(report: dict) -> dict:
     """The flat numbers of a report, named for metrics.jsonl and the trackers."""
-    keys = ("accuracy", "fd", "fd_floor", "diversity", "n", "guidance")
+    keys = ("accuracy", "fd", "fd_floor", "diversity", "speckle", "n", "guidance")
     return {f"eval_{k}": report[k] for k in keys}
 
 
 def format_table(reports: list[dict]) -> str:
-    lines = [f"{'guidance':>8} {'accuracy':>9} {'FD':>8} {'floor':>7} {'diversity':>10} {'real':>6} {'n':>6}  sampler"]
+    lines = [f"{'guidance':>8} {'accuracy':>9} {'FD':>8} {'floor':>7} {'diversity':>10} {'real':>6} "
+             f"{'speckle':>8} {'real':>5} {'n':>6}  sampler"]
     for r in reports:
         lines.append(f"{r['guidance']:>8g} {r['accuracy']:>9.3f} {r['fd']:>8.3f} {r['fd_floor']:>7.3f} "
-                     f"{r['diversity']:>10.3f} {r['real_diversity']:>6.3f} {r['n']:>6}  {r['scheduler']}-{r['steps']}")
+                     f"{r['diversity']:>10.3f} {r['real_diversity']:>6.3f} {r['speckle']:>8.2f} "
+                     f"{r['real_speckle']:>5.2f} {r['n']:>6}  {r['scheduler']}-{r['steps']}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,8 @@ Three questions, three numbers:
     of real images, in mean and in spread? Lower is better; 0 means identical Gaussians.
   * diversity: how far apart are images of the same class, in feature space? A drop
     compared with real images is the signature of mode collapse.
+And one count on the pixels themselves: ``speckle``, isolated pixels per image, which a
+feature-space number can miss.
 
 FD is biased upwards for small sets, so it only means something next to the FD of *real*
 images at the same size: ``real_floor`` gives that floor. All features are float64 here,
@@ -18,6 +20,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .data import load_fashion_mnist
 from .judge import Judge
@@ -97,6 +100,19 @@ def diversity(feats: torch.Tensor, labels: torch.Tensor,
     return torch.tensor(per_class).nanmean().item(), per_class
 
 
+def speckle(images_u8: torch.Tensor, dark: int = 32, bright: int = 96) -> float:
+    """Isolated pixels per image (uint8 N x 28 x 28): salt, a lit pixel (> ``dark``) none of whose
+    4 neighbours is lit, and pepper, a dark pixel all of whose 4 neighbours are bright
+    (> ``bright``). Real Fashion-MNIST has about 0.2 per image; samples whose clean-sample
+    estimate overshot the pixel range during sampling have ten times as many."""
+    x = images_u8.float()
+    p = F.pad(x, (1, 1, 1, 1), value=0.0)
+    neighbours = torch.stack([p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]])
+    salt = (x > dark) & (neighbours.max(0).values <= dark)
+    pepper = (x <= dark) & (neighbours.min(0).values > bright)
+    return (salt | pepper).flatten(1).sum(1).float().mean().item()
+
+
 @torch.inference_mode()
 def embed(judge: Judge, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the judge over a uint8 N x 28 x 28 image set, ``BATCH`` images at a time.
@@ -125,6 +141,7 @@ class Reference:
     labels: torch.Tensor
     diversity: float
     per_class_diversity: list[float]
+    speckle: float
 
 
 def reference_stats(judge: Judge, split: str = "test", root: str | None = None) -> Reference:
@@ -141,7 +158,7 @@ def _reference_stats(judge: Judge, split: str, root: str | None) -> Reference:
     real = load_fashion_mnist(split, root=root)
     feats, _ = embed(judge, real.images)
     div, per_class_div = diversity(feats, real.labels)
-    return Reference(split, feats, real.labels, div, per_class_div)
+    return Reference(split, feats, real.labels, div, per_class_div, speckle(real.images))
 
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0,
@@ -177,7 +194,7 @@ def judge_report(images_u8: torch.Tensor, labels: torch.Tensor, judge: Judge,
     images_u8: uint8 N x 28 x 28 in [0, 255], what the sampler saves.
     labels: int64 N, the classes the images were asked to be.
     Returns {"accuracy": float, "per_class_accuracy": 10 floats, "fd": float,
-    "diversity": float, "per_class_diversity": 10 floats, "n": N}.
+    "diversity": float, "per_class_diversity": 10 floats, "speckle": float, "n": N}.
     """
     feats, logits = embed(judge, images_u8)
     accuracy, per_class_accuracy = class_accuracy(logits, labels)
@@ -188,5 +205,6 @@ def judge_report(images_u8: torch.Tensor, labels: torch.Tensor, judge: Judge,
         "fd": frechet_distance(feats, reference.features),
         "diversity": div,
         "per_class_diversity": per_class_div,
+        "speckle": speckle(images_u8),
         "n": len(labels),
     }

@@ -93,6 +93,11 @@ class LatentDDPM(ClassConditionedDDPM):
     def sample_shape(self) -> tuple[int, int, int]:
         return self.latent_space().latent_shape
 
+    @property
+    def data_range(self) -> None:
+        """Latents have no fixed range (scaled to unit variance, not to [-1, 1]): nothing to clip."""
+        return None
+
     def measured_latent_space(self) -> LatentSpace:
         """The latent space with its scaling factor (sampling a checkpoint: from the cache)."""
         space = self.latent_space()

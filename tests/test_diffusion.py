@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ddpm.diffusion import clip_denoised
 from ddpm.stage import ClassConditionedDDPM
 
 
@@ -51,6 +52,7 @@ def test_label_dropout_rate(p):
 
 def test_guidance_zero_is_unconditional_and_one_is_conditional():
     stage = make_stage()
+    stage.config.sample.clip_denoised = False  # the raw guided output (clipping is tested below)
     model = stage.build_model().eval()
     x, t = torch.randn(4, 1, 32, 32), torch.tensor(500)
     labels = torch.tensor([0, 3, 7, 9])
@@ -77,3 +79,45 @@ def test_v_prediction_target_and_min_snr_weights():
     # a perfect v prediction has zero loss; predicting eps instead does not
     assert diffusion_loss(stage.scheduler, v, x0, noise, t, 5.0).item() < 1e-10
     assert diffusion_loss(stage.scheduler, noise, x0, noise, t, 5.0).item() > 1e-3
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_clip_denoised_keeps_the_clean_estimate_in_range_and_the_pair_consistent(prediction_type):
+    stage = make_stage(prediction_type=prediction_type)
+    scheduler = stage.scheduler
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 1, 32, 32, generator=g) * 2 - 1
+    noise = torch.randn(6, 1, 32, 32, generator=g)
+    for t in (999, 500, 20):
+        tt = torch.tensor([t] * 6)
+        a, b = scheduler.alphas_cumprod[t].sqrt(), (1 - scheduler.alphas_cumprod[t]).sqrt()
+        x_t = scheduler.add_noise(x0, noise, tt)
+        exact = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, tt)
+        # an in-range clean estimate is left alone
+        torch.testing.assert_close(clip_denoised(scheduler, exact, x_t, torch.tensor(t)), exact, atol=1e-4, rtol=1e-4)
+        # an overshooting one (what guidance does) is clipped, and the output still describes x_t
+        wild = exact + 0.5 * torch.randn(exact.shape, generator=g)
+        out = clip_denoised(scheduler, wild, x_t, torch.tensor(t))
+        eps, x0_hat = ((out, (x_t - b * out) / a) if prediction_type == "epsilon"
+                       else (b * x_t + a * out, a * x_t - b * out))
+        assert x0_hat.abs().max() <= 1 + 1e-4
+        torch.testing.assert_close(a * x0_hat + b * eps, x_t, atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_interval_guides_only_inside_it():
+    stage = make_stage()
+    stage.config.sample.guidance_interval = (0, 580)
+    model = stage.build_model().eval()
+    x = torch.randn(2, 1, 32, 32)
+    condition = stage.class_condition(torch.tensor([1, 7]))
+    null = stage.null_condition(condition)
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    with torch.no_grad():
+        inside, outside = (stage.predict(model, x, torch.tensor(t), condition, null, 3.0) for t in (500, 800))
+        stage.config.sample.guidance_interval = None
+        guided, conditional = (stage.predict(model, x, torch.tensor(t), condition, null, w)
+                               for t, w in ((500, 3.0), (800, 1.0)))
+    assert calls == [4, 2, 4, 2]  # both CFG branches inside the interval, the conditional one outside
+    torch.testing.assert_close(inside, guided)
+    torch.testing.assert_close(outside, conditional)

@@ -9,7 +9,7 @@ from ddpm.data import load_fashion_mnist
 from ddpm.errors import UserError
 from ddpm.judge import load_judge
 from ddpm.metrics import (balanced_subset, class_accuracy, diversity, frechet_distance,
-                          judge_report, reference_stats)
+                          judge_report, reference_stats, speckle)
 
 
 def gaussian(n, mean, std, seed):
@@ -119,3 +119,19 @@ def test_judge_report_tells_real_images_from_noise(judge_and_reference):
 def test_reference_features_are_computed_once_however_they_are_asked_for(judge_and_reference):
     judge, reference = judge_and_reference
     assert reference_stats(judge) is reference is reference_stats(judge, "test", None)
+
+
+def test_speckle_counts_isolated_pixels(fashion_mnist):
+    image = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    image[0, 5:20, 5:20] = 200  # a garment
+    assert speckle(image) == 0
+    image[0, 2, 25] = 90  # salt: a lit pixel on black
+    image[0, 10, 10] = 0  # pepper: a dark pixel on the garment
+    image[0, 25, 3:5] = 90  # two lit pixels side by side: a (thin) shape, not salt
+    assert speckle(image) == 2
+    real = speckle(fashion_mnist.images[:2000])
+    assert 0 < real < 0.5  # real garments: a pixel in every few images
+    noisy = fashion_mnist.images[:2000].clone()
+    dots = torch.rand(noisy.shape, generator=torch.Generator().manual_seed(0)) < 0.01
+    noisy[dots & (noisy == 0)] = 128
+    assert speckle(noisy) > real + 3
