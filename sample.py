@@ -78,10 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     init_images = read_image(args.init_image) if args.init_image else None  # fail before loading models
     stage, model, folder = load_for_sampling(args.run, args.device)
     can = stage.capabilities
-    if can.generates:
-        apply_sampling_options(stage, args)
     if not can.generates:  # an autoencoder run: reconstructions, not samples
         return reconstructions(stage, model, folder, args)
+    apply_sampling_options(stage, args)
     if (args.prompts or args.negative_prompt) and "prompt" not in can.conditions:
         raise UserError(f"--prompt and --negative-prompt need a text run; {args.run} is a "
                         f"'{stage.name}' run: ask for --class instead")

@@ -109,11 +109,12 @@ def test_judge_report_tells_real_images_from_noise(judge_and_reference):
 
     good = judge_report(images, labels, judge, reference)
     bad = judge_report(noise, labels, judge, reference)
-    assert set(good) == {"accuracy", "per_class_accuracy", "fd", "diversity", "per_class_diversity", "n"}
+    assert set(good) == {"accuracy", "per_class_accuracy", "fd", "diversity", "per_class_diversity", "speckle", "n"}
     assert good["n"] == 500 and len(good["per_class_accuracy"]) == len(good["per_class_diversity"]) == 10
     assert good["accuracy"] > 0.9 and bad["accuracy"] < 0.3
     assert good["fd"] * 10 < bad["fd"]
     assert good["diversity"] == pytest.approx(reference.diversity, rel=0.2)
+    assert good["speckle"] < 0.5 < 10 < bad["speckle"]
 
 
 def test_reference_features_are_computed_once_however_they_are_asked_for(judge_and_reference):
