@@ -9,7 +9,7 @@ branches in one batch of 2B, ``--batch-size`` images at a time, bf16 autocast on
 the generation alone is timed: images/s. The same images are then scored by the judge, as
 ``sample.py --evaluate`` does (same labels, same seed, so the same numbers at the default
 batch size): class accuracy, Fréchet distance beside its floor (the FD of n real images),
-within-class diversity and speckle (isolated pixels per image; real test images: about 0.2).
+within-class diversity and speckle (isolated pixels per image; real test images: 0.23).
 A sampler is ``NAME`` (ddpm, ddim, dpm++, euler: the step count from the table below) or
 ``NAME-STEPS``, e.g. ``ddim-10``. The output is Markdown, for benchmarks/RESULTS.md.
 """
