@@ -36,8 +36,8 @@ output are exactly those of their output distribution: no sampling error, only d
 error. DDPM draws fresh noise at every step, so it keeps a sampling error of 1/sqrt(N) of a std
 on the mean and 1/sqrt(2N) on the std (N = 16384: 0.008 and 0.006).
 
-Data well inside [-1, 1] (|mu| + 4 s <= 1): DDPMScheduler and DDIMScheduler clip their x0
-estimate to [-1, 1] by default (``clip_sample=True``); here the clip never acts.
+Data well inside [-1, 1] (|mu| + 4 s <= 1), so that a pixel stage's ``clip_denoised`` would never
+act on it either (``make_sampler`` turns the schedulers' own ``clip_sample`` off).
 """
 
 from __future__ import annotations
