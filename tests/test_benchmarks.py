@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-import train
 from benchmarks import pixel_vs_latent, sample_speed, train_speed
 from ddpm import evaluate
 from ddpm.data import to_model_space

@@ -2,7 +2,6 @@
 and latent diffusion trained and sampled like stage 1."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 import train
 from ddpm.config import read_yaml
 from ddpm.errors import UserError
-from ddpm.plots import read_metrics
 from ddpm.data import load_training_set
 from ddpm.runs import load_config, load_run
 from latent.autoencoder import AutoencoderStage, AutoencoderWithDiscriminator, psnr
