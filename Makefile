@@ -30,4 +30,4 @@ test: install data
 	$(PY) -m pytest -q -n auto --maxschedchunk 1
 
 clean:
-	rm -rf runs/ddpm_fashion_tiny runs/autoencoder_fashion_tiny runs/latent_fashion_tiny .pytest_cache
+	rm -rf runs/ddpm_fashion_tiny runs/autoencoder_fashion_tiny runs/latent_fashion_tiny runs/clip_fashion_tiny .pytest_cache

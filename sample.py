@@ -8,6 +8,9 @@
     python sample.py runs/ddpm_fashion_quick --sweep 0 1 2 3 5 8       # guidance sweep
     python sample.py runs/latent_fashion_quick --class all              # a latent run: the same
     python sample.py runs/autoencoder_fashion_quick --evaluate --n 10000  # PSNR, judge accuracy
+    python sample.py runs/clip_fashion_quick --evaluate --n 10000         # zero-shot accuracy, recall
+    python sample.py runs/text_fashion_clip_quick --evaluate --clip runs/clip_fashion_quick   # + CLIP score
+    python sample.py runs/text_fashion_clip_quick --class all --n 8 --rank 2 --clip runs/clip_fashion_quick
 
 RUN is a run directory (its final model, or else its newest good checkpoint) or one
 checkpoint folder inside it; the EMA weights are used.
@@ -24,10 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from conditioning.captions import prompts_for
+from conditioning.clip import ClipScorer
 from ddpm import evaluate as ev
-from ddpm.data import class_index
+from ddpm.data import LabelledImages, class_index
 from ddpm.diffusion import SAMPLERS
 from ddpm.errors import UserError, cli_errors
+from ddpm.judge import accuracy
 from ddpm.plots import append_metrics, rows_of, save_grid
 from ddpm.runs import load_for_sampling, model_step, run_dir_of
 
@@ -59,6 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--phrasings", choices=["train", "unseen"], default="train",
                         help="a text run with --class/--evaluate/--sweep: prompts from the training "
                              "captions or from phrasings never trained on")
+    parser.add_argument("--clip", default=None, metavar="CLIP_RUN",
+                        help="a CLIP run (configs/clip_fashion_quick.yaml): add the CLIP score to "
+                             "--evaluate/--sweep, and rank candidates with --rank")
+    parser.add_argument("--rank", type=int, default=None, metavar="K",
+                        help="generate --n candidates per row and keep the K that --clip scores highest")
     parser.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image")
     parser.add_argument("--strength", type=float, default=0.6,
                         help="img2img: 0 returns the image (through the autoencoder), 1 ignores it")
@@ -75,11 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--n and --steps must be positive")
     if not 0 <= args.strength <= 1:
         raise UserError(f"--strength must be in [0, 1], got {args.strength}")
+    if args.rank is not None and not (args.clip and 0 < args.rank <= args.n):
+        raise UserError("--rank K needs --clip CLIP_RUN and 0 < K <= --n (the candidates per row)")
     init_images = read_image(args.init_image) if args.init_image else None  # fail before loading models
+    clip = ClipScorer.from_run(args.clip) if args.clip else None
     stage, model, folder = load_for_sampling(args.run, args.device)
     can = stage.capabilities
-    if not can.generates:  # an autoencoder run: reconstructions, not samples
-        return reconstructions(stage, model, folder, args)
+    if not can.generates:  # an autoencoder or a CLIP run: its numbers or its preview grid
+        return inspect_run(stage, model, folder, args)
     apply_sampling_options(stage, args)
     if (args.prompts or args.negative_prompt) and "prompt" not in can.conditions:
         raise UserError(f"--prompt and --negative-prompt need a text run; {args.run} is a "
@@ -87,15 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.phrasings != "train" and "prompt" not in can.conditions:
         raise UserError(f"--phrasings needs a text run; {args.run} is a '{stage.name}' run")
     if args.evaluate or args.sweep:
-        return evaluate(stage, model, folder, args)
+        return evaluate(stage, model, folder, args, clip)
     settings = dict(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, seed=args.seed,
                     progress=True, negative_prompt=args.negative_prompt)
     if init_images is not None:
         n = args.n * len(args.prompts or classes_asked(args, stage))
         settings.update(init_images=init_images.expand(n, -1, -1), strength=args.strength)
     if args.prompts:
-        return sample_prompts(stage, model, folder, args, settings)
-    return sample_classes(stage, model, folder, args, settings)
+        return sample_prompts(stage, model, folder, args, settings, clip)
+    return sample_classes(stage, model, folder, args, settings, clip)
 
 
 def apply_sampling_options(stage, args) -> None:
@@ -115,19 +129,38 @@ def classes_asked(args, stage) -> list[int]:
     return [class_index(c, stage.class_names) for c in wanted]
 
 
-def sample_classes(stage, model, folder: Path, args, settings: dict) -> None:
+def sample_classes(stage, model, folder: Path, args, settings: dict, clip=None) -> None:
     """--class: one row per class asked for (a text run: prompts of that class)."""
     classes = classes_asked(args, stage)
     labels = torch.tensor(classes).repeat_interleave(args.n)
     images = stage.generate(model, labels, phrasings=args.phrasings, **settings)
+    if args.rank:
+        images, labels = rank_candidates(clip, images, labels, prompts_for(labels, args.phrasings), args)
     write_samples(stage, folder, args, images, labels, [stage.class_names[c] for c in classes])
 
 
-def sample_prompts(stage, model, folder: Path, args, settings: dict) -> None:
+def sample_prompts(stage, model, folder: Path, args, settings: dict, clip=None) -> None:
     """--prompt: one row per prompt."""
     prompts = [p for p in args.prompts for _ in range(args.n)]
     images = stage.generate_prompts(model, prompts, **settings)
-    write_samples(stage, folder, args, images, torch.full((len(prompts),), -1), args.prompts)
+    labels = torch.full((len(prompts),), -1)
+    if args.rank:
+        images, labels = rank_candidates(clip, images, labels, prompts, args)
+    write_samples(stage, folder, args, images, labels, args.prompts)
+
+
+def rank_candidates(clip, images: torch.Tensor, labels: torch.Tensor, prompts: list[str], args):
+    """--rank K: of each row's n candidates keep the K that CLIP scores highest (best first), and
+    say what that bought against keeping K at random (the first K: the candidates are independent)."""
+    kept = clip.rank(images, prompts, group=args.n, keep=args.rank)
+    first = (torch.arange(args.rank) + args.n * torch.arange(len(images) // args.n)[:, None]).flatten()
+    for name, index in (("ranked by CLIP", kept), ("kept at random", first)):
+        line = f"{name}: CLIP score {clip.score(images[index], [prompts[i] for i in index]).mean():.2f}"
+        if labels[0] >= 0:
+            line += f", judge accuracy {accuracy(ev.cached_judge(), LabelledImages(images[index], labels[index])):.3f}"
+        print(f"{line} ({len(index)} of {len(images)} candidates)")
+    args.n = args.rank
+    return images[kept], labels[kept]
 
 
 def write_samples(stage, folder: Path, args, images: torch.Tensor, labels: torch.Tensor, rows: list[str]) -> None:
@@ -151,28 +184,31 @@ def write_samples(stage, folder: Path, args, images: torch.Tensor, labels: torch
         print(f"wrote {array_path} and its labels")
 
 
-def reconstructions(stage, model, folder: Path, args) -> None:
-    """An autoencoder run: --evaluate prints PSNR and the judge's accuracy on the first n test
-    images; otherwise a grid of test images above their reconstructions."""
+def inspect_run(stage, model, folder: Path, args) -> None:
+    """A run that makes no images: --evaluate prints its numbers on the first n test images (an
+    autoencoder: PSNR and the judge's accuracy; a CLIP: zero-shot accuracy and recall);
+    otherwise its preview grid (test images above their reconstructions; what each class prompt
+    finds)."""
     if args.evaluate:
         report = stage.evaluate(model, args.n)
         print(f"{folder}: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" if isinstance(v, float)
                                         else f"{k.removeprefix('eval_')} {v}" for k, v in report.items()))
         append_metrics(run_dir_of(folder) / "metrics.jsonl", {"step": model_step(folder), **report})
         return
-    out = Path(args.out) if args.out else run_dir_of(folder) / "samples" / f"reconstructions-{folder.name}.png"
-    print(f"wrote {stage.preview(model, out, title=f'{folder}: test images and reconstructions')}")
+    out = Path(args.out) if args.out else run_dir_of(folder) / "samples" / f"preview-{folder.name}.png"
+    print(f"wrote {stage.preview(model, out, title=str(folder))}")
 
 
-def evaluate(stage, model, folder: Path, args) -> None:
+def evaluate(stage, model, folder: Path, args, clip=None) -> None:
     """--evaluate: one row of metrics, appended to the run's metrics.jsonl; --sweep: a table,
-    a trade-off plot and a same-seed grid per guidance scale."""
+    a trade-off plot and a same-seed grid per guidance scale. With ``clip``, the CLIP score too."""
     run_dir = run_dir_of(folder)
     out_dir = run_dir / "eval"
     out_dir.mkdir(exist_ok=True)
     settings = dict(scheduler=args.scheduler, steps=args.steps, seed=args.seed, phrasings=args.phrasings)
     scales = args.sweep or [args.guidance]
-    reports = [ev.evaluate_model(stage, model, args.n, guidance=w, progress=True, **settings) for w in scales]
+    reports = [ev.evaluate_model(stage, model, args.n, guidance=w, progress=True, clip=clip, **settings)
+               for w in scales]
     print(f"{folder} (n = {args.n}; FD floor = real train vs real test at the same n)")
     print(ev.format_table(reports))
     if args.sweep:

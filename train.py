@@ -41,6 +41,7 @@ from ddpm.checkpoint import (
     save_checkpoint,
     save_tensors,
     verify_checkpoint,
+    weights_file,
 )
 from ddpm.config import TrainConfig, apply_overrides, read_yaml
 from ddpm.ema import EMA
@@ -71,6 +72,16 @@ class BatchOrder:
             g = torch.Generator().manual_seed(step_seed(self.seed, "epoch", epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).to(self.device)
         return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: weight decay on weight matrices and kernels (2+ dimensions);
+    none on biases, norm gains and learnt scalars such as CLIP's temperature."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay == 0:
+        return [{"params": params, "weight_decay": 0.0}]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 # -- the training loop ------------------------------------------------------------------
@@ -112,8 +123,8 @@ def train(raw_config: dict) -> Path:
     set_seed(cfg.seed)  # the initial weights
     model = stage.build_model()
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_power)  # before prepare(): it must copy the plain model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
-                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas,
+                                  fused=device.type == "cuda")
     lr_schedule = get_scheduler(cfg.lr_schedule if cfg.lr_schedule != "constant" else "constant_with_warmup",
                                 optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
     if cfg.compile:
@@ -134,7 +145,9 @@ def train(raw_config: dict) -> Path:
         accelerator.init_trackers(run_dir.name, config=_flatten(resolved))
 
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"{stage.name}: {n_params / 1e6:.2f}M parameters, {total_steps} steps of {cfg.batch_size} "
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    say(f"{stage.name}: {n_params / 1e6:.2f}M parameters" + (f" ({frozen / 1e6:.2f}M frozen)" if frozen else "")
+        + f", {total_steps} steps of {cfg.batch_size} "
         f"({order.steps_per_epoch} steps/epoch), {world} process(es) on {device}, precision {mixed_precision}")
     generator = torch.Generator(device)
     my_slice = slice(rank * per_process, (rank + 1) * per_process)
@@ -242,7 +255,7 @@ def _load_checkpoint(folder, stage_name, accelerator, model, ema, optimizer, lr_
     device = accelerator.device
     try:
         accelerator.unwrap_model(model).load_state_dict(load_tensors(folder / "model.safetensors", device))
-        ema.model.load_state_dict(load_tensors(folder / "ema" / "diffusion_pytorch_model.safetensors", device))
+        ema.model.load_state_dict(load_tensors(weights_file(folder / "ema"), device))
     except RuntimeError as e:
         raise UserError(f"{folder} does not fit this model (was the model config changed?): "
                         f"{str(e).splitlines()[0]}") from None

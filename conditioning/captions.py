@@ -9,7 +9,10 @@ meaning of the words, not the exact strings.
 
 from __future__ import annotations
 
+import torch
+
 from ddpm.data import CLASS_NAMES
+from ddpm.errors import UserError
 
 NAMES = {
     "T-shirt/top": ["t-shirt", "tee", "top", "short-sleeved top"],
@@ -53,6 +56,11 @@ def with_article(name: str) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
+def class_prompt(class_name: str) -> str:
+    """The plainest prompt for a class, "a photo of a t-shirt": what preview grids ask for."""
+    return f"a photo of {with_article(NAMES[class_name][0])}"
+
+
 def class_captions(class_names: tuple[str, ...] = CLASS_NAMES) -> list[list[str]]:
     """For each class, every template filled with every name: 10 x 32 training captions."""
     return [[t.format(with_article(n)) for t in TEMPLATES for n in NAMES[c]] for c in class_names]
@@ -61,3 +69,40 @@ def class_captions(class_names: tuple[str, ...] = CLASS_NAMES) -> list[list[str]
 def unseen_captions(class_names: tuple[str, ...] = CLASS_NAMES) -> list[list[str]]:
     """For each class, phrasings that share no full caption with ``class_captions``."""
     return [UNSEEN[c] for c in class_names]
+
+
+PHRASINGS = {"train": class_captions, "unseen": unseen_captions}  # class names -> prompts, per class
+
+
+def phrasings_of(kind: str, class_names: tuple[str, ...] = CLASS_NAMES) -> list[list[str]]:
+    """Each class's prompts of one kind: "train" (the training captions) or "unseen"."""
+    if kind not in PHRASINGS:
+        raise UserError(f"unknown phrasings {kind!r}; valid: {', '.join(PHRASINGS)}")
+    return PHRASINGS[kind](class_names)
+
+
+def prompts_for(labels: torch.Tensor, kind: str = "train", class_names: tuple[str, ...] = CLASS_NAMES) -> list[str]:
+    """A prompt per class label (int64 N), cycling through the class's phrasings of ``kind``."""
+    per_class = phrasings_of(kind, class_names)
+    seen: dict[int, int] = {}
+    prompts = []
+    for label in labels.tolist():
+        i = seen[label] = seen.get(label, -1) + 1
+        prompts.append(per_class[label][i % len(per_class[label])])
+    return prompts
+
+
+class CaptionTable:
+    """Every training caption in one list (after ``first``, e.g. the null prompt ""), and a
+    seeded draw of one caption of its class for each image."""
+
+    def __init__(self, class_names: tuple[str, ...] = CLASS_NAMES, first: tuple[str, ...] = ()):
+        per_class = class_captions(class_names)
+        self.prompts = [*first, *(c for captions in per_class for c in captions)]
+        self.counts = torch.tensor([len(c) for c in per_class])
+        self.starts = len(first) + torch.cumsum(self.counts, 0) - self.counts  # each class's first caption
+
+    def draw(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """int64 B: indices into ``prompts``, a caption of each label's class, uniformly at random."""
+        starts, counts = self.starts.to(labels.device)[labels], self.counts.to(labels.device)[labels]
+        return starts + (torch.rand(len(labels), generator=generator, device=labels.device) * counts).long()

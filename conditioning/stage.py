@@ -28,13 +28,10 @@ from transformers import CLIPTextModel
 from ddpm.config import check_model_keys
 from ddpm.contract import Capabilities
 from ddpm.diffusion_stage import Condition
-from ddpm.errors import UserError
 from latent.stage import LatentDDPM, LatentDDPMConfig
 
-from .captions import NAMES, class_captions, unseen_captions, with_article
+from .captions import CaptionTable, class_prompt, prompts_for
 from .text_encoder import MAX_LENGTH, FrozenTextEncoder
-
-PHRASINGS = {"train": class_captions, "unseen": unseen_captions}  # class names -> prompts, per class
 
 
 @dataclasses.dataclass
@@ -65,11 +62,8 @@ class TextConditionedLDM(LatentDDPM):
         self._encoder: FrozenTextEncoder | None = None
         self._embeddings: dict[str, torch.Tensor] = {}  # prompt -> 77 x D, computed once each
         self._table: torch.Tensor | None = None  # the training prompts' hidden states, P x 77 x D
-        per_class = class_captions(self.class_names)
-        self.training_prompts = [""] + [c for captions in per_class for c in captions]  # 0: the null prompt
-        counts = torch.tensor([len(c) for c in per_class])
-        self.first_prompt = 1 + torch.cumsum(counts, 0) - counts  # index of each class's first caption
-        self.prompt_counts = counts
+        self.captions = CaptionTable(self.class_names, first=("",))  # 0: the null prompt
+        self.training_prompts = self.captions.prompts
 
     # -- the text encoder -------------------------------------------------------------
 
@@ -102,10 +96,7 @@ class TextConditionedLDM(LatentDDPM):
     def training_condition(self, raw, dropped, generator) -> dict[str, torch.Tensor]:
         """captions (int64 B): indices into ``training_prompts``, a random caption of each
         image's class, or 0 (the empty prompt) where dropped."""
-        labels = raw["labels"]
-        first, counts = self.first_prompt.to(labels.device)[labels], self.prompt_counts.to(labels.device)[labels]
-        choice = (torch.rand(len(labels), generator=generator, device=labels.device) * counts).long()
-        return {"captions": torch.where(dropped, 0, first + choice)}
+        return {"captions": torch.where(dropped, 0, self.captions.draw(raw["labels"], generator))}
 
     def model_condition(self, batch) -> Condition:
         table = self._table = self._table.to(batch["captions"].device)
@@ -126,15 +117,7 @@ class TextConditionedLDM(LatentDDPM):
 
     def prompts_for(self, labels: torch.Tensor, phrasings: str = "train") -> list[str]:
         """A prompt per class label, cycling through the class's training (or unseen) phrasings."""
-        if phrasings not in PHRASINGS:
-            raise UserError(f"unknown phrasings {phrasings!r}; valid: {', '.join(PHRASINGS)}")
-        per_class = PHRASINGS[phrasings](self.class_names)
-        seen: dict[int, int] = {}
-        prompts = []
-        for label in labels.tolist():
-            i = seen[label] = seen.get(label, -1) + 1
-            prompts.append(per_class[label][i % len(per_class[label])])
-        return prompts
+        return prompts_for(labels, phrasings, self.class_names)
 
     def condition_args(self) -> dict:
         return {"cross_attention_dim": self.text_encoder().width}
@@ -150,7 +133,7 @@ class TextConditionedLDM(LatentDDPM):
 
     def preview_rows(self, n: int) -> tuple[list[str], Condition]:
         """One row per class, asked for as "a photo of a <first name of the class>"."""
-        prompts = [f"a photo of {with_article(NAMES[c][0])}" for c in self.class_names]
+        prompts = [class_prompt(c) for c in self.class_names]
         return prompts, self.prompt_condition([p for p in prompts for _ in range(n)])
 
     # -- saving and loading -----------------------------------------------------------

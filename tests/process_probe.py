@@ -21,7 +21,7 @@ from accelerate import PartialState
 import train
 from ddpm.config import apply_overrides, read_yaml
 
-CLEAN_INPUT = ("x0", "x")  # what the example is before any noise: the (scaled) image or latent
+CLEAN_INPUT = ("x0", "x", "pixel_values")  # the example before any noise: the (scaled) image or latent
 
 
 def digest(*tensors: torch.Tensor) -> str:

@@ -3,7 +3,8 @@ contract was written down, and the scripts reach stages only through the library
 
 ``data/reference_losses.json`` holds the per-step losses of a tiny run of every stage,
 recorded with one torch thread before the stages were moved onto ``ddpm/contract.py`` and
-``ddpm/diffusion_stage.py`` (``python -m tests.test_stage_contract`` records them again).
+``ddpm/diffusion_stage.py`` (the CLIP stage's when it was added; ``python -m
+tests.test_stage_contract`` records them again).
 Another CPU may round differently; with one thread on the same machine they are equal to the
 last bit.
 """
@@ -27,6 +28,7 @@ from .conftest import ROOT, TINY, TINY_AUTOENCODER, TINY_LATENT, tiny_config
 
 REFERENCE = ROOT / "tests" / "data" / "reference_losses.json"
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"  # the offline MiniLM encoder, as shipped
+TINY_CLIP = ROOT / "configs" / "clip_fashion_tiny.yaml"
 
 
 def losses(run_dir) -> list[float]:
@@ -43,7 +45,8 @@ def train_tiny_runs(root) -> dict[str, list[float]]:
         return {"ddpm": losses(train.train(tiny_config(root / "ddpm", TINY))),
                 "autoencoder": losses(autoencoder),
                 "latent": losses(train.train(tiny_config(root / "latent", TINY_LATENT, **on_it))),
-                "text": losses(train.train(tiny_config(root / "text", TINY_TEXT, **on_it)))}
+                "text": losses(train.train(tiny_config(root / "text", TINY_TEXT, **on_it))),
+                "clip": losses(train.train(tiny_config(root / "clip", TINY_CLIP)))}
     finally:
         torch.set_num_threads(threads)
 

@@ -1,0 +1,422 @@
+"""Our own CLIP, trained from scratch: stage 3's frozen text encoder, and a judge of prompt adherence.
+
+    python train.py configs/clip_fashion_quick.yaml
+    python sample.py runs/clip_fashion_quick --evaluate          # zero-shot accuracy, recall@1/@5
+    python sample.py runs/clip_fashion_quick                     # the test images each class prompt finds
+
+CLIP (Radford et al. 2021) is two encoders and one loss. An image tower (a ViT on the 1 x 28 x 28
+images, 4 x 4 patches) and a text tower (a causal transformer on CLIP's BPE tokens) each end in a
+linear projection to the same D-dimensional space, normalised to unit length. For a batch of B
+image-caption pairs the B x B matrix of scaled cosines
+
+    logits[i, j] = s * <image_i, text_j>,      s = exp(logit_scale), learnt, 1/0.07 at first, at most 100
+
+is read row-wise (which caption belongs to image i?) and column-wise (which image belongs to
+caption j?), and the loss is the mean of the two cross-entropies. CLIP's targets are the diagonal.
+Ours are not: a Fashion-MNIST caption says only the class, so the 3 other coats of a batch fit
+"a photo of a coat" exactly as well as its own image, and calling them negatives would teach the
+towers to tell apart what nothing in the data tells apart. Each row's target is therefore uniform
+over the pairs of the same class (multi-positive targets). A random model's loss is ln B; the
+lowest reachable is the targets' entropy (the mean log of the positives per row), not 0.
+
+The trained model is saved with ``save_pretrained`` beside its tokenizer: ``CLIPModel``,
+``CLIPTextModel`` and ``CLIPTokenizer`` all load ``runs/NAME/final``, and a text run takes its
+frozen text tower with ``text_encoder.source: runs/NAME``. ``ClipScorer`` turns it into a metric:
+the CLIP score of images and prompts, zero-shot classification, and ranking of samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.util
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from ddpm.checkpoint import load_tensors, save_tensors
+from ddpm.config import check_model_keys
+from ddpm.contract import Capabilities, Stage
+from ddpm.data import CLASS_NAMES, IMAGE_SIZE, DataConfig, load_fashion_mnist, load_training_set
+from ddpm.errors import UserError
+from ddpm.plots import save_grid
+from ddpm.runs import load_for_sampling
+
+from .captions import NAMES, CaptionTable, class_prompt, phrasings_of, prompts_for
+from .text_encoder import MAX_LENGTH, MINILM_PACKAGE, FrozenTextEncoder
+
+SPARE_TOKENS = tuple(f"<|spare_{i}|>" for i in range(32))  # unused words, for teaching the model new ones
+
+
+# -- the tokenizer: CLIP's own BPE, built offline ------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def build_tokenizer() -> CLIPTokenizer:
+    """CLIP's tokenizer (49,408 tokens, 77 positions) from the BPE merges the ``open-clip-torch``
+    wheel ships, plus ``SPARE_TOKENS``: ids 49408 on, never produced from ordinary text.
+
+    The vocabulary is OpenAI's recipe: the 256 byte characters, the same with the end-of-word mark
+    "</w>", one token per merge (48,894), then <|startoftext|> and <|endoftext|> (49406, 49407;
+    the end-of-text token also pads)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        raise UserError("the CLIP tokenizer is built from open-clip-torch's vocabulary: pip install open-clip-torch")
+    bpe = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    merges = [tuple(m.split()) for m in gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(bytes_to_unicode().values())  # BPE works on these 256 printable stand-ins for bytes
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                              model_max_length=MAX_LENGTH)
+    tokenizer.add_tokens(list(SPARE_TOKENS))
+    return tokenizer
+
+
+# -- the model and its loss ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ClipModelConfig:
+    """The ``model`` section: the two towers (``CLIPTextConfig`` / ``CLIPVisionConfig`` keyword
+    arguments) and the shared embedding width."""
+
+    projection_dim: int = 128
+    text: dict = dataclasses.field(default_factory=dict)
+    vision: dict = dataclasses.field(default_factory=dict)
+    logit_scale_init: float = 1 / 0.07  # s at the start (CLIP's temperature 0.07)
+    max_logit_scale: float = 100.0  # s is clamped here, as in CLIP
+    # "learnt": token embeddings trained from random, like the rest. "minilm": each token starts as
+    # all-MiniLM-L6-v2's embedding of its text and stays frozen (see pretrained_word_embeddings)
+    word_embeddings: Literal["learnt", "minilm"] = "learnt"
+
+    def __post_init__(self):
+        check_model_keys(self.text, CLIPTextConfig,
+                         ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "projection_dim"))
+        check_model_keys(self.vision, CLIPVisionConfig, ("num_channels", "image_size", "projection_dim"))
+        if not 0 < self.logit_scale_init <= self.max_logit_scale:
+            raise UserError("model.logit_scale_init must be in (0, model.max_logit_scale]")
+
+
+@dataclasses.dataclass
+class CaptionConfig:
+    # drop each word of a training caption with this probability, except the garment's own noun
+    # ("a photo of a pair of jeans" -> "photo a jeans"), so that the noun, not the whole string,
+    # has to say which garment it is
+    word_dropout: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.word_dropout < 1:
+            raise UserError(f"captions.word_dropout must be in [0, 1), got {self.word_dropout}")
+
+
+@dataclasses.dataclass
+class ClipStageConfig:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ClipModelConfig = dataclasses.field(default_factory=ClipModelConfig)
+    captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)
+
+
+def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, labels: torch.Tensor,
+                     logit_scale: torch.Tensor, max_logit_scale: float = 100.0) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy with multi-positive targets, over the global batch.
+
+    image_embeds, text_embeds: float b x D, unit length, this process's pairs; labels: int64 b;
+    logit_scale: the learnt log of s. Pair i's caption describes image j when their labels agree:
+    each row of the target is uniform over those positives, so a pair is never pushed away from
+    another of its class. With several processes every process scores its own b pairs against
+    all B of the batch (gathered with their gradients), and the mean over processes, which DDP
+    takes of the gradients, is exactly the loss of one process holding the whole batch.
+    """
+    all_images, all_texts, all_labels = gather(image_embeds), gather(text_embeds), gather(labels)
+    scale = logit_scale.clamp(max=math.log(max_logit_scale)).exp()
+    positives = (labels[:, None] == all_labels[None, :]).float()  # b x B
+    targets = positives / positives.sum(1, keepdim=True)
+    image_to_text = F.cross_entropy(scale * image_embeds @ all_texts.T, targets)  # my images vs every caption
+    text_to_image = F.cross_entropy(scale * text_embeds @ all_images.T, targets)  # my captions vs every image
+    return (image_to_text + text_to_image) / 2
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """The concatenation of ``x`` over all processes, in rank order, with gradients flowing back
+    to each process's own part; ``x`` itself with one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    import torch.distributed.nn.functional as dist_nn
+
+    if x.requires_grad:
+        return torch.cat(dist_nn.all_gather(x))
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def to_clip_space(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 B x 28 x 28 -> float B x 1 x 28 x 28 in [-1, 1], mirrored where ``flip`` (bool B)."""
+    x = images.float().div(127.5).sub(1).unsqueeze(1)
+    return x if flip is None else torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+class ClipStage(Stage):
+    name = "clip"
+    Config = ClipStageConfig
+    capabilities = Capabilities(evaluates=True)  # it scores images and text; it makes no images
+
+    def __init__(self, config: ClipStageConfig):
+        super().__init__(config)
+        self.class_names = CLASS_NAMES
+        self.captions = CaptionTable(self.class_names)
+        self._caption_ids: torch.Tensor | None = None  # P x L token ids of the training captions
+        # where each caption names its garment: the last word of the class name it uses
+        nouns = [{name.split()[-1] for name in NAMES[c]} for c in self.class_names]
+        classes = torch.arange(len(self.class_names)).repeat_interleave(self.captions.counts).tolist()
+        self._nouns = [next(j for j, w in enumerate(caption.split()) if w in nouns[c])
+                       for caption, c in zip(self.captions.prompts, classes)]
+        self._most_words = max(len(caption.split()) for caption in self.captions.prompts)
+
+    def tokenizer(self) -> CLIPTokenizer:
+        return build_tokenizer()
+
+    # -- training ---------------------------------------------------------------------
+
+    def load_data(self) -> dict[str, torch.Tensor]:
+        """images: uint8 N x 28 x 28, labels: int64 N. The captions are tokenized here, once,
+        padded to the longest (with the causal text tower, padding after the end-of-text token
+        changes nothing before it, and the embedding is read at the end-of-text token)."""
+        self._caption_ids = self.tokenizer()(self.captions.prompts, padding="longest", return_tensors="pt").input_ids
+        return load_training_set(self.config.data)
+
+    def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator, step: int = 0
+                   ) -> dict[str, torch.Tensor]:
+        """pixel_values: B x 1 x 28 x 28 in [-1, 1]; input_ids: B x L, a random caption of each
+        image's class; labels: B, which decide the positives."""
+        images, labels = raw["images"], raw["labels"]
+        flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5 if self.config.data.flip else None
+        captions = self.captions.draw(labels, generator)
+        self._caption_ids = self._caption_ids.to(labels.device)
+        if self.config.captions.word_dropout > 0:
+            ids = self.drop_words(captions, generator)
+        else:
+            ids = self._caption_ids[captions]
+        return {"pixel_values": to_clip_space(images, flip), "input_ids": ids, "labels": labels}
+
+    def drop_words(self, captions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Token ids (int64 B x L) of the captions at ``captions`` (indices into the table), each
+        word but the garment's noun left out with probability ``captions.word_dropout``."""
+        words = [self.captions.prompts[i].split() for i in captions.tolist()]
+        nouns = [self._nouns[i] for i in captions.tolist()]
+        dropped = torch.rand(len(words), self._most_words, generator=generator, device=captions.device)
+        dropped = (dropped < self.config.captions.word_dropout).tolist()
+        texts = [" ".join(w for j, w in enumerate(caption) if j == noun or not flags[j])
+                 for caption, noun, flags in zip(words, nouns, dropped)]
+        return self.tokenizer()(texts, padding="max_length", max_length=self._caption_ids.shape[1],
+                                return_tensors="pt").input_ids.to(captions.device)
+
+    def build_model(self) -> CLIPModel:
+        c, tokenizer = self.config.model, self.tokenizer()
+        text = {"vocab_size": len(tokenizer), "max_position_embeddings": MAX_LENGTH, **c.text,
+                # transformers pools the text at the first eos_token_id (position 0 if it never occurs)
+                "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id}
+        vision = {"num_channels": 1, "image_size": IMAGE_SIZE, "patch_size": 4, **c.vision}
+        config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=c.projection_dim,
+                            logit_scale_init_value=math.log(c.logit_scale_init))
+        model = CLIPModel(config)
+        if c.word_embeddings == "minilm":
+            table = model.text_model.embeddings.token_embedding.weight
+            table.data.copy_(cached_word_embeddings(tokenizer, table.shape[1]) * 0.02)  # CLIP's initial std
+            table.requires_grad_(False)
+        return model
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+        logit_scale = getattr(model, "module", model).logit_scale  # under DDP, the wrapped model's
+        return contrastive_loss(out.image_embeds, out.text_embeds, batch["labels"], logit_scale,
+                                self.config.model.max_logit_scale)
+
+    # -- looking at it ----------------------------------------------------------------
+
+    def scorer(self, model: CLIPModel) -> "ClipScorer":
+        return ClipScorer(model, self.tokenizer())
+
+    def preview(self, model, path: Path, title: str = "") -> Path:
+        """For each class prompt, the 8 test images (of the first 2,000) it scores highest."""
+        test = load_fashion_mnist("test", root=self.config.data.root, hub_name=self.config.data.hub_name)
+        images = test.images[:2000]
+        prompts = [class_prompt(c) for c in self.class_names]
+        similarity = self.scorer(model).similarity(images, prompts)  # 2000 x 10
+        best = similarity.T.topk(8, dim=1).indices  # 10 x 8
+        return save_grid(images[best], path, prompts, title or "test images each prompt finds first")
+
+    @torch.no_grad()
+    def evaluate(self, model, n: int) -> dict:
+        """On the first n test images: zero-shot accuracy and recall@1/@5 both ways, with the
+        training and the unseen phrasings; and the temperature 1/s."""
+        test = load_fashion_mnist("test", root=self.config.data.root, hub_name=self.config.data.hub_name)
+        scorer = self.scorer(model)
+        images, labels = test.images[:n], test.labels[:n]
+        image_embeds = scorer.image_embeds(images)
+        report = {}
+        for kind in ("train", "unseen"):
+            report |= {f"eval_{k}_{kind}": v for k, v in
+                       retrieval_report(scorer, image_embeds, labels, phrasings_of(kind, self.class_names)).items()}
+        scale = min(model.logit_scale.exp().item(), self.config.model.max_logit_scale)
+        return {**report, "eval_temperature": 1 / scale, "eval_n": len(images)}
+
+    # -- saving and loading -----------------------------------------------------------
+
+    def save_final(self, model, folder: Path) -> None:
+        """One folder that ``CLIPModel``, ``CLIPTextModel`` and ``CLIPTokenizer`` all load."""
+        model.save_pretrained(folder)
+        self.tokenizer().save_pretrained(folder)
+
+    def load_model(self, folder: Path) -> CLIPModel:
+        """From ``final/`` or a checkpoint's ``ema/``."""
+        for where in (folder, folder / "ema"):
+            if (where / "config.json").is_file() and (where / "model.safetensors").is_file():
+                return CLIPModel.from_pretrained(where, use_safetensors=True)
+        raise UserError(f"{folder} holds no CLIP model (expected config.json and model.safetensors, or ema/)")
+
+
+def cached_word_embeddings(tokenizer: CLIPTokenizer, width: int) -> torch.Tensor:
+    """``pretrained_word_embeddings``, computed once per machine (minutes on a CPU) and kept in
+    ``$SDSTEPS_CACHE`` (default ~/.cache/sdsteps)."""
+    folder = Path(os.environ.get("SDSTEPS_CACHE", Path.home() / ".cache" / "sdsteps"))
+    path = folder / f"clip-word-embeddings-minilm-{len(tokenizer)}x{width}.safetensors"
+    if path.is_file():
+        return load_tensors(path)["embeddings"]
+    print(f"embedding CLIP's {len(tokenizer):,} tokens with all-MiniLM-L6-v2 (once; kept in {path})")
+    table = pretrained_word_embeddings([tokenizer.decode([i]) for i in range(len(tokenizer))], width)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_tensors({"embeddings": table}, tmp)
+    os.replace(tmp, path)
+    return table
+
+
+@torch.no_grad()
+def pretrained_word_embeddings(texts: list[str], width: int, batch_size: int = 1024) -> torch.Tensor:
+    """float V x width: for the text of every token, all-MiniLM-L6-v2's sentence embedding (the
+    mean of its output states), projected onto the ``width`` principal directions of the whole
+    table and scaled to std 1 per value.
+
+    Our captions hold about 60 distinct words; a text tower that learns its word embeddings from
+    them knows nothing of any other word ("sandals", "parka", "satchel" stay at their random start).
+    Words placed where a pretrained sentence model puts them, and frozen there, arrive near their
+    synonyms ("boots" near "boot", "trousers" near "pants") whether or not a caption held them.
+    Everything else in the tower, the image tower and the projections are trained from scratch."""
+    encoder = FrozenTextEncoder.from_pretrained(MINILM_PACKAGE, max_length=16)
+    embeds = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="word embeddings", leave=False):
+        tokens = encoder.tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
+                                   max_length=16, return_tensors="pt")
+        states = encoder.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        mask = tokens.attention_mask[..., None].float()
+        embeds.append((states * mask).sum(1) / mask.sum(1))
+    table = torch.cat(embeds)
+    table = table - table.mean(0)
+    _, _, directions = torch.linalg.svd(table, full_matrices=False)
+    projected = table @ directions[:width].T
+    return projected / projected.std()
+
+
+# -- CLIP as a metric -----------------------------------------------------------------------------
+
+
+class ClipScorer:
+    """A trained CLIP as a judge of image-text agreement: embeddings, the CLIP score, zero-shot
+    classification and the ranking of candidates."""
+
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, batch_size: int = 1000):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_run(cls, path: str | Path) -> "ClipScorer":
+        """A CLIP run directory (its final model, else its newest good checkpoint)."""
+        stage, model, _ = load_for_sampling(path)
+        if not isinstance(stage, ClipStage):
+            raise UserError(f"{path} is a '{stage.name}' run, not a CLIP run (train configs/clip_fashion_quick.yaml)")
+        return stage.scorer(model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N x 28 x 28 -> float N x D, unit length."""
+        out = []
+        for chunk in images.split(self.batch_size):
+            pooled = self.model.vision_model(pixel_values=to_clip_space(chunk.to(self.device))).pooler_output
+            out.append(F.normalize(self.model.visual_projection(pooled), dim=-1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """N prompts -> float N x D, unit length (each distinct prompt encoded once)."""
+        unique = list(dict.fromkeys(prompts))
+        ids = self.tokenizer(unique, padding="longest", truncation=True, max_length=MAX_LENGTH,
+                             return_tensors="pt").input_ids.to(self.device)
+        pooled = self.model.text_model(input_ids=ids).pooler_output
+        embeds = F.normalize(self.model.text_projection(pooled), dim=-1).cpu()
+        return embeds[[unique.index(p) for p in prompts]]
+
+    def similarity(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """float N_images x N_prompts: cosines."""
+        return self.image_embeds(images) @ self.text_embeds(prompts).T
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The CLIP score of each (image, prompt) pair, as torchmetrics defines it:
+        100 * max(cos(image, prompt), 0). float N."""
+        cos = (self.image_embeds(images) * self.text_embeds(prompts)).sum(-1)
+        return 100 * cos.clamp_min(0)
+
+    def score_labels(self, images: torch.Tensor, labels: torch.Tensor, phrasings: str = "train") -> float:
+        """The mean CLIP score of images asked for by class label (int64 N), each against its
+        class's prompt, the phrasings cycled as a text run's ``generate`` asks for them."""
+        return self.score(images, prompts_for(labels, phrasings)).mean().item()
+
+    def class_embeds(self, per_class: list[list[str]]) -> torch.Tensor:
+        """Each class's phrasings, embedded, averaged and renormalised (CLIP's prompt ensembling):
+        float C x D."""
+        return F.normalize(torch.stack([self.text_embeds(p).mean(0) for p in per_class]), dim=-1)
+
+    def classify(self, images: torch.Tensor, per_class: list[list[str]]) -> torch.Tensor:
+        """Zero-shot classification: int64 N, the class whose prompts the image is closest to."""
+        return (self.image_embeds(images) @ self.class_embeds(per_class).T).argmax(1)
+
+    def rank(self, images: torch.Tensor, prompts: list[str], group: int, keep: int) -> torch.Tensor:
+        """Indices of the ``keep`` best-scoring images of each consecutive ``group`` of candidates
+        (the candidates of one prompt), best first: int64 (N / group) * keep."""
+        scores = self.score(images, prompts).view(-1, group)
+        best = scores.topk(keep, dim=1).indices
+        return (best + group * torch.arange(len(scores))[:, None]).flatten()
+
+
+def retrieval_report(scorer: ClipScorer, image_embeds: torch.Tensor, labels: torch.Tensor,
+                     per_class: list[list[str]]) -> dict[str, float]:
+    """Zero-shot accuracy (class prompts ensembled) and recall@1/@5 both ways. A caption here says
+    only a class, so a retrieved item counts as a hit when its class is the query's: image->text
+    searches every phrasing of every class, text->image all the images."""
+    class_embeds = scorer.class_embeds(per_class)
+    prompts = [p for phrasings in per_class for p in phrasings]
+    prompt_labels = torch.tensor([c for c, phrasings in enumerate(per_class) for _ in phrasings])
+    cos = image_embeds @ scorer.text_embeds(prompts).T  # images x prompts
+    report = {"zero_shot_accuracy": ((image_embeds @ class_embeds.T).argmax(1) == labels).float().mean().item()}
+    for k in (1, 5):
+        found = prompt_labels[cos.topk(k, dim=1).indices] == labels[:, None]
+        report[f"image_to_text_r{k}"] = found.any(1).float().mean().item()
+        found = labels[cos.T.topk(k, dim=1).indices] == prompt_labels[:, None]
+        report[f"text_to_image_r{k}"] = found.any(1).float().mean().item()
+    return report
+
