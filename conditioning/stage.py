@@ -85,11 +85,11 @@ class TextConditionedLDM(LatentDDPM):
     # -- training ---------------------------------------------------------------------
 
     def load_data(self) -> dict[str, torch.Tensor]:
-        """Stage 2's latents and labels; the captions' hidden states are computed here, once."""
-        data = super().load_data()
+        """Stage 2's latents and labels; the captions' hidden states are computed here, once,
+        first (a text encoder that cannot be loaded stops the run before the latents are encoded)."""
         self.text_encoder().to(PartialState().device)
         self._table = self.embed(self.training_prompts)  # P x 77 x D
-        return data
+        return super().load_data()
 
     # -- the condition: a prompt's hidden states -------------------------------------------
 
