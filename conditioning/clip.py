@@ -13,11 +13,17 @@ image-caption pairs the B x B matrix of scaled cosines
 
 is read row-wise (which caption belongs to image i?) and column-wise (which image belongs to
 caption j?), and the loss is the mean of the two cross-entropies. CLIP's targets are the diagonal.
-Ours are not: a Fashion-MNIST caption says only the class, so the 3 other coats of a batch fit
-"a photo of a coat" exactly as well as its own image, and calling them negatives would teach the
+Ours are not: a Fashion-MNIST caption says only the class, so the dozen other coats of a batch
+of 128 fit "a photo of a coat" exactly as well as its own image, and calling them negatives would teach the
 towers to tell apart what nothing in the data tells apart. Each row's target is therefore uniform
 over the pairs of the same class (multi-positive targets). A random model's loss is ln B; the
 lowest reachable is the targets' entropy (the mean log of the positives per row), not 0.
+
+Our 320 captions hold some 60 words, so a text tower trained on them alone knows no other word.
+Two options (both on in the quick preset) let it read unseen phrasings: ``model.word_embeddings:
+minilm`` starts every token at all-MiniLM-L6-v2's embedding of its text and freezes it there
+(``pretrained_word_embeddings``), and ``captions.word_dropout`` drops caption words other than the
+garment's noun. Everything else is trained from scratch.
 
 The trained model is saved with ``save_pretrained`` beside its tokenizer: ``CLIPModel``,
 ``CLIPTextModel`` and ``CLIPTokenizer`` all load ``runs/NAME/final``, and a text run takes its
