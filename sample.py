@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from conditioning.captions import prompts_for
-from conditioning.clip import ClipScorer
+from conditioning.clip import ClipScorer, best_of_groups
 from ddpm import evaluate as ev
 from ddpm.data import LabelledImages, class_index
 from ddpm.diffusion import SAMPLERS
@@ -152,10 +152,11 @@ def sample_prompts(stage, model, folder: Path, args, settings: dict, clip=None) 
 def rank_candidates(clip, images: torch.Tensor, labels: torch.Tensor, prompts: list[str], args):
     """--rank K: of each row's n candidates keep the K that CLIP scores highest (best first), and
     say what that bought against keeping K at random (the first K: the candidates are independent)."""
-    kept = clip.rank(images, prompts, group=args.n, keep=args.rank)
-    first = (torch.arange(args.rank) + args.n * torch.arange(len(images) // args.n)[:, None]).flatten()
+    scores = clip.score(images, prompts)
+    kept = best_of_groups(scores, args.n, args.rank)
+    first = torch.arange(len(images)).view(-1, args.n)[:, : args.rank].flatten()
     for name, index in (("ranked by CLIP", kept), ("kept at random", first)):
-        line = f"{name}: CLIP score {clip.score(images[index], [prompts[i] for i in index]).mean():.2f}"
+        line = f"{name}: CLIP score {scores[index].mean():.2f}"
         if labels[0] >= 0:
             line += f", judge accuracy {accuracy(ev.cached_judge(), LabelledImages(images[index], labels[index])):.3f}"
         print(f"{line} ({len(index)} of {len(images)} candidates)")

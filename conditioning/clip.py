@@ -404,9 +404,14 @@ class ClipScorer:
     def rank(self, images: torch.Tensor, prompts: list[str], group: int, keep: int) -> torch.Tensor:
         """Indices of the ``keep`` best-scoring images of each consecutive ``group`` of candidates
         (the candidates of one prompt), best first: int64 (N / group) * keep."""
-        scores = self.score(images, prompts).view(-1, group)
-        best = scores.topk(keep, dim=1).indices
-        return (best + group * torch.arange(len(scores))[:, None]).flatten()
+        return best_of_groups(self.score(images, prompts), group, keep)
+
+
+def best_of_groups(scores: torch.Tensor, group: int, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` highest of each consecutive ``group`` of ``scores`` (float N),
+    best first: int64 (N / group) * keep."""
+    best = scores.view(-1, group).topk(keep, dim=1).indices
+    return (best + group * torch.arange(len(scores) // group)[:, None]).flatten()
 
 
 def retrieval_report(scorer: ClipScorer, image_embeds: torch.Tensor, labels: torch.Tensor,

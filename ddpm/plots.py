@@ -59,9 +59,9 @@ def show_grid(images: torch.Tensor, row_titles: list[str] | None = None, col_tit
 
 def rows_of(images: torch.Tensor, row_names: list[str], n: int, columns: int = 8):
     """N x 28 x 28 (n per row name, in order) -> (R x C x 28 x 28 with rows of at most ``columns``,
-    the row titles: each name on the first of its rows)."""
-    cols = min(n, columns)
-    rows_per_name = math.ceil(n / cols)
+    as even as they can be (10 -> 5 + 5, not 8 + 2), the row titles: each name on the first of its rows)."""
+    rows_per_name = math.ceil(n / columns)
+    cols = math.ceil(n / rows_per_name)
     grid = torch.zeros(len(row_names) * rows_per_name, cols, *images.shape[1:], dtype=images.dtype)
     titles = []
     for i, name in enumerate(row_names):

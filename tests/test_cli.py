@@ -54,3 +54,16 @@ def test_sampling_options_on_the_command_line(tmp_path, trained_tiny_run):
         arrays[name] = np.load(tmp_path / f"{name}.npy")
     assert not np.array_equal(arrays["default"], arrays["interval"])
     assert not np.array_equal(arrays["default"], arrays["unclipped"])
+
+
+def test_sample_grid_rows_are_as_even_as_they_can_be():
+    import torch
+
+    from ddpm.plots import rows_of
+
+    images = torch.arange(2 * 10).to(torch.uint8)[:, None, None].expand(-1, 28, 28)
+    grid, titles = rows_of(images, ["a", "b"], 10)  # 10 a row: two rows of 5, not 8 and 2
+    assert grid.shape[:2] == (4, 5) and titles == ["a", "", "b", ""]
+    assert grid[:, :, 0, 0].flatten().tolist() == list(range(20))  # every image once, in order, no blanks
+    assert rows_of(images[:16], ["a"], 16)[0].shape[:2] == (2, 8)
+    assert rows_of(images[:6], ["a"], 6)[0].shape[:2] == (1, 6)

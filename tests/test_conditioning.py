@@ -6,37 +6,24 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from conditioning.captions import class_captions, unseen_captions, with_article
+from conditioning.clip import build_tokenizer
 from conditioning.text_encoder import MINILM_PACKAGE, FrozenTextEncoder
 from ddpm.errors import UserError
 from ddpm.runs import load_run
 
-from .conftest import (ROOT, SHARED_MODELS, assert_resume_is_exact, assert_two_processes_train_like_one,
+from .conftest import (ROOT, assert_resume_is_exact, assert_two_processes_train_like_one,
                        one_line_error, run, tiny_config)
 
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
 
 
-def clip_tokenizer(folder) -> CLIPTokenizer:
-    """The real CLIP tokenizer from ../shared when it is there, else a byte-level one built here
-    (every printable byte a token, no merges): same class, same special tokens."""
-    real = SHARED_MODELS / "clip-tokenizer"
-    if real.is_dir():
-        return CLIPTokenizer.from_pretrained(real, local_files_only=True)
-    chars = [chr(c) for c in range(33, 127)]
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
-    tokenizer = clip_tokenizer(folder / "src")
+    tokenizer = build_tokenizer()  # the real CLIP vocabulary, built offline
     torch.manual_seed(0)
     model = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
