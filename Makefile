@@ -5,14 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN := runs/ddpm_fashion_quick
 
-.PHONY: demo test data install clean
+.PHONY: demo test data browser install clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,web]'
 	touch $@
 
 # Fashion-MNIST from Debian's package when we can install it; otherwise the loader
@@ -20,13 +20,17 @@ $(VENV)/.installed: pyproject.toml
 data:
 	@bash .ci/get-fashion-mnist
 
+# Debian's chromium for the browser test of the web page (skipped without it, outside CI)
+browser:
+	@bash .ci/get-chromium
+
 demo: install data
 	$(PY) train.py configs/ddpm_fashion_quick.yaml train.resume=latest
 	@for c in 0 1 2 3 4 5 6 7 8 9; do \
 		$(PY) sample.py $(RUN) --class $$c --n 16 --out $(RUN)/samples/class-$$c.png | grep wrote || exit 1; \
 	done
 
-test: install data
+test: install data browser
 	$(PY) -m pytest -q -n auto --maxschedchunk 1
 
 clean:

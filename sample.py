@@ -11,6 +11,7 @@
     python sample.py runs/clip_fashion_quick --evaluate --n 10000         # zero-shot accuracy, recall
     python sample.py runs/text_fashion_clip_quick --evaluate --clip runs/clip_fashion_quick   # + CLIP score
     python sample.py runs/text_fashion_clip_quick --class all --n 8 --rank 2 --clip runs/clip_fashion_quick
+    python sample.py runs/ddpm_fashion_quick --web                      # a page at http://127.0.0.1:7860
 
 RUN is a run directory (its final model, or else its newest good checkpoint) or one
 checkpoint folder inside it; the EMA weights are used.
@@ -30,12 +31,13 @@ import torch
 from conditioning.captions import prompts_for
 from conditioning.clip import ClipScorer, best_of_groups
 from ddpm import evaluate as ev
-from ddpm.data import LabelledImages, class_index
+from ddpm.data import LabelledImages, class_index, read_image
 from ddpm.diffusion import SAMPLERS
 from ddpm.errors import UserError, cli_errors
 from ddpm.judge import accuracy
 from ddpm.plots import append_metrics, rows_of, save_grid
 from ddpm.runs import load_for_sampling, model_step, run_dir_of
+from ddpm.web import serve
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image")
     parser.add_argument("--strength", type=float, default=0.6,
                         help="img2img: 0 returns the image (through the autoencoder), 1 ignores it")
+    parser.add_argument("--web", action="store_true",
+                        help="serve a page to explore the run in a browser (pip install -e '.[web]')")
+    parser.add_argument("--host", default="127.0.0.1", help="--web: the address to serve on")
+    parser.add_argument("--port", type=int, default=7860, help="--web: the port to serve on")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     args.n = args.n or (1000 if args.evaluate or args.sweep else 8)
@@ -82,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.web:
+        return serve(args.run, args.device, args.host, args.port)
     if args.n <= 0 or (args.steps is not None and args.steps <= 0):
         raise UserError("--n and --steps must be positive")
     if not 0 <= args.strength <= 1:
@@ -226,21 +234,6 @@ def evaluate(stage, model, folder: Path, args, clip=None) -> None:
     ev.plot_per_class(report, stage.class_names, png)
     append_metrics(run_dir / "metrics.jsonl", {"step": model_step(folder), **ev.as_metrics(report)})
     print(f"wrote {png}; appended to {run_dir / 'metrics.jsonl'}")
-
-
-def read_image(path: str) -> torch.Tensor:
-    """An image file -> uint8 1 x 28 x 28 grayscale (resized if it is another size)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(path).convert("L")
-    except FileNotFoundError:
-        raise UserError(f"--init-image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError):
-        raise UserError(f"--init-image {path} is not an image file PIL can read") from None
-    if image.size != (28, 28):
-        image = image.resize((28, 28), Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(image).copy())[None]
 
 
 if __name__ == "__main__":

@@ -27,11 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpm.checkpoint import (
@@ -141,8 +143,9 @@ def train(raw_config: dict) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         _truncate_metrics(metrics_path, after_step=start_step)
-    if cfg.trackers:
-        accelerator.init_trackers(run_dir.name, config=_flatten(resolved))
+    if cfg.trackers:  # their files go in the run directory too (TensorBoard: project_dir above)
+        accelerator.init_trackers(run_dir.name, config=_flatten(resolved),
+                                  init_kwargs={"wandb": {"dir": str(run_dir.resolve())}})
 
     n_params = sum(p.numel() for p in model.parameters())
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -192,7 +195,8 @@ def train(raw_config: dict) -> Path:
             window_steps = 0
 
         if cfg.sample_every and done % cfg.sample_every == 0 and is_main:
-            stage.preview(ema.model, run_dir / "samples" / f"step-{done:08d}.png", title=f"EMA, step {done}")
+            grid = stage.preview(ema.model, run_dir / "samples" / f"step-{done:08d}.png", title=f"EMA, step {done}")
+            _log_grid(accelerator, grid, done)
         if cfg.eval_every and done % cfg.eval_every == 0 and stage.capabilities.evaluates:
             if is_main:
                 _log(accelerator, metrics_path, {"step": done, **stage.evaluate(ema.model, cfg.eval_n)})
@@ -213,6 +217,7 @@ def train(raw_config: dict) -> Path:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         grid = stage.preview(ema.model, run_dir / "samples" / "final.png", title="")
+        _log_grid(accelerator, grid, total_steps, "final")
         plot_metrics(metrics_path, run_dir / "metrics.png")
         say(f"done: model in {final}, samples in {grid}")
     accelerator.wait_for_everyone()
@@ -275,6 +280,16 @@ def _log(accelerator, metrics_path: Path, record: dict) -> None:
     if accelerator.trackers:
         accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
                         step=record["step"])
+
+
+def _log_grid(accelerator, png: Path, step: int, name: str = "samples") -> None:
+    """Show a preview grid in every tracker, as the image ``name`` at ``step`` (main process)."""
+    if not accelerator.trackers:
+        return
+    image = np.asarray(Image.open(png).convert("RGB"))[None]  # 1 x H x W x 3
+    for tracker in accelerator.trackers:
+        options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+        tracker.log_images({name: image}, step=step, **options)
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:

@@ -186,3 +186,19 @@ def class_index(name_or_index: str | int, class_names: tuple[str, ...] = CLASS_N
             return folded[text.lower()]
     valid = ", ".join(f"{i}={n!r}" for i, n in enumerate(class_names))
     raise UserError(f"unknown class {name_or_index!r}; valid classes: {valid}")
+
+
+def read_image(path: str | Path, what: str = "--init-image") -> torch.Tensor:
+    """An image file -> uint8 1 x 28 x 28 grayscale (resized if it is another size); ``what``
+    names it in the error a file that is missing or not an image gets."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path).convert("L")
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError):
+        raise UserError(f"{what} {path} is not an image file PIL can read (PNG, JPEG, ...)") from None
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(image).copy())[None]

@@ -106,16 +106,25 @@ def clip_denoised(scheduler: DDPMScheduler, output: torch.Tensor, x_t: torch.Ten
         eps:  x0_hat = (x_t - b eps) / a         v:  x0_hat = a x_t - b v
         eps' = (x_t - a clip(x0_hat)) / b        v' = a eps' - b clip(x0_hat)
     """
-    abar = scheduler.alphas_cumprod[int(torch.as_tensor(t).round())].to(x_t.device, torch.float32)
-    a, b = abar.sqrt(), (1 - abar).sqrt()
-    x_t, output = x_t.float(), output.float()
-    if scheduler.config.prediction_type == "epsilon":
-        x0 = (x_t - b * output) / a
-    else:
-        x0 = a * x_t - b * output
-    x0 = x0.clamp(-limit, limit)
-    eps = (x_t - a * x0) / b
+    a, b = _signal_and_noise_scales(scheduler, t, x_t.device)
+    x0 = predicted_x0(scheduler, output, x_t, t).clamp(-limit, limit)
+    eps = (x_t.float() - a * x0) / b
     return eps if scheduler.config.prediction_type == "epsilon" else a * eps - b * x0
+
+
+def predicted_x0(scheduler: DDPMScheduler, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The network's estimate of the clean sample, x0_hat (float, like x_t), from its output
+    (eps or v) for the variance-preserving x_t at training timestep t (see ``clip_denoised``)."""
+    a, b = _signal_and_noise_scales(scheduler, t, x_t.device)
+    if scheduler.config.prediction_type == "epsilon":
+        return (x_t.float() - b * output.float()) / a
+    return a * x_t.float() - b * output.float()
+
+
+def _signal_and_noise_scales(scheduler: DDPMScheduler, t: torch.Tensor, device: torch.device):
+    """sqrt(abar_t) and sqrt(1 - abar_t) at timestep t (rounded: Euler's timesteps are floats)."""
+    abar = scheduler.alphas_cumprod[int(torch.as_tensor(t).round())].to(device, torch.float32)
+    return abar.sqrt(), (1 - abar).sqrt()
 
 
 def make_sampler(name: str, train_scheduler: DDPMScheduler):
@@ -134,7 +143,9 @@ def make_sampler(name: str, train_scheduler: DDPMScheduler):
 @torch.no_grad()
 def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
                 noise: torch.Tensor, steps: int, generator: torch.Generator | None = None,
-                progress: bool = False, init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+                progress: bool = False, init: torch.Tensor | None = None, strength: float = 1.0,
+                on_step: Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+                ) -> torch.Tensor:
     """Run a scheduler from noise to x0.
 
     predict(x_t, t) -> the (guided) network output, same shape as x_t.
@@ -142,6 +153,8 @@ def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
     img2img: ``init`` (a clean x0, like noise) is noised to the timestep a fraction ``strength``
     of the way up the schedule, and only the last round(strength x steps) steps run: strength 1
     starts from pure noise (text-to-image), strength 0 returns ``init`` unchanged.
+    on_step(i, n, t, x_t, output), after the network's output at step i of the n that run: to
+    watch the sample form (x_t is what the network saw, the variance-preserving noisy sample).
     """
     scheduler.set_timesteps(steps, device=noise.device)
     skipped = steps - round(steps * strength) if init is not None else 0
@@ -153,7 +166,11 @@ def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(skipped)
         x = scheduler.add_noise(init, noise, scheduler.timesteps[skipped].repeat(len(init)))
-    for t in tqdm(scheduler.timesteps[skipped:], desc="sampling", disable=not progress, leave=False):
+    timesteps = scheduler.timesteps[skipped:]
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         model_input = scheduler.scale_model_input(x, t)
-        x = scheduler.step(predict(model_input, t), t, x, generator=generator).prev_sample
+        output = predict(model_input, t)
+        if on_step is not None:
+            on_step(i, len(timesteps), t, model_input, output)
+        x = scheduler.step(output, t, x, generator=generator).prev_sample
     return x

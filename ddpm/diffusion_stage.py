@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from diffusers import DDPMScheduler
@@ -26,7 +26,7 @@ from diffusers import DDPMScheduler
 from .contract import Stage
 from .data import PADDED_SIZE, to_model_space, to_pixels
 from .diffusion import SAMPLERS, condition_dropout_mask, diffusion_loss, draw_timesteps_and_noise, guide
-from .diffusion import clip_denoised, make_sampler, sample_loop
+from .diffusion import clip_denoised, make_sampler, predicted_x0, sample_loop
 from .errors import UserError
 from .evaluate import as_metrics, evaluate_model
 from .plots import save_grid
@@ -197,12 +197,15 @@ class DiffusionStage(Stage):
     def sample(self, model, condition: Condition, null: Condition, *, guidance: float | None = None,
                scheduler: str | None = None, steps: int | None = None, seed: int | None = None,
                batch_size: int = 500, progress: bool = False, init_images: torch.Tensor | None = None,
-               strength: float = 1.0) -> torch.Tensor:
+               strength: float = 1.0, on_step: Callable | None = None) -> torch.Tensor:
         """One image per entry of ``condition`` (and of ``null``, its CFG branch): uint8 N x 28 x 28.
 
         Unset settings come from the ``sample`` config. The same seed gives the same images;
         batches are seeded ``seed + batch index``. img2img: ``init_images`` (uint8 N x 28 x 28)
         are noised according to ``strength`` (see ``sample_loop``) instead of pure noise.
+        ``on_step(i, n, t, x_t, x0_hat)`` watches each batch form: at step i of n (timestep t),
+        the noisy sample and the clean sample the network predicts from it (B x ``sample_shape``;
+        ``to_images`` shows them).
         """
         s = self.config.sample
         scheduler, steps = scheduler or s.scheduler, steps or s.steps
@@ -223,9 +226,11 @@ class DiffusionStage(Stage):
             generator = torch.Generator(device).manual_seed(seed + i)
             noise = torch.randn((len(index), *self.sample_shape), generator=generator, device=device)
             init = self.from_images(init_images[index].to(device)) if init_images is not None else None
+            watch = None if on_step is None else (
+                lambda i, n, t, x_t, out: on_step(i, n, t, x_t, predicted_x0(self.scheduler, out, x_t, t)))
             with _autocast(device):
                 x0 = sample_loop(lambda x, t: self.predict(model, x, t, cond, uncond, guidance), sampler, noise,
-                                 steps, generator, progress=progress, init=init, strength=strength)
+                                 steps, generator, progress=progress, init=init, strength=strength, on_step=watch)
             out.append(self.to_images(x0).cpu())
         return torch.cat(out)
 

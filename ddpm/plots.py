@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -72,6 +73,21 @@ def rows_of(images: torch.Tensor, row_names: list[str], n: int, columns: int = 8
             titles.append(name if r == 0 else "")
     return grid, titles
 
+
+
+def tile(grid: torch.Tensor, scale: int = 4, gap: int = 2, gap_value: int = 96) -> np.ndarray:
+    """R x C x h x w uint8 images -> one uint8 image (R rows, C columns) for a web page: each image
+    enlarged ``scale`` times (nearest pixel, so no pixel is invented) and framed by ``gap`` pixels
+    of grey."""
+    rows, cols, h, w = grid.shape
+    cell_h, cell_w = h * scale + gap, w * scale + gap
+    out = np.full((rows * cell_h + gap, cols * cell_w + gap), gap_value, dtype=np.uint8)
+    big = grid.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3).numpy()
+    for r in range(rows):
+        for c in range(cols):
+            top, left = gap + r * cell_h, gap + c * cell_w
+            out[top : top + h * scale, left : left + w * scale] = big[r, c]
+    return out
 
 def show_losses(run_dir: str | Path, title: str) -> None:
     """The training loss of a run against the optimizer step, in a notebook."""

@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import shlex
 import shutil
 import struct
 import subprocess
@@ -162,6 +163,15 @@ def one_line_error(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+def same_as_command(result, tmp_path) -> bool:
+    """Run the page's ``sample.py`` command; are its images the page's, pixel for pixel?"""
+    saved = tmp_path / "command.npy"
+    done = run("sample.py", *shlex.split(result.command)[2:], "--save-array", str(saved),
+               "--out", str(tmp_path / "command.png"))
+    assert done.returncode == 0, done.stderr
+    return torch.equal(torch.from_numpy(np.load(saved)), result.images)
 
 
 # -- exact resume and two processes, for every stage ----------------------------------------

@@ -14,8 +14,8 @@ from conditioning.text_encoder import MINILM_PACKAGE, FrozenTextEncoder
 from ddpm.errors import UserError
 from ddpm.runs import load_run
 
-from .conftest import (ROOT, assert_resume_is_exact, assert_two_processes_train_like_one,
-                       one_line_error, run, tiny_config)
+from .conftest import (ROOT, assert_resume_is_exact, assert_two_processes_train_like_one, one_line_error, run,
+                       same_as_command, tiny_config)
 
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
 
@@ -208,3 +208,18 @@ def test_guidance_sweep_of_a_text_run_keeps_each_phrasing_set_apart(trained_tiny
         assert result.returncode == 0, result.stderr
         reports = json.loads((trained_tiny_text_run / "eval" / f"{name}.json").read_text())
         assert [r["guidance"] for r in reports] == [0, 2] and (trained_tiny_text_run / "eval" / f"{name}_grid.png").is_file()
+
+
+def test_web_page_of_a_text_run_asks_for_prompts(trained_tiny_text_run, tmp_path):
+    """A text run declares "class" and "prompt", and the page follows: prompts and a negative
+    prompt reach the model as sample.py's --prompt and --negative-prompt do."""
+    from ddpm.web import Explorer, Request
+
+    explorer = Explorer(trained_tiny_text_run)
+    assert explorer.conditions == ("class", "prompt")
+    request = Request(condition="prompt", prompt="a dark coat", negative_prompt="a bag", steps=3, n=3)
+    result = explorer.generate(request)
+    assert "--prompt 'a dark coat' --negative-prompt 'a bag' --n 3" in result.command
+    assert same_as_command(result, tmp_path)
+    with pytest.raises(UserError, match="the prompt is empty"):
+        explorer.generate(Request(condition="prompt", prompt="  ", steps=3))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddpm.diffusion import clip_denoised
+from ddpm.diffusion import clip_denoised, predicted_x0
 from ddpm.stage import ClassConditionedDDPM
 
 
@@ -93,6 +93,8 @@ def test_clip_denoised_keeps_the_clean_estimate_in_range_and_the_pair_consistent
         a, b = scheduler.alphas_cumprod[t].sqrt(), (1 - scheduler.alphas_cumprod[t]).sqrt()
         x_t = scheduler.add_noise(x0, noise, tt)
         exact = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, tt)
+        # the exact output gives back the clean sample (what the web page's trajectory shows)
+        torch.testing.assert_close(predicted_x0(scheduler, exact, x_t, torch.tensor(t)), x0, atol=2e-3, rtol=1e-3)
         # an in-range clean estimate is left alone
         torch.testing.assert_close(clip_denoised(scheduler, exact, x_t, torch.tensor(t)), exact, atol=1e-4, rtol=1e-4)
         # an overshooting one (what guidance does) is clipped, and the output still describes x_t

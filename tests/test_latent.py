@@ -242,3 +242,10 @@ def test_two_processes_train_the_latent_stage_like_one(tmp_path, trained_tiny_au
     assert_two_processes_train_like_one(tmp_path, TINY_LATENT, f"autoencoder.source={trained_tiny_autoencoder}",
                                         f"autoencoder.cache_dir={cache}")
     assert len(list(cache.glob("latents-*.safetensors"))) == 1
+
+
+def test_web_page_is_for_runs_that_generate(trained_tiny_autoencoder):
+    from ddpm.web import Explorer
+
+    with pytest.raises(UserError, match="makes no new images"):
+        Explorer(trained_tiny_autoencoder)

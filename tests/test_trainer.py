@@ -177,3 +177,36 @@ def test_overrides_and_config_files_read_numbers_as_people_write_them(tmp_path):
     assert read_yaml(tmp_path / "c.yaml")["train"] == {"lr": 3e-4, "output_dir": "1e3x"}
     with pytest.raises(UserError, match="not valid YAML"):
         apply_overrides({}, ["model.block_out_channels=[8, 16"])
+
+
+def test_preview_grids_reach_wandb_and_tensorboard_inside_the_run(tmp_path, fashion_mnist, monkeypatch):
+    """Every preview grid is an image in each tracker, and each tracker writes under the run."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)  # where wandb would write its folder if not told otherwise
+    run = train.train(tiny_config(tmp_path / "run", train={"trackers": ["wandb", "tensorboard"], "sample_every": 4,
+                                                           "checkpoint_every": 0}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "a tracker wrote outside the run directory"
+    grids = {4: run / "samples" / "step-00000004.png", 8: run / "samples" / "step-00000008.png"}
+
+    def pixels(png_bytes_or_path):
+        return np.asarray(Image.open(png_bytes_or_path).convert("RGB"))
+
+    board = EventAccumulator(str(run / run.name), size_guidance={IMAGES: 0})  # TensorBoard's folder
+    board.Reload()
+    logged = {e.step: e.encoded_image_string for e in board.Images("samples")}
+    assert sorted(logged) == [4, 8]
+    for step, png in grids.items():
+        assert np.array_equal(pixels(io.BytesIO(logged[step])), pixels(png))
+    assert [e.step for e in board.Images("final")] == [8]
+
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    media = sorted((offline / "files" / "media" / "images").glob("samples_*.png"))
+    assert [int(p.name.split("_")[1]) for p in media] == [4, 8]
+    assert np.array_equal(pixels(media[0]), pixels(grids[4]))

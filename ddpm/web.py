@@ -1,0 +1,251 @@
+"""A web page to explore a trained run: ``python sample.py RUN --web`` (Gradio, ``pip install -e '.[web]'``).
+
+The page holds the run's model in memory and makes the same calls as ``sample.py``:
+``stage.generate`` for a class, ``stage.generate_prompts`` for a prompt, with the same settings
+and seed. So every result comes with the ``sample.py`` command that makes the same pixels, and
+with the denoising trajectory of its first image: the noisy sample x_t beside the clean image
+x0_hat the network predicts from it, every few steps.
+
+Its controls follow what the stage declares (``stage.capabilities``), never its name: a class
+list for "class", a prompt and a negative prompt for "prompt", img2img for every stage that
+generates. ``Explorer`` does the work and is plain Python (tested in-process); ``build_page``
+only lays Gradio components around ``Explorer.generate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import shlex
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .data import class_index, read_image
+from .diffusion import SAMPLERS
+from .errors import UserError
+from .plots import rows_of, tile
+from .runs import load_for_sampling, run_dir_of
+
+MAX_IMAGES = 64
+MAX_GUIDANCE = 20.0
+SNAPSHOTS = 8  # trajectory pictures per generation (plus the last step)
+
+
+@dataclasses.dataclass
+class Request:
+    """What the page asks for. Every field is one control and one ``sample.py`` flag."""
+
+    condition: str = "class"  # one of the stage's conditions: "class" or "prompt"
+    class_name: str = ""  # a class name or index (condition "class")
+    prompt: str = ""  # condition "prompt"
+    negative_prompt: str = ""
+    guidance: float = 3.0
+    scheduler: str = "dpm++"
+    steps: int = 20
+    seed: int = 0
+    n: int = 8
+    init_image: str | None = None  # img2img: an image file, any size (made 28 x 28 grayscale)
+    strength: float = 0.6
+
+
+@dataclasses.dataclass
+class Result:
+    images: torch.Tensor  # uint8 n x 28 x 28, what sample.py makes for ``command``
+    grid: np.ndarray  # uint8 H x W: the images tiled, 4x enlarged
+    trajectory: np.ndarray  # uint8: the first image's x_t (top row) and x0_hat (bottom row) every few steps
+    trajectory_steps: list[tuple[int, int]]  # (step, timestep t) of each column
+    seconds: float
+    command: str
+    warnings: list[str]
+
+
+class Explorer:
+    """One run's model, loaded once, and the requests the page sends it."""
+
+    def __init__(self, run: str | Path, device: str = "cpu"):
+        self.run = str(run)
+        self.stage, self.model, self.folder = load_for_sampling(run, device)
+        if not self.stage.capabilities.generates:
+            raise UserError(f"{run} is a '{self.stage.name}' run, which makes no new images; the page "
+                            f"explores diffusion runs (sample.py {run} shows what this one does)")
+        self.conditions = self.stage.capabilities.conditions
+        self.class_names = list(self.stage.class_names)
+        self.max_steps = self.stage.scheduler.config.num_train_timesteps
+        self.inputs_dir = run_dir_of(self.folder) / "samples" / "web"  # img2img inputs, for the commands
+
+    def defaults(self) -> Request:
+        """The run's own ``sample`` settings."""
+        s = self.stage.config.sample
+        return Request(condition=self.conditions[0], class_name=self.class_names[0], guidance=s.guidance,
+                       scheduler=s.scheduler, steps=s.steps, seed=s.seed)
+
+    def check(self, r: Request) -> None:
+        """Raise ``UserError`` with what to change for a request the run cannot answer."""
+        if r.condition not in self.conditions:
+            raise UserError(f"this run is asked for {' or '.join(self.conditions)}, not {r.condition!r}")
+        if r.condition == "class":
+            class_index(r.class_name, tuple(self.class_names))
+        elif not r.prompt.strip():
+            raise UserError("the prompt is empty: type what to draw (or ask for a class)")
+        if r.negative_prompt and "prompt" not in self.conditions:
+            raise UserError("a negative prompt needs a text run")
+        if r.scheduler not in SAMPLERS:
+            raise UserError(f"unknown scheduler {r.scheduler!r}; valid: {', '.join(SAMPLERS)}")
+        for name, value, lo, hi in (("steps", r.steps, 1, self.max_steps), ("images", r.n, 1, MAX_IMAGES),
+                                    ("seed", r.seed, 0, 2**63 - 1)):
+            if value is None or value != int(value) or not lo <= value <= hi:
+                raise UserError(f"{name} must be a whole number from {lo} to {hi}, got {value}")
+        if r.guidance is None or not 0 <= r.guidance <= MAX_GUIDANCE:
+            raise UserError(f"guidance must be from 0 to {MAX_GUIDANCE:g}, got {r.guidance}")
+        if r.strength is None or not 0 <= r.strength <= 1:
+            raise UserError(f"strength must be from 0 to 1, got {r.strength}")
+
+    def generate(self, r: Request, on_progress: Callable[[int, int], None] | None = None) -> Result:
+        """The images, their grid, the trajectory, the time and the ``sample.py`` command of a request.
+        ``on_progress(done, total)`` after every denoising step."""
+        self.check(r)
+        r = dataclasses.replace(r, steps=int(r.steps), n=int(r.n), seed=int(r.seed), guidance=float(r.guidance))
+        settings = dict(scheduler=r.scheduler, steps=r.steps, guidance=r.guidance, seed=r.seed,
+                        negative_prompt=r.negative_prompt)
+        init_path = None
+        if r.init_image:
+            init_path = self.keep_input(read_image(r.init_image, "the img2img image"))
+            settings.update(init_images=read_image(init_path).expand(r.n, -1, -1), strength=r.strength)
+        columns, steps_shown = [], []
+        every = max(1, math.ceil(r.steps / SNAPSHOTS))
+
+        def on_step(i, n, t, x_t, x0_hat):
+            if i % every == 0 or i == n - 1:
+                columns.append(torch.cat([self.stage.to_images(x_t[:1]), self.stage.to_images(x0_hat[:1])]))
+                steps_shown.append((i + 1, int(t)))
+            if on_progress is not None:
+                on_progress(i + 1, n)
+
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if r.condition == "class":
+                labels = torch.full((r.n,), class_index(r.class_name, tuple(self.class_names)))
+                images = self.stage.generate(self.model, labels, on_step=on_step, **settings)
+            else:
+                images = self.stage.generate_prompts(self.model, [r.prompt] * r.n, on_step=on_step, **settings)
+        seconds = time.perf_counter() - start
+        grid, _ = rows_of(images, [""], r.n)
+        return Result(images, tile(grid), tile(torch.stack(columns, dim=1)), steps_shown, seconds,
+                      self.command(r, init_path), [str(w.message) for w in caught if issubclass(w.category, UserWarning)])
+
+    def keep_input(self, image: torch.Tensor) -> Path:
+        """Save an img2img input (uint8 1 x 28 x 28) as a PNG in the run, named by its pixels, so the
+        command can name it and read back exactly these pixels."""
+        from PIL import Image
+
+        pixels = image[0].numpy()
+        path = self.inputs_dir / f"init-{hashlib.sha1(pixels.tobytes()).hexdigest()[:12]}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        return path
+
+    def command(self, r: Request, init_path: Path | None = None) -> str:
+        """The ``sample.py`` command that makes the same images as the request."""
+        args = ["python", "sample.py", self.run]
+        if r.condition == "class":
+            args += ["--class", self.class_names[class_index(r.class_name, tuple(self.class_names))]]
+        else:
+            args += ["--prompt", r.prompt]
+        if r.negative_prompt:
+            args += ["--negative-prompt", r.negative_prompt]
+        args += ["--n", str(r.n), "--scheduler", r.scheduler, "--steps", str(r.steps),
+                 "--guidance", repr(float(r.guidance)), "--seed", str(r.seed)]
+        if init_path is not None:
+            args += ["--init-image", str(init_path), "--strength", repr(float(r.strength))]
+        return shlex.join(args)
+
+
+def build_page(explorer: Explorer):
+    """The Gradio page: controls on the left, the grid, the trajectory and the command on the right."""
+    gr = import_gradio()
+    d = explorer.defaults()
+    asks_prompts = "prompt" in explorer.conditions
+    with gr.Blocks(title=f"sdsteps: {explorer.run}") as page:
+        gr.Markdown(f"## {explorer.run}\nA '{explorer.stage.name}' run, weights from `{explorer.folder}`.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                condition = gr.Radio(list(explorer.conditions), value=d.condition, label="Ask for",
+                                     visible=len(explorer.conditions) > 1)
+                class_name = gr.Dropdown(explorer.class_names, value=d.class_name, label="Class",
+                                         visible="class" in explorer.conditions, elem_id="class")
+                prompt = gr.Textbox(label="Prompt", visible=asks_prompts, elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", visible=asks_prompts)
+                guidance = gr.Slider(0, MAX_GUIDANCE, value=d.guidance, step=0.5, label="Guidance w",
+                                     elem_id="guidance")
+                scheduler = gr.Dropdown(list(SAMPLERS), value=d.scheduler, label="Scheduler")
+                steps = gr.Number(d.steps, precision=0, label=f"Steps (1-{explorer.max_steps})", elem_id="steps")
+                seed = gr.Number(d.seed, precision=0, label="Seed")
+                n = gr.Slider(1, MAX_IMAGES, value=d.n, step=1, label="Images")
+                with gr.Accordion("img2img", open=False):
+                    init_image = gr.Image(type="filepath", sources=["upload"], label="Start from this image")
+                    strength = gr.Slider(0, 1, value=d.strength, step=0.05, label="Strength (1 ignores the image)")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                grid = gr.Image(show_label=False, format="png", image_mode="L", interactive=False, elem_id="grid")
+                timing = gr.Markdown(elem_id="timing")
+                command = gr.Code(label="The same images from the command line", language="shell",
+                                  interactive=False, wrap_lines=True, lines=2, max_lines=4, elem_id="command")
+                trajectory = gr.Image(show_label=False, format="png", image_mode="L", interactive=False,
+                                      elem_id="trajectory")
+                trajectory_steps = gr.Markdown(elem_id="trajectory-steps")
+
+        def generate(*values, progress=gr.Progress()):
+            request = Request(*values)
+            try:
+                result = explorer.generate(request, on_progress=lambda i, total: progress((i, total), desc="denoising"))
+            except UserError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+            except Exception as e:  # the page shows a line; the server's console keeps the traceback
+                traceback.print_exc()
+                raise gr.Error(f"{type(e).__name__}: {e}", print_exception=False) from None
+            for message in result.warnings:
+                gr.Warning(message)
+            shown = ", ".join(f"{i} (t = {t})" for i, t in result.trajectory_steps)
+            return (result.grid, f"{len(result.images)} images in {result.seconds:.2f} s", result.command,
+                    result.trajectory, f"Denoising the first image: x_t (top) and the clean image predicted "
+                                       f"from it (bottom) after steps {shown} of {result.trajectory_steps[-1][0]}")
+
+        inputs = [condition, class_name, prompt, negative, guidance, scheduler, steps, seed, n, init_image, strength]
+        button.click(generate, inputs, [grid, timing, command, trajectory, trajectory_steps])
+    return page
+
+
+def import_gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
+    try:
+        import gradio
+    except ImportError:
+        raise UserError("the web page needs Gradio: pip install -e '.[web]'") from None
+    return gradio
+
+
+def serve(run: str | Path, device: str = "cpu", host: str = "127.0.0.1", port: int = 7860) -> None:
+    """``sample.py RUN --web``: serve the page for ``run`` at http://host:port until interrupted."""
+    import_gradio()  # before loading the model: say at once that Gradio is missing
+    launch(Explorer(run, device), host, port, block=True)
+
+
+def launch(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860, block: bool = False):
+    """Serve ``explorer``'s page; returns the Gradio app (``block=False``: at once; ``close()`` stops it)."""
+    page = build_page(explorer)
+    page.queue(default_concurrency_limit=1)  # one generation at a time: the model is shared
+    try:
+        page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, ssr_mode=False,
+                    inbrowser=False, show_error=False, quiet=not block)
+    except OSError as e:
+        raise UserError(f"cannot serve on {host}:{port} ({e.strerror or 'in use'}): choose another --port") from None
+    return page
