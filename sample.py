@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conditioning.captions import prompts_for
+from conditioning.adherence import adherence_report, composition_report
+from conditioning.attributes import ATTRIBUTES
+from conditioning.captions import attribute_prompt, prompts_for
 from conditioning.clip import ClipScorer, best_of_groups
 from ddpm import evaluate as ev
 from ddpm.data import LabelledImages, class_index, read_image
@@ -63,10 +65,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep", type=float, nargs="+", metavar="W", help="evaluate at each guidance scale")
     parser.add_argument("--prompt", dest="prompts", action="append", default=None,
                         help='a text run: one grid row per prompt ("" is unconditional); repeat for several')
+    parser.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
+                        help="a text run: one row that composes the --prompt's, each pulling with its weight "
+                             "(negative: pushing away), e.g. --prompt 'a dark coat' --prompt 'a large coat' "
+                             "--weights 0.5 0.5")
     parser.add_argument("--negative-prompt", default="", help="a text run: guide away from this prompt")
     parser.add_argument("--phrasings", choices=["train", "unseen"], default="train",
                         help="a text run with --class/--evaluate/--sweep: prompts from the training "
                              "captions or from phrasings never trained on")
+    parser.add_argument("--attributes", action="store_true",
+                        help="a text run with --evaluate/--sweep: also measure attribute adherence "
+                             "('a dark coat' -> dark coats?), on held-out pairs, and composition")
     parser.add_argument("--clip", default=None, metavar="CLIP_RUN",
                         help="a CLIP run (configs/clip_fashion_quick.yaml): add the CLIP score to "
                              "--evaluate/--sweep, and rank candidates with --rank")
@@ -108,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"'{stage.name}' run: ask for --class instead")
     if args.phrasings != "train" and "prompt" not in can.conditions:
         raise UserError(f"--phrasings needs a text run; {args.run} is a '{stage.name}' run")
+    if (args.attributes or args.weights) and "prompt" not in can.conditions:
+        raise UserError(f"--attributes and --weights need a text run; {args.run} is a '{stage.name}' run")
+    if args.weights and len(args.weights) != len(args.prompts or []):
+        raise UserError(f"--weights needs one weight per --prompt: {len(args.weights)} weights, "
+                        f"{len(args.prompts or [])} prompts")
     if args.evaluate or args.sweep:
         return evaluate(stage, model, folder, args, clip)
     settings = dict(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -115,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if init_images is not None:
         n = args.n * len(args.prompts or classes_asked(args, stage))
         settings.update(init_images=init_images.expand(n, -1, -1), strength=args.strength)
+    if args.weights:
+        return sample_composed(stage, model, folder, args, settings)
     if args.prompts:
         return sample_prompts(stage, model, folder, args, settings, clip)
     return sample_classes(stage, model, folder, args, settings, clip)
@@ -157,6 +173,13 @@ def sample_prompts(stage, model, folder: Path, args, settings: dict, clip=None) 
     write_samples(stage, folder, args, images, labels, args.prompts)
 
 
+def sample_composed(stage, model, folder: Path, args, settings: dict) -> None:
+    """--prompt ... --weights ...: one row, the prompts composed."""
+    images = stage.generate_composed(model, args.prompts, args.weights, args.n, **settings)
+    row = " + ".join(f"{w:g} x {p!r}" for w, p in zip(args.weights, args.prompts))
+    write_samples(stage, folder, args, images, torch.full((args.n,), -1), [row])
+
+
 def rank_candidates(clip, images: torch.Tensor, labels: torch.Tensor, prompts: list[str], args):
     """--rank K: of each row's n candidates keep the K that CLIP scores highest (best first), and
     say what that bought against keeping K at random (the first K: the candidates are independent)."""
@@ -193,6 +216,37 @@ def write_samples(stage, folder: Path, args, images: torch.Tensor, labels: torch
         print(f"wrote {array_path} and its labels")
 
 
+def evaluate_attributes(stage, model, scales: list[float | None], out_dir: Path, args) -> None:
+    """--attributes: adherence and composition at each guidance scale (``conditioning/adherence.py``),
+    a table, eval/attributes.json, and one contrast grid per attribute ("a dark coat" beside "a
+    light coat", the same seeds)."""
+    settings = dict(scheduler=args.scheduler, steps=args.steps, seed=args.seed)
+    rows = []
+    for w in scales:
+        row = {"guidance": stage.config.sample.guidance if w is None else w}
+        row |= adherence_report(stage, model, guidance=w, progress=True, **settings)
+        row["composition"] = composition_report(stage, model, guidance=w, **settings)
+        rows.append(row)
+    ways = list(rows[0]["composition"])[:4]
+    print(f"attribute adherence (share of samples in the asked bin; chance 0.5) with the judge's class accuracy "
+          f"on the same samples; composition: share of samples both {' and '.join(rows[0]['composition']['words'])}")
+    header = ["w", "class accuracy", *ATTRIBUTES, "held-out pairs", *(f"both: {way}" for way in ways)]
+    print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+    for r in rows:
+        cells = [f"{r['guidance']:g}", *(f"{r[k]:.3f}" for k in ["accuracy", *ATTRIBUTES, "held_out"]),
+                 *(f"{r['composition'][k]:.3f}" for k in ways)]
+        print("| " + " | ".join(cells) + " |")
+    (out_dir / "attributes.json").write_text(json.dumps(rows, indent=1))
+    w = rows[-1]["guidance"]
+    for attribute, words in ATTRIBUTES.items():
+        prompts = [attribute_prompt(name, [word]) for name in stage.class_names for word in words]
+        images = torch.cat([stage.generate_prompts(model, [p] * 8, guidance=w, **settings) for p in prompts])
+        grid, titles = rows_of(images, prompts, 8)
+        save_grid(grid, out_dir / f"attributes_{attribute}.png", titles,
+                  title=f"{attribute}: the same seeds, w = {w:g}")
+    print(f"wrote {out_dir / 'attributes.json'} and {out_dir / 'attributes_*.png'} (contrast grids, w = {w:g})")
+
+
 def inspect_run(stage, model, folder: Path, args) -> None:
     """A run that makes no images: --evaluate prints its numbers on the first n test images (an
     autoencoder: PSNR and the judge's accuracy; a CLIP: zero-shot accuracy and recall);
@@ -220,6 +274,8 @@ def evaluate(stage, model, folder: Path, args, clip=None) -> None:
                for w in scales]
     print(f"{folder} (n = {args.n}; FD floor = real train vs real test at the same n)")
     print(ev.format_table(reports))
+    if args.attributes:
+        evaluate_attributes(stage, model, scales, out_dir, args)
     if args.sweep:
         name = "sweep" if args.phrasings == "train" else f"sweep_{args.phrasings}"
         paths = [out_dir / f"{name}.json", out_dir / f"{name}.png", out_dir / f"{name}_grid.png"]

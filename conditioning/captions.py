@@ -5,14 +5,24 @@ A caption is a template ("a photo of {}") filled with a name for the class ("an 
 class's list, seeded, so runs are reproducible. ``UNSEEN`` holds phrasings that never occur
 in training (new templates and new names): a model that scores well on them has learnt the
 meaning of the words, not the exact strings.
+
+With ``captions.attributes`` a caption also names some of the image's measured attributes
+(``attributes.py``): "a photo of a large dark coat", "a pair of patterned trousers". Each
+attribute is named with probability ``p_mention`` (so a share of captions still names only the
+class), never for the (class, word) pairs of ``held_out``: those combinations are never seen in
+training, and test whether the model composes words it knows.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from ddpm.data import CLASS_NAMES
 from ddpm.errors import UserError
+
+from .attributes import ATTRIBUTES
 
 NAMES = {
     "T-shirt/top": ["t-shirt", "tee", "top", "short-sleeved top"],
@@ -48,6 +58,50 @@ UNSEEN = {
     "Bag": ["a catalogue shot of a leather satchel", "a bag with a shoulder strap"],
     "Ankle boot": ["a catalogue shot of chelsea boots", "a heeled boot that covers the ankle"],
 }
+
+
+PHRASE_ORDER = ("size", "brightness", "texture")  # "a large dark patterned coat"
+HELD_OUT = [["Trouser", "patterned"], ["Sandal", "dark"], ["Bag", "small"], ["Shirt", "light"]]
+
+
+@dataclasses.dataclass
+class CaptionConfig:
+    """The ``captions`` section: what a training caption says besides the class."""
+
+    attributes: list[str] = dataclasses.field(default_factory=list)  # of ATTRIBUTES; [] = the class only
+    p_mention: float = 0.5  # each listed attribute is named with this probability
+    held_out: list[list[str]] = dataclasses.field(default_factory=lambda: [list(p) for p in HELD_OUT])
+
+    def __post_init__(self):
+        unknown = set(self.attributes) - set(ATTRIBUTES)
+        if unknown:
+            raise UserError(f"unknown captions.attributes {sorted(unknown)}; valid: {', '.join(ATTRIBUTES)}")
+        if not 0 <= self.p_mention <= 1:
+            raise UserError(f"captions.p_mention must be in [0, 1], got {self.p_mention}")
+        words = {w for pair in ATTRIBUTES.values() for w in pair}
+        for pair in self.held_out:
+            if len(pair) != 2 or pair[0] not in CLASS_NAMES or pair[1] not in words:
+                raise UserError(f"captions.held_out entries are [class, word] with a class of {list(CLASS_NAMES)} "
+                                f"and a word of {sorted(words)}; got {pair}")
+
+
+def with_attributes(name: str, words: list[str]) -> str:
+    """A class name with attribute words, in English order: ("coat", [dark, large]) -> "large dark
+    coat", ("pair of jeans", [patterned]) -> "pair of patterned jeans"."""
+    words = sorted(words, key=lambda w: PHRASE_ORDER.index(word_attribute(w)))
+    if name.startswith("pair of "):
+        return " ".join(["pair of", *words, name.removeprefix("pair of ")])
+    return " ".join([*words, name])
+
+
+def word_attribute(word: str) -> str:
+    """The attribute a word names: "dark" -> "brightness"."""
+    return next(a for a, pair in ATTRIBUTES.items() if word in pair)
+
+
+def attribute_prompt(class_name: str, words: list[str]) -> str:
+    """The plainest prompt with attributes, "a photo of a dark coat": what adherence is measured on."""
+    return f"a photo of {with_article(with_attributes(NAMES[class_name][0], words))}"
 
 
 def with_article(name: str) -> str:
@@ -102,7 +156,69 @@ class CaptionTable:
         self.counts = torch.tensor([len(c) for c in per_class])
         self.starts = len(first) + torch.cumsum(self.counts, 0) - self.counts  # each class's first caption
 
-    def draw(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """int64 B: indices into ``prompts``, a caption of each label's class, uniformly at random."""
+    def draw(self, labels: torch.Tensor, generator: torch.Generator, bins: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 B: indices into ``prompts``, a caption of each label's class, uniformly at random
+        (``bins``, the images' attributes, are for ``AttributeCaptionTable``)."""
         starts, counts = self.starts.to(labels.device)[labels], self.counts.to(labels.device)[labels]
         return starts + (torch.rand(len(labels), generator=generator, device=labels.device) * counts).long()
+
+
+class AttributeCaptionTable(CaptionTable):
+    """Every caption with any choice of named attributes, in one list, and a seeded draw that
+    names each attribute of an image with probability ``p_mention``, except held-out pairs.
+
+    Per class the captions are ordered (template and name, choice of words): the choice is one
+    digit per attribute of ``config.attributes``, 0 = not named, 1 = its first word, 2 = its
+    second, read in base 3. The held-out captions are in the list (it is a product) but never drawn.
+    """
+
+    def __init__(self, config: CaptionConfig, class_names: tuple[str, ...] = CLASS_NAMES, first: tuple[str, ...] = ()):
+        self.config = config
+        self.attributes = [list(ATTRIBUTES).index(a) for a in config.attributes]  # columns of measure()
+        choices = self.word_choices()
+        words = {w for pair in ATTRIBUTES.values() for w in pair}
+        templates = [t for t in TEMPLATES if not words & set(t.split())]  # not "a small grayscale image of"
+        per_class = [[t.format(with_article(with_attributes(n, chosen))) for t in templates for n in NAMES[c]
+                      for chosen in choices] for c in class_names]
+        self.prompts = [*first, *(c for captions in per_class for c in captions)]
+        self.counts = torch.tensor([len(c) for c in per_class])
+        self.starts = len(first) + torch.cumsum(self.counts, 0) - self.counts
+        self.n_choices = len(choices)
+        # allowed[c, k, b]: may class c's captions name word b of the k-th listed attribute?
+        self.allowed = torch.ones(len(class_names), len(self.attributes), 2, dtype=torch.bool)
+        for class_name, word in config.held_out:
+            attribute = word_attribute(word)
+            if attribute in config.attributes:
+                k = config.attributes.index(attribute)
+                self.allowed[class_names.index(class_name), k, ATTRIBUTES[attribute].index(word)] = False
+
+    def word_choices(self) -> list[list[str]]:
+        """Every choice of words, in base-3 order: [[], [dark], [light], [small], [small, dark], ...]."""
+        choices = [[]]
+        for attribute in self.config.attributes:  # the first attribute is the lowest digit
+            choices = [c + ([] if digit == 0 else [ATTRIBUTES[attribute][digit - 1]])
+                       for digit in range(3) for c in choices]
+        return choices
+
+    def draw(self, labels: torch.Tensor, generator: torch.Generator, bins: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 B: a caption of each image's class (a uniform template and name), naming each
+        attribute of ``bins`` (int64 B x 3, ``AttributeBins.bins``) with probability ``p_mention``."""
+        device = labels.device
+        phrasing = (torch.rand(len(labels), generator=generator, device=device)
+                    * (self.counts.to(device)[labels] // self.n_choices)).long()
+        choice = torch.zeros_like(labels)
+        for k, column in enumerate(self.attributes):
+            b = bins[:, column]
+            named = torch.rand(len(labels), generator=generator, device=device) < self.config.p_mention
+            named &= self.allowed.to(device)[labels, k, b]
+            choice += torch.where(named, b + 1, 0) * 3**k
+        return self.starts.to(device)[labels] + phrasing * self.n_choices + choice
+
+
+def caption_table(config: CaptionConfig, class_names: tuple[str, ...] = CLASS_NAMES, first: tuple[str, ...] = ()
+                  ) -> CaptionTable:
+    """The class-only table when no attribute is listed (as before attributes existed), else the
+    attribute table."""
+    if not config.attributes:
+        return CaptionTable(class_names, first)
+    return AttributeCaptionTable(config, class_names, first)

@@ -26,11 +26,13 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from ddpm.config import check_model_keys
+from ddpm.data import load_training_set
 from ddpm.contract import Capabilities
 from ddpm.diffusion_stage import Condition
 from latent.stage import LatentDDPM, LatentDDPMConfig
 
-from .captions import CaptionTable, class_prompt, prompts_for
+from .attributes import training_bins
+from .captions import CaptionConfig, caption_table, class_prompt, prompts_for
 from .text_encoder import MAX_LENGTH, FrozenTextEncoder
 
 
@@ -45,6 +47,7 @@ class TextEncoderConfig:
 @dataclasses.dataclass
 class TextDDPMConfig(LatentDDPMConfig):
     text_encoder: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
+    captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)
 
     def __post_init__(self):
         check_model_keys(self.model, UNet2DConditionModel,
@@ -62,7 +65,7 @@ class TextConditionedLDM(LatentDDPM):
         self._encoder: FrozenTextEncoder | None = None
         self._embeddings: dict[str, torch.Tensor] = {}  # prompt -> 77 x D, computed once each
         self._table: torch.Tensor | None = None  # the training prompts' hidden states, P x 77 x D
-        self.captions = CaptionTable(self.class_names, first=("",))  # 0: the null prompt
+        self.captions = caption_table(config.captions, self.class_names, first=("",))  # 0: the null prompt
         self.training_prompts = self.captions.prompts
 
     # -- the text encoder -------------------------------------------------------------
@@ -89,14 +92,21 @@ class TextConditionedLDM(LatentDDPM):
         first (a text encoder that cannot be loaded stops the run before the latents are encoded)."""
         self.text_encoder().to(PartialState().device)
         self._table = self.embed(self.training_prompts)  # P x 77 x D
-        return super().load_data()
+        data = super().load_data()
+        if self.config.captions.attributes:  # each image's attribute bins, measured on its pixels
+            d = self.config.data
+            images = load_training_set(d)
+            data["attributes"] = training_bins(d.root, d.hub_name).bins(images["images"], images["labels"])
+        return data
 
     # -- the condition: a prompt's hidden states -------------------------------------------
 
     def training_condition(self, raw, dropped, generator) -> dict[str, torch.Tensor]:
         """captions (int64 B): indices into ``training_prompts``, a random caption of each
-        image's class, or 0 (the empty prompt) where dropped."""
-        return {"captions": torch.where(dropped, 0, self.captions.draw(raw["labels"], generator))}
+        image's class (naming some of its attributes, with ``captions.attributes``), or 0 (the
+        empty prompt) where dropped."""
+        drawn = self.captions.draw(raw["labels"], generator, raw.get("attributes"))
+        return {"captions": torch.where(dropped, 0, drawn)}
 
     def model_condition(self, batch) -> Condition:
         table = self._table = self._table.to(batch["captions"].device)
@@ -130,6 +140,14 @@ class TextConditionedLDM(LatentDDPM):
         steers away from it. ``settings``: those of ``sample`` (img2img included)."""
         condition = self.prompt_condition(prompts)
         return self.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
+
+    def generate_composed(self, model, prompts: list[str], weights: list[float], n: int, *,
+                          negative_prompt: str = "", **settings) -> torch.Tensor:
+        """n images of several prompts at once: each pulls with its weight (a negative weight pushes
+        away), composed as ``ddpm.diffusion.guide`` says; returns uint8 n x 28 x 28."""
+        conditions = [self.prompt_condition([p] * n) for p in prompts]
+        null = self.null_condition(conditions[0], negative_prompt)
+        return self.sample(model, conditions, null, weights=list(weights), **settings)
 
     def preview_rows(self, n: int) -> tuple[list[str], Condition]:
         """One row per class, asked for as "a photo of a <first name of the class>"."""

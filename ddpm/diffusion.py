@@ -91,9 +91,17 @@ def diffusion_loss(scheduler: DDPMScheduler, prediction: torch.Tensor, x0: torch
     return (per_sample * weight).mean()
 
 
-def guide(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance: uncond + w * (cond - uncond)."""
-    return uncond + guidance * (cond - uncond)
+def guide(cond: torch.Tensor | list[torch.Tensor], uncond: torch.Tensor, guidance: float,
+          weights: list[float] | None = None) -> torch.Tensor:
+    """Classifier-free guidance: uncond + w * (cond - uncond).
+
+    Composed (Liu et al. 2022, "Compositional Visual Generation with Composable Diffusion
+    Models"): several conditional outputs ``cond`` (a list), one per prompt, each pulling with
+    its weight, uncond + w * sum_k weight_k (cond_k - uncond); a negative weight pushes away.
+    """
+    if weights is None:
+        return uncond + guidance * (cond - uncond)
+    return uncond + guidance * sum(weight * (c - uncond) for weight, c in zip(weights, cond))
 
 
 def clip_denoised(scheduler: DDPMScheduler, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,

@@ -167,38 +167,42 @@ class DiffusionStage(Stage):
 
     # -- sampling ---------------------------------------------------------------------
 
-    def predict(self, model, x: torch.Tensor, t: torch.Tensor, condition: Condition, null: Condition,
-                guidance: float) -> torch.Tensor:
+    def predict(self, model, x: torch.Tensor, t: torch.Tensor, condition: Condition | list[Condition],
+                null: Condition, guidance: float, weights: list[float] | None = None) -> torch.Tensor:
         """The guided network output for x (B x ``sample_shape``) at timestep t:
 
             out = out(x, null) + w * (out(x, condition) - out(x, null))
 
         w = 1 needs only the conditional branch and w = 0 only the null one; otherwise both run
-        as one batch of 2B. Outside ``sample.guidance_interval`` a w > 1 becomes 1. With
-        ``sample.clip_denoised`` and a ``data_range``, the result is re-expressed so that its
-        clean-sample estimate stays in that range (``clip_denoised``).
+        as one batch of 2B. With ``weights``, ``condition`` is a list of conditions composed as
+        ``guide`` says, all K + 1 branches in one batch. Outside ``sample.guidance_interval`` a
+        w > 1 becomes 1. With ``sample.clip_denoised`` and a ``data_range``, the result is
+        re-expressed so that its clean-sample estimate stays in that range (``clip_denoised``).
         """
         interval = self.config.sample.guidance_interval
         if guidance > 1 and interval is not None and not interval[0] <= int(t) <= interval[1]:
             guidance = 1.0
-        if guidance == 1:
+        if guidance == 1 and weights is None:
             out = self.denoise(model, x, t, condition)
         elif guidance == 0:
             out = self.denoise(model, x, t, null)
         else:
-            both = {k: torch.cat([condition[k], null[k]]) for k in condition}
-            cond, uncond = self.denoise(model, torch.cat([x, x]), t, both).chunk(2)
-            out = guide(cond, uncond, guidance)
+            branches = [*(condition if weights is not None else [condition]), null]
+            stacked = {k: torch.cat([b[k] for b in branches]) for k in null}
+            *cond, uncond = self.denoise(model, torch.cat([x] * len(branches)), t, stacked).chunk(len(branches))
+            out = guide(cond if weights is not None else cond[0], uncond, guidance, weights)
         if self.config.sample.clip_denoised and self.data_range is not None:
             out = clip_denoised(self.scheduler, out, x, t, self.data_range)
         return out
 
     @torch.no_grad()
-    def sample(self, model, condition: Condition, null: Condition, *, guidance: float | None = None,
+    def sample(self, model, condition: Condition | list[Condition], null: Condition, *, guidance: float | None = None,
                scheduler: str | None = None, steps: int | None = None, seed: int | None = None,
                batch_size: int = 500, progress: bool = False, init_images: torch.Tensor | None = None,
-               strength: float = 1.0, on_step: Callable | None = None) -> torch.Tensor:
+               strength: float = 1.0, on_step: Callable | None = None, weights: list[float] | None = None
+               ) -> torch.Tensor:
         """One image per entry of ``condition`` (and of ``null``, its CFG branch): uint8 N x 28 x 28.
+        With ``weights``, ``condition`` is a list of conditions (N entries each), composed (``guide``).
 
         Unset settings come from the ``sample`` config. The same seed gives the same images;
         batches are seeded ``seed + batch index``. img2img: ``init_images`` (uint8 N x 28 x 28)
@@ -218,19 +222,23 @@ class DiffusionStage(Stage):
         device = next(model.parameters()).device
         model.eval()
         sampler = make_sampler(scheduler, self.scheduler)
-        n = len(next(iter(condition.values())))
+        n = len(next(iter(null.values())))
         out = []
         for i, index in enumerate(torch.arange(n).split(batch_size)):
-            cond = {k: v[index].to(device) for k, v in condition.items()}
-            uncond = {k: v[index].to(device) for k, v in null.items()}
+            def rows(c: Condition) -> Condition:
+                return {k: v[index].to(device) for k, v in c.items()}
+
+            cond = [rows(c) for c in condition] if weights is not None else rows(condition)
+            uncond = rows(null)
             generator = torch.Generator(device).manual_seed(seed + i)
             noise = torch.randn((len(index), *self.sample_shape), generator=generator, device=device)
             init = self.from_images(init_images[index].to(device)) if init_images is not None else None
             watch = None if on_step is None else (
                 lambda i, n, t, x_t, out: on_step(i, n, t, x_t, predicted_x0(self.scheduler, out, x_t, t)))
             with _autocast(device):
-                x0 = sample_loop(lambda x, t: self.predict(model, x, t, cond, uncond, guidance), sampler, noise,
-                                 steps, generator, progress=progress, init=init, strength=strength, on_step=watch)
+                x0 = sample_loop(lambda x, t: self.predict(model, x, t, cond, uncond, guidance, weights), sampler,
+                                 noise, steps, generator, progress=progress, init=init, strength=strength,
+                                 on_step=watch)
             out.append(self.to_images(x0).cpu())
         return torch.cat(out)
 

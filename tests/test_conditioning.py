@@ -223,3 +223,43 @@ def test_web_page_of_a_text_run_asks_for_prompts(trained_tiny_text_run, tmp_path
     assert same_as_command(result, tmp_path)
     with pytest.raises(UserError, match="the prompt is empty"):
         explorer.generate(Request(condition="prompt", prompt="  ", steps=3))
+
+
+def test_composed_prompts_on_the_command_line(trained_tiny_text_run, trained_tiny_run, tmp_path):
+    grid = tmp_path / "composed.png"
+    result = run("sample.py", str(trained_tiny_text_run), "--prompt", "a dark coat", "--prompt", "a large coat",
+                 "--weights", "0.6", "-0.2", "--n", "2", "--steps", "2", "--out", str(grid))
+    assert result.returncode == 0, result.stderr
+    assert grid.stat().st_size > 1000
+    one_line_error(run("sample.py", str(trained_tiny_text_run), "--prompt", "a coat", "--weights", "0.5", "0.5"),
+                   "one weight per --prompt")
+    one_line_error(run("sample.py", str(trained_tiny_run), "--evaluate", "--attributes"), "need a text run")
+
+
+def test_attribute_captions_train_and_their_adherence_is_measured(tiny_clip_folder, trained_tiny_autoencoder,
+                                                                  tmp_path):
+    """A text run on attribute captions: each caption names only its image's own bins, and
+    sample.py --attributes measures the run."""
+    import train
+    from conditioning.attributes import ATTRIBUTES
+
+    run_dir = train.train(tiny_config(tmp_path / "attributes", TINY_TEXT,
+                                      autoencoder={"source": str(trained_tiny_autoencoder)},
+                                      text_encoder={"source": str(tiny_clip_folder), "max_length": 24},
+                                      captions={"attributes": ["brightness", "size", "texture"]}))
+    stage, _, _ = load_run(run_dir)
+    assert len(stage.training_prompts) == 1 + 10 * 7 * 4 * 27  # "", then classes x templates x names x words
+    data = stage.load_data()
+    batch = stage.make_batch({k: v[:64] for k, v in data.items()}, torch.Generator().manual_seed(0))
+    named = 0
+    for caption, bins in zip(batch["captions"].tolist(), data["attributes"][:64]):
+        words = stage.training_prompts[caption].split()
+        for k, pair in enumerate(ATTRIBUTES.values()):
+            assert pair[1 - bins[k]] not in words
+            named += pair[bins[k]] in words
+    assert named > 30  # about half of 64 x 3
+    result = run("sample.py", str(run_dir), "--evaluate", "--n", "10", "--steps", "1", "--attributes")
+    assert result.returncode == 0, result.stderr
+    (report,) = json.loads((run_dir / "eval" / "attributes.json").read_text())
+    assert set(ATTRIBUTES) | {"held_out", "accuracy", "composition"} <= set(report)
+    assert (run_dir / "eval" / "attributes_texture.png").is_file()

@@ -66,6 +66,14 @@ def test_guidance_zero_is_unconditional_and_one_is_conditional():
         # the batched 2B path (w not in {0, 1}) must agree with separate passes at w = 1 too
         mixed = stage.predict(model, x, t, condition, null, 1.0 + 1e-9)
         torch.testing.assert_close(mixed, cond, atol=1e-5, rtol=1e-4)
+        # composed (Liu et al. 2022): each condition pulls with its weight, a negative one pushes away
+        others = torch.tensor([1, 1, 2, 2])
+        other = model(x, t, class_labels=others).sample
+        composed = stage.predict(model, x, t, [condition, stage.class_condition(others)], null, 3.0, [0.7, -0.2])
+        expected = uncond + 3 * (0.7 * (cond - uncond) - 0.2 * (other - uncond))
+        torch.testing.assert_close(composed, expected, atol=1e-5, rtol=1e-4)
+        one = stage.predict(model, x, t, [condition], null, 3.0, [1.0])  # one condition, weight 1: plain CFG
+        torch.testing.assert_close(one, uncond + 3 * (cond - uncond), atol=1e-5, rtol=1e-4)
 
 
 def test_v_prediction_target_and_min_snr_weights():

@@ -1,0 +1,88 @@
+"""Prompt adherence beyond the class: does "a photo of a dark coat" give dark coats?
+
+    python sample.py runs/text_fashion_attributes_quick --sweep 1 3 5 --attributes
+
+**Adherence.** For every class and every attribute word, ``per_prompt`` samples of
+``attribute_prompt(class, [word])`` are measured (``attributes.py``, against the medians of the
+class asked for): the share that falls in the word's bin is that word's adherence, 50% by
+chance. Each attribute's figure averages its two words over the classes whose pairs were seen
+in training; the held-out pairs (``captions.HELD_OUT``, never in a training caption) are
+reported apart, with three times the samples each. The judge's class accuracy is taken on the
+same samples: naming an attribute should not cost the class.
+
+**Composition.** Two words of different attributes, asked for three ways per class: each word's
+prompt alone, both prompts composed with weights 1/2 and 1/2 (``TextConditionedLDM.generate_composed``)
+and one prompt naming both. The share of samples with *both* attributes is the measure.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ddpm.evaluate import cached_judge
+from ddpm.data import LabelledImages
+from ddpm.judge import accuracy
+
+from .attributes import ATTRIBUTES, training_bins
+from .captions import HELD_OUT, attribute_prompt, word_attribute
+
+COMPOSED_WORDS = ("dark", "large")
+
+
+def word_jobs(class_names, per_prompt: int, held_out) -> list[tuple[int, str, int]]:
+    """(class, word, samples) for every class and attribute word; held-out pairs get 3x the samples."""
+    held = {tuple(pair) for pair in held_out}
+    return [(c, word, per_prompt * (3 if (name, word) in held else 1))
+            for c, name in enumerate(class_names) for words in ATTRIBUTES.values() for word in words]
+
+
+def adherence_report(stage, model, per_prompt: int = 10, held_out=HELD_OUT, **settings) -> dict:
+    """Adherence per attribute (seen pairs), on the held-out pairs, and the judge's accuracy.
+    ``settings``: guidance, scheduler, steps, seed, progress (those of ``stage.generate_prompts``)."""
+    names = stage.class_names
+    jobs = word_jobs(names, per_prompt, held_out)
+    prompts = [attribute_prompt(names[c], [word]) for c, word, k in jobs for _ in range(k)]
+    labels = torch.tensor([c for c, _, k in jobs for _ in range(k)])
+    images = stage.generate_prompts(model, prompts, **settings)
+    d = stage.config.data
+    measured = training_bins(d.root, d.hub_name).bins(images, labels)
+    columns = list(ATTRIBUTES)
+    held = {tuple(pair) for pair in held_out}
+    hits: dict[str, list[torch.Tensor]] = {}
+    start = 0
+    for c, word, k in jobs:
+        attribute = word_attribute(word)
+        hit = measured[start : start + k, columns.index(attribute)] == ATTRIBUTES[attribute].index(word)
+        key = "held_out" if (names[c], word) in held else attribute
+        hits.setdefault(key, []).append(hit.float())
+        start += k
+    report = {key: torch.cat(v).mean().item() for key, v in hits.items()}
+    report["accuracy"] = accuracy(cached_judge(), LabelledImages(images, labels))
+    report["n"] = len(images)
+    return report
+
+
+def composition_report(stage, model, per_class: int = 10, words=COMPOSED_WORDS, held_out=HELD_OUT,
+                       **settings) -> dict:
+    """The share of samples with both ``words``' attributes: each word's prompt alone, the two
+    prompts composed (weights 1/2, 1/2), and one prompt naming both; classes with a held-out word
+    are left out."""
+    names = stage.class_names
+    held = {tuple(pair) for pair in held_out}
+    classes = [c for c, name in enumerate(names) if not any((name, w) in held for w in words)]
+    d = stage.config.data
+    fitted = training_bins(d.root, d.hub_name)
+    columns = [list(ATTRIBUTES).index(word_attribute(w)) for w in words]
+    targets = torch.tensor([ATTRIBUTES[word_attribute(w)].index(w) for w in words])
+    ways = {f"only '{words[0]}'": [], f"only '{words[1]}'": [], "composed": [], "one prompt with both": []}
+    for c in classes:
+        one, two, both = (attribute_prompt(names[c], list(ws)) for ws in ([words[0]], [words[1]], words))
+        images = {f"only '{words[0]}'": stage.generate_prompts(model, [one] * per_class, **settings),
+                  f"only '{words[1]}'": stage.generate_prompts(model, [two] * per_class, **settings),
+                  "composed": stage.generate_composed(model, [one, two], [0.5, 0.5], per_class, **settings),
+                  "one prompt with both": stage.generate_prompts(model, [both] * per_class, **settings)}
+        for way, batch in images.items():
+            measured = fitted.bins(batch, torch.full((per_class,), c))[:, columns]
+            ways[way].append((measured == targets).all(1).float())
+    return {way: torch.cat(v).mean().item() for way, v in ways.items()} | {"words": list(words),
+                                                                          "n_per_way": per_class * len(classes)}
