@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--phrasings needs a text run; {args.run} is a '{stage.name}' run")
     if (args.attributes or args.weights) and "prompt" not in can.conditions:
         raise UserError(f"--attributes and --weights need a text run; {args.run} is a '{stage.name}' run")
+    if args.attributes and not (args.evaluate or args.sweep):
+        raise UserError("--attributes is measured with --evaluate or --sweep W [W ...]")
     if args.weights and len(args.weights) != len(args.prompts or []):
         raise UserError(f"--weights needs one weight per --prompt: {len(args.weights)} weights, "
                         f"{len(args.prompts or [])} prompts")

@@ -1,6 +1,7 @@
 """Attributes measured from the pixels, so that captions can say more than the class.
 
     python -m conditioning.attributes --figure attributes.png   # examples of every bin, per class
+    python -m conditioning.attributes --autoencoder runs/autoencoder_fashion_quick   # bins kept through it
 
 Three measurements of a uint8 28 x 28 image, on its *garment*: the pixels brighter than
 ``GARMENT_LEVEL`` (Fashion-MNIST's background is black):
@@ -87,6 +88,16 @@ def bin_examples(images: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor,
     return torch.stack(rows)
 
 
+@torch.no_grad()
+def round_trip(autoencoder_run: str, images: torch.Tensor) -> torch.Tensor:
+    """uint8 N x 28 x 28 through an autoencoder run and back (what a latent model can at best make)."""
+    from ddpm.runs import load_for_sampling
+
+    stage, model, _ = load_for_sampling(autoencoder_run)
+    space = stage.latent_space(model)
+    return torch.cat([space.reconstruct(chunk).cpu() for chunk in images.split(500)])
+
+
 def main(argv: list[str] | None = None) -> int:
     from ddpm.errors import cli_errors
     from ddpm.plots import save_grid
@@ -95,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--figure", default="attributes.png", help="PNG: one grid per attribute, side by side")
+        parser.add_argument("--autoencoder", default=None, metavar="RUN",
+                            help="also: how many test images keep their bins through this autoencoder run "
+                                 "(the ceiling of adherence for latent diffusion on it)")
         args = parser.parse_args(argv)
         fitted = training_bins()
         test = load_fashion_mnist("test")
@@ -104,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             shares = [bins[test.labels == c, column].float().mean().item() for c in range(len(CLASS_NAMES))]
             print(f"  {name:10s} " + " ".join(f"{t:7.3f}" for t in fitted.thresholds[:, column].tolist())
                   + "   high bin: " + " ".join(f"{s:.2f}" for s in shares))
+        if args.autoencoder:
+            kept = (fitted.bins(round_trip(args.autoencoder, test.images), test.labels) == bins).float().mean(0)
+            print(f"through {args.autoencoder}: the share of the {len(bins)} test images that keep their bin: "
+                  + ", ".join(f"{name} {k:.3f}" for name, k in zip(ATTRIBUTES, kept.tolist())))
         for column, (name, words) in enumerate(ATTRIBUTES.items()):
             out = args.figure.replace(".png", f"_{name}.png")
             grid = bin_examples(test.images, test.labels, bins, column)

@@ -99,6 +99,13 @@ def word_attribute(word: str) -> str:
     return next(a for a, pair in ATTRIBUTES.items() if word in pair)
 
 
+def named_bins(caption: str) -> list[int]:
+    """The bin a caption names of each attribute (the order of ``ATTRIBUTES``), or -1:
+    "a photo of a large coat" -> [-1, 1, -1]."""
+    words = set(caption.split())
+    return [next((b for b, w in enumerate(pair) if w in words), -1) for pair in ATTRIBUTES.values()]
+
+
 def attribute_prompt(class_name: str, words: list[str]) -> str:
     """The plainest prompt with attributes, "a photo of a dark coat": what adherence is measured on."""
     return f"a photo of {with_article(with_attributes(NAMES[class_name][0], words))}"

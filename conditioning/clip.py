@@ -56,7 +56,9 @@ from ddpm.errors import UserError
 from ddpm.plots import save_grid
 from ddpm.runs import load_for_sampling
 
-from .captions import NAMES, CaptionTable, class_prompt, phrasings_of, prompts_for
+from .attributes import ATTRIBUTES, training_bins
+from .captions import (NAMES, CaptionConfig, attribute_prompt, caption_table, class_prompt, named_bins,
+                       phrasings_of, prompts_for)
 from .text_encoder import MAX_LENGTH, MINILM_PACKAGE, FrozenTextEncoder
 
 SPARE_TOKENS = tuple(f"<|spare_{i}|>" for i in range(32))  # unused words, for teaching the model new ones
@@ -113,13 +115,16 @@ class ClipModelConfig:
 
 
 @dataclasses.dataclass
-class CaptionConfig:
+class ClipCaptionConfig(CaptionConfig):
+    """The text stage's ``captions`` section (attributes, held-out pairs), and word dropout."""
+
     # drop each word of a training caption with this probability, except the garment's own noun
     # ("a photo of a pair of jeans" -> "photo a jeans"), so that the noun, not the whole string,
     # has to say which garment it is
     word_dropout: float = 0.0
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 <= self.word_dropout < 1:
             raise UserError(f"captions.word_dropout must be in [0, 1), got {self.word_dropout}")
 
@@ -128,27 +133,44 @@ class CaptionConfig:
 class ClipStageConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ClipModelConfig = dataclasses.field(default_factory=ClipModelConfig)
-    captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)
+    captions: ClipCaptionConfig = dataclasses.field(default_factory=ClipCaptionConfig)
 
 
 def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, labels: torch.Tensor,
-                     logit_scale: torch.Tensor, max_logit_scale: float = 100.0) -> torch.Tensor:
+                     logit_scale: torch.Tensor, max_logit_scale: float = 100.0, named: torch.Tensor | None = None,
+                     bins: torch.Tensor | None = None) -> torch.Tensor:
     """CLIP's symmetric cross-entropy with multi-positive targets, over the global batch.
 
     image_embeds, text_embeds: float b x D, unit length, this process's pairs; labels: int64 b;
-    logit_scale: the learnt log of s. Pair i's caption describes image j when their labels agree:
-    each row of the target is uniform over those positives, so a pair is never pushed away from
-    another of its class. With several processes every process scores its own b pairs against
-    all B of the batch (gathered with their gradients), and the mean over processes, which DDP
-    takes of the gradients, is exactly the loss of one process holding the whole batch.
+    logit_scale: the learnt log of s. Pair i's caption describes image j when their labels agree
+    and, with attribute captions, when image j is in every bin caption i names (``named``: int64
+    b x 3, the bin each caption names or -1; ``bins``: int64 b x 3, each image's bins). Each row of
+    the target is uniform over its positives, so a pair is never pushed away from another that
+    its caption describes as well. With several processes every process scores its own b pairs
+    against all B of the batch (gathered with their gradients), and the mean over processes, which
+    DDP takes of the gradients, is exactly the loss of one process holding the whole batch.
     """
     all_images, all_texts, all_labels = gather(image_embeds), gather(text_embeds), gather(labels)
     scale = logit_scale.clamp(max=math.log(max_logit_scale)).exp()
-    positives = (labels[:, None] == all_labels[None, :]).float()  # b x B
-    targets = positives / positives.sum(1, keepdim=True)
-    image_to_text = F.cross_entropy(scale * image_embeds @ all_texts.T, targets)  # my images vs every caption
-    text_to_image = F.cross_entropy(scale * text_embeds @ all_images.T, targets)  # my captions vs every image
+    if named is None:
+        mine_describe = theirs_describe = (labels[:, None] == all_labels[None, :]).float()  # b x B
+    else:
+        all_named, all_bins = gather(named), gather(bins)
+        mine_describe = describes(labels, named, all_labels, all_bins).float()  # my captions, every image
+        theirs_describe = describes(all_labels, all_named, labels, bins).T.float()  # my images, every caption
+    image_to_text = F.cross_entropy(scale * image_embeds @ all_texts.T,
+                                    theirs_describe / theirs_describe.sum(1, keepdim=True))
+    text_to_image = F.cross_entropy(scale * text_embeds @ all_images.T,
+                                    mine_describe / mine_describe.sum(1, keepdim=True))
     return (image_to_text + text_to_image) / 2
+
+
+def describes(caption_labels: torch.Tensor, named: torch.Tensor, image_labels: torch.Tensor, bins: torch.Tensor
+              ) -> torch.Tensor:
+    """bool captions x images: the caption's class is the image's, and each bin it names is the image's."""
+    same_class = caption_labels[:, None] == image_labels[None, :]
+    agree = (named[:, None, :] < 0) | (named[:, None, :] == bins[None, :, :])
+    return same_class & agree.all(-1)
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +201,7 @@ class ClipStage(Stage):
     def __init__(self, config: ClipStageConfig):
         super().__init__(config)
         self.class_names = CLASS_NAMES
-        self.captions = CaptionTable(self.class_names)
+        self.captions = caption_table(config.captions, self.class_names)
         self._caption_ids: torch.Tensor | None = None  # P x L token ids of the training captions
         # where each caption names its garment: the last word of the class name it uses
         nouns = [{name.split()[-1] for name in NAMES[c]} for c in self.class_names]
@@ -198,33 +220,43 @@ class ClipStage(Stage):
         padded to the longest (with the causal text tower, padding after the end-of-text token
         changes nothing before it, and the embedding is read at the end-of-text token)."""
         self._caption_ids = self.tokenizer()(self.captions.prompts, padding="longest", return_tensors="pt").input_ids
-        return load_training_set(self.config.data)
+        data = load_training_set(self.config.data)
+        if self.config.captions.attributes:  # each image's attribute bins, for its captions and its positives
+            d = self.config.data
+            data["attributes"] = training_bins(d.root, d.hub_name).bins(data["images"], data["labels"])
+        return data
 
     def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator, step: int = 0
                    ) -> dict[str, torch.Tensor]:
         """pixel_values: B x 1 x 28 x 28 in [-1, 1]; input_ids: B x L, a random caption of each
-        image's class; labels: B, which decide the positives."""
+        image's class; labels: B, which decide the positives; with attribute captions also
+        attributes (B x 3, the images' bins) and named (B x 3, the bin each caption names or -1)."""
         images, labels = raw["images"], raw["labels"]
         flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5 if self.config.data.flip else None
-        captions = self.captions.draw(labels, generator)
+        captions = self.captions.draw(labels, generator, raw.get("attributes"))
         self._caption_ids = self._caption_ids.to(labels.device)
+        batch = {"pixel_values": to_clip_space(images, flip), "labels": labels}
         if self.config.captions.word_dropout > 0:
-            ids = self.drop_words(captions, generator)
+            texts = self.drop_words(captions, generator)
+            batch["input_ids"] = self.tokenizer()(texts, padding="max_length", max_length=self._caption_ids.shape[1],
+                                                  return_tensors="pt").input_ids.to(labels.device)
         else:
-            ids = self._caption_ids[captions]
-        return {"pixel_values": to_clip_space(images, flip), "input_ids": ids, "labels": labels}
+            texts = [self.captions.prompts[i] for i in captions.tolist()]
+            batch["input_ids"] = self._caption_ids[captions]
+        if "attributes" in raw:
+            batch["attributes"] = raw["attributes"]
+            batch["named"] = torch.tensor([named_bins(text) for text in texts], device=labels.device)
+        return batch
 
-    def drop_words(self, captions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Token ids (int64 B x L) of the captions at ``captions`` (indices into the table), each
-        word but the garment's noun left out with probability ``captions.word_dropout``."""
+    def drop_words(self, captions: torch.Tensor, generator: torch.Generator) -> list[str]:
+        """The captions at ``captions`` (indices into the table), each word but the garment's noun
+        left out with probability ``captions.word_dropout``."""
         words = [self.captions.prompts[i].split() for i in captions.tolist()]
         nouns = [self._nouns[i] for i in captions.tolist()]
         dropped = torch.rand(len(words), self._most_words, generator=generator, device=captions.device)
         dropped = (dropped < self.config.captions.word_dropout).tolist()
-        texts = [" ".join(w for j, w in enumerate(caption) if j == noun or not flags[j])
-                 for caption, noun, flags in zip(words, nouns, dropped)]
-        return self.tokenizer()(texts, padding="max_length", max_length=self._caption_ids.shape[1],
-                                return_tensors="pt").input_ids.to(captions.device)
+        return [" ".join(w for j, w in enumerate(caption) if j == noun or not flags[j])
+                for caption, noun, flags in zip(words, nouns, dropped)]
 
     def build_model(self) -> CLIPModel:
         c, tokenizer = self.config.model, self.tokenizer()
@@ -246,7 +278,7 @@ class ClipStage(Stage):
         out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
         logit_scale = getattr(model, "module", model).logit_scale  # under DDP, the wrapped model's
         return contrastive_loss(out.image_embeds, out.text_embeds, batch["labels"], logit_scale,
-                                self.config.model.max_logit_scale)
+                                self.config.model.max_logit_scale, batch.get("named"), batch.get("attributes"))
 
     # -- looking at it ----------------------------------------------------------------
 
@@ -274,6 +306,11 @@ class ClipStage(Stage):
         for kind in ("train", "unseen"):
             report |= {f"eval_{k}_{kind}": v for k, v in
                        retrieval_report(scorer, image_embeds, labels, phrasings_of(kind, self.class_names)).items()}
+        if self.config.captions.attributes:
+            d = self.config.data
+            bins = training_bins(d.root, d.hub_name).bins(images, labels)
+            report |= {f"eval_{k}": v for k, v in attribute_report(scorer, image_embeds, labels, bins, self.class_names,
+                                                                   self.config.captions.held_out).items()}
         scale = min(model.logit_scale.exp().item(), self.config.model.max_logit_scale)
         return {**report, "eval_temperature": 1 / scale, "eval_n": len(images)}
 
@@ -431,3 +468,33 @@ def retrieval_report(scorer: ClipScorer, image_embeds: torch.Tensor, labels: tor
         report[f"text_to_image_r{k}"] = found.any(1).float().mean().item()
     return report
 
+
+def attribute_report(scorer: ClipScorer, image_embeds: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor,
+                     class_names: tuple[str, ...], held_out: list[list[str]]) -> dict[str, float]:
+    """Attribute zero-shot accuracy: for each image and attribute, which of "a photo of a dark
+    coat" and "a photo of a light coat" (its own class) CLIP finds closer, against the measured
+    bin; per attribute over the classes whose pairs were trained on, and over the held-out pairs.
+    Text-to-image recall@1/@5 of every seen "a photo of a <word> <class>": a hit is an image of
+    that class in that bin."""
+    held = {tuple(pair) for pair in held_out}
+    report, held_hits, recall = {}, [], {1: [], 5: []}
+    for column, (attribute, words) in enumerate(ATTRIBUTES.items()):
+        prompts = [attribute_prompt(name, [w]) for name in class_names for w in words]
+        text = scorer.text_embeds(prompts).view(len(class_names), 2, -1)  # C x 2 x D
+        chosen = torch.einsum("nd,nkd->nk", image_embeds, text[labels]).argmax(1)
+        hit = (chosen == bins[:, column]).float()
+        pair_held = torch.tensor([any((class_names[c], w) in held for w in words) for c in labels.tolist()])
+        report[f"attribute_{attribute}"] = hit[~pair_held].mean().item()
+        held_hits.append(hit[pair_held])
+        found = (text.flatten(0, 1) @ image_embeds.T).topk(5, dim=1).indices  # 2C x 5
+        for i, prompt_found in enumerate(found):
+            c, b = divmod(i, 2)
+            if (class_names[c], words[b]) in held:
+                continue
+            good = (labels[prompt_found] == c) & (bins[prompt_found, column] == b)
+            for k in (1, 5):
+                recall[k].append(good[:k].any().float())
+    report["attribute_held_out"] = torch.cat(held_hits).mean().item()
+    for k in (1, 5):
+        report[f"attribute_text_to_image_r{k}"] = torch.stack(recall[k]).mean().item()
+    return report

@@ -11,7 +11,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 import train
 from conditioning.captions import CaptionTable, class_captions, prompts_for
-from conditioning.clip import (SPARE_TOKENS, ClipScorer, ClipStage, build_tokenizer, contrastive_loss,
+from conditioning.clip import (SPARE_TOKENS, ClipScorer, ClipStage, build_tokenizer, contrastive_loss, describes,
                                pretrained_word_embeddings)
 from ddpm.checkpoint import save_tensors
 from ddpm.config import apply_overrides, read_yaml
@@ -80,6 +80,24 @@ def test_pairs_of_one_class_are_not_negatives():
     assert embeds.grad.abs().max() < 1e-4
     diagonal = F.cross_entropy(100 * embeds @ embeds.T, torch.arange(8))
     assert diagonal.item() == pytest.approx(per_row.log().mean().item(), abs=1e-3) and diagonal.item() > 0.5
+
+
+def test_a_caption_naming_an_attribute_is_positive_only_for_images_in_that_bin():
+    """A caption "a dark coat" describes the dark coats of the batch, not the light ones; one that
+    names nothing describes every coat, as class-only captions do."""
+    labels = torch.tensor([4, 4, 4, 1])
+    bins = torch.tensor([[0, 1, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0]])  # dark, light, dark; a trouser
+    named = torch.tensor([[0, -1, -1], [-1, -1, -1], [0, 0, -1], [-1, -1, -1]])  # dark, -, dark small, -
+    assert describes(labels, named, labels, bins).tolist() == [
+        [True, False, True, False], [True, True, True, False], [False, False, True, False], [False, False, False, True]]
+    # positives = image and caption sets of one vector each: at the floor, no gradient
+    embeds = torch.randn(4, 8)
+    nothing = torch.full((4, 3), -1)
+    scale = torch.tensor(math.log(100.0))
+    torch.testing.assert_close(contrastive_loss(embeds, embeds, labels, scale, 100.0, nothing, bins),
+                               contrastive_loss(embeds, embeds, labels, scale))  # naming nothing: class-only
+    assert not torch.allclose(contrastive_loss(embeds, embeds, labels, scale, 100.0, named, bins),
+                              contrastive_loss(embeds, embeds, labels, scale))
 
 
 def test_temperature_starts_at_1_over_0_07_is_clamped_at_100_and_never_decayed():
@@ -294,3 +312,18 @@ def test_word_dropout_keeps_each_captions_noun(fashion_mnist):
 def is_subsequence(short: list[str], long: list[str]) -> bool:
     it = iter(long)
     return all(word in it for word in short)
+
+
+def test_clip_on_attribute_captions(tmp_path, fashion_mnist):
+    """Attribute captions with word dropout: each caption names only its image's bins (what is left
+    of them after dropout), and evaluation adds attribute zero-shot accuracy and recall."""
+    run_dir = train.train(tiny_config(tmp_path / "clip", TINY_CLIP, captions={
+        "attributes": ["brightness", "size", "texture"], "word_dropout": 0.3}))
+    stage, _, _ = load_run(run_dir)
+    data = stage.load_data()
+    batch = stage.make_batch({k: v[:64] for k, v in data.items()}, torch.Generator().manual_seed(0))
+    named, bins = batch["named"], batch["attributes"]
+    assert ((named < 0) | (named == bins)).all() and (named >= 0).sum() > 30
+    report = stage.evaluate(stage.load_model(run_dir / "final"), 200)
+    assert {"eval_attribute_brightness", "eval_attribute_size", "eval_attribute_texture", "eval_attribute_held_out",
+            "eval_attribute_text_to_image_r1", "eval_attribute_text_to_image_r5"} <= set(report)

@@ -5,6 +5,7 @@ where ``SDSTEPS_REQUIRE_BROWSER=1`` (CI sets it, and installs both) makes that a
 """
 
 import dataclasses
+import importlib.util
 import os
 import re
 import shlex
@@ -81,9 +82,7 @@ def test_web_without_gradio_says_how_to_install_it(trained_tiny_run, monkeypatch
 @pytest.fixture(scope="module")
 def browser():
     missing = None
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         missing = "Playwright (pip install -e '.[web,dev]')"
     if not os.path.isfile(CHROMIUM):
         missing = f"Chromium at {CHROMIUM} (apt-get install chromium)"
