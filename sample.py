@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conditioning.adherence import adherence_report, composition_report
+from conditioning.adherence import WAYS, adherence_report, composition_table
 from conditioning.attributes import ATTRIBUTES
 from conditioning.captions import attribute_prompt, prompts_for
 from conditioning.clip import ClipScorer, best_of_groups
@@ -219,34 +219,37 @@ def write_samples(stage, folder: Path, args, images: torch.Tensor, labels: torch
 
 
 def evaluate_attributes(stage, model, scales: list[float | None], out_dir: Path, args) -> None:
-    """--attributes: adherence and composition at each guidance scale (``conditioning/adherence.py``),
-    a table, eval/attributes.json, and one contrast grid per attribute ("a dark coat" beside "a
-    light coat", the same seeds)."""
+    """--attributes (``conditioning/adherence.py``): adherence at each guidance scale; composition
+    of every pair of words at the run's guidance (or --guidance); eval/attributes.json; and one
+    contrast grid per attribute ("a dark coat" beside "a light coat", the same seeds)."""
     settings = dict(scheduler=args.scheduler, steps=args.steps, seed=args.seed)
-    rows = []
-    for w in scales:
-        row = {"guidance": stage.config.sample.guidance if w is None else w}
-        row |= adherence_report(stage, model, guidance=w, progress=True, **settings)
-        row["composition"] = composition_report(stage, model, guidance=w, **settings)
-        rows.append(row)
-    ways = list(rows[0]["composition"])[:4]
-    print(f"attribute adherence (share of samples in the asked bin; chance 0.5) with the judge's class accuracy "
-          f"on the same samples; composition: share of samples both {' and '.join(rows[0]['composition']['words'])}")
-    header = ["w", "class accuracy", *ATTRIBUTES, "held-out pairs", *(f"both: {way}" for way in ways)]
-    print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
-    for r in rows:
-        cells = [f"{r['guidance']:g}", *(f"{r[k]:.3f}" for k in ["accuracy", *ATTRIBUTES, "held_out"]),
-                 *(f"{r['composition'][k]:.3f}" for k in ways)]
-        print("| " + " | ".join(cells) + " |")
-    (out_dir / "attributes.json").write_text(json.dumps(rows, indent=1))
-    w = rows[-1]["guidance"]
+    rows = [{"guidance": stage.config.sample.guidance if w is None else w,
+             **adherence_report(stage, model, guidance=w, progress=True, **settings)} for w in scales]
+    print("attribute adherence: the share of samples in the asked bin (chance 0.5), and the judge's class "
+          "accuracy on the same samples")
+    print_table(["w", "class accuracy", *ATTRIBUTES, "held-out pairs"],
+                [[f"{r['guidance']:g}", *(f"{r[k]:.3f}" for k in ["accuracy", *ATTRIBUTES, "held_out"])] for r in rows])
+    w = stage.config.sample.guidance if args.guidance is None else args.guidance
+    pairs = composition_table(stage, model, guidance=w, **settings)
+    print(f"composition at w = {w:g}: the share of samples with both words, each prompt alone, the two composed "
+          f"(weights {pairs[0]['weights'][0]:g} and {pairs[0]['weights'][1]:g}) and one prompt naming both "
+          f"(n = {pairs[0]['n_per_way']} per cell)")
+    print_table(["words", *WAYS], [[" + ".join(p["words"]), *(f"{p[way]:.3f}" for way in WAYS)] for p in pairs])
+    report = {"adherence": rows, "composition": {"guidance": w, "pairs": pairs}}
+    (out_dir / "attributes.json").write_text(json.dumps(report, indent=1))
     for attribute, words in ATTRIBUTES.items():
         prompts = [attribute_prompt(name, [word]) for name in stage.class_names for word in words]
         images = torch.cat([stage.generate_prompts(model, [p] * 8, guidance=w, **settings) for p in prompts])
         grid, titles = rows_of(images, prompts, 8)
-        save_grid(grid, out_dir / f"attributes_{attribute}.png", titles,
-                  title=f"{attribute}: the same seeds, w = {w:g}")
+        save_grid(grid, out_dir / f"attributes_{attribute}.png", titles, title=f"{attribute}: the same seeds, w = {w:g}")
     print(f"wrote {out_dir / 'attributes.json'} and {out_dir / 'attributes_*.png'} (contrast grids, w = {w:g})")
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table."""
+    print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 def inspect_run(stage, model, folder: Path, args) -> None:

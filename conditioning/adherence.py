@@ -11,11 +11,15 @@ reported apart, with three times the samples each. The judge's class accuracy is
 same samples: naming an attribute should not cost the class.
 
 **Composition.** Two words of different attributes, asked for three ways per class: each word's
-prompt alone, both prompts composed with weights 1/2 and 1/2 (``TextConditionedLDM.generate_composed``)
-and one prompt naming both. The share of samples with *both* attributes is the measure.
+prompt alone, both prompts composed with weight 1 each, as Liu et al. (2022) give every concept
+the full guidance (``TextConditionedLDM.generate_composed``), and one prompt naming both. The
+share of samples with *both* attributes is the measure, for every pair of words of two
+attributes (``composition_table``).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -26,7 +30,8 @@ from ddpm.judge import accuracy
 from .attributes import ATTRIBUTES, training_bins
 from .captions import HELD_OUT, attribute_prompt, word_attribute
 
-COMPOSED_WORDS = ("dark", "large")
+COMPOSED_WEIGHTS = (1.0, 1.0)
+WAYS = ("first alone", "second alone", "composed", "one prompt")  # how the two words are asked for
 
 
 def word_jobs(class_names, per_prompt: int, held_out) -> list[tuple[int, str, int]]:
@@ -62,10 +67,16 @@ def adherence_report(stage, model, per_prompt: int = 10, held_out=HELD_OUT, **se
     return report
 
 
-def composition_report(stage, model, per_class: int = 10, words=COMPOSED_WORDS, held_out=HELD_OUT,
-                       **settings) -> dict:
+def composition_table(stage, model, per_class: int = 5, weights=COMPOSED_WEIGHTS, **settings) -> list[dict]:
+    """``composition_report`` for every pair of words of two different attributes (12 pairs)."""
+    pairs = [(w1, w2) for a, b in itertools.combinations(ATTRIBUTES, 2) for w1 in ATTRIBUTES[a] for w2 in ATTRIBUTES[b]]
+    return [composition_report(stage, model, per_class, pair, weights=weights, **settings) for pair in pairs]
+
+
+def composition_report(stage, model, per_class: int, words: tuple[str, str], held_out=HELD_OUT,
+                       weights=COMPOSED_WEIGHTS, **settings) -> dict:
     """The share of samples with both ``words``' attributes: each word's prompt alone, the two
-    prompts composed (weights 1/2, 1/2), and one prompt naming both; classes with a held-out word
+    prompts composed with ``weights``, and one prompt naming both; classes with a held-out word
     are left out."""
     names = stage.class_names
     held = {tuple(pair) for pair in held_out}
@@ -74,15 +85,15 @@ def composition_report(stage, model, per_class: int = 10, words=COMPOSED_WORDS, 
     fitted = training_bins(d.root, d.hub_name)
     columns = [list(ATTRIBUTES).index(word_attribute(w)) for w in words]
     targets = torch.tensor([ATTRIBUTES[word_attribute(w)].index(w) for w in words])
-    ways = {f"only '{words[0]}'": [], f"only '{words[1]}'": [], "composed": [], "one prompt with both": []}
+    ways = {way: [] for way in WAYS}
     for c in classes:
         one, two, both = (attribute_prompt(names[c], list(ws)) for ws in ([words[0]], [words[1]], words))
-        images = {f"only '{words[0]}'": stage.generate_prompts(model, [one] * per_class, **settings),
-                  f"only '{words[1]}'": stage.generate_prompts(model, [two] * per_class, **settings),
-                  "composed": stage.generate_composed(model, [one, two], [0.5, 0.5], per_class, **settings),
-                  "one prompt with both": stage.generate_prompts(model, [both] * per_class, **settings)}
+        images = {"first alone": stage.generate_prompts(model, [one] * per_class, **settings),
+                  "second alone": stage.generate_prompts(model, [two] * per_class, **settings),
+                  "composed": stage.generate_composed(model, [one, two], list(weights), per_class, **settings),
+                  "one prompt": stage.generate_prompts(model, [both] * per_class, **settings)}
         for way, batch in images.items():
             measured = fitted.bins(batch, torch.full((per_class,), c))[:, columns]
             ways[way].append((measured == targets).all(1).float())
-    return {way: torch.cat(v).mean().item() for way, v in ways.items()} | {"words": list(words),
-                                                                          "n_per_way": per_class * len(classes)}
+    return {way: torch.cat(v).mean().item() for way, v in ways.items()} | {
+        "words": list(words), "weights": list(weights), "n_per_way": per_class * len(classes)}

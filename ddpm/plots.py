@@ -20,10 +20,11 @@ def grid_figure(images: torch.Tensor, row_titles: list[str] | None = None, title
                 col_titles: list[str] | None = None, size: float = 1.1, wrap: int = 14):
     """A matplotlib figure of uint8 images laid out R x C x H x W (or C x H x W for one row),
     grayscale (or R x C x H x W x 3). Row r is labelled ``row_titles[r]`` (a class name, a prompt),
-    column titles are wrapped at ``wrap`` characters."""
+    column titles are wrapped at ``wrap`` characters, the title at the figure's width."""
     images = images[None] if images.ndim == 3 else images
     rows, cols = images.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 1.6, size * rows + 0.5), squeeze=False)
+    width, height = size * cols + 1.6, size * rows + 0.5  # inches
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
     for r in range(rows):
         for c in range(cols):
             ax = axes[r][c]
@@ -34,9 +35,12 @@ def grid_figure(images: torch.Tensor, row_titles: list[str] | None = None, title
             axes[r][0].set_ylabel(row_titles[r], rotation=0, ha="right", va="center", fontsize=9)
     for c, name in enumerate(col_titles or []):
         axes[0][c].set_title(textwrap.fill(name, wrap), fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    top = 1.0
+    if title:  # wrapped to the figure's width, in a band of its own above the images
+        lines = textwrap.wrap(title, max(20, int(width * 11)))
+        fig.suptitle("\n".join(lines), fontsize=10)
+        top = 1 - (0.15 + 0.18 * len(lines)) / height
+    fig.tight_layout(rect=(0, 0, 1, top))
     return fig
 
 

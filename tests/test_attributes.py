@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from conditioning.adherence import adherence_report, composition_report
+from conditioning.adherence import adherence_report, composition_report, composition_table
 from conditioning.attributes import ATTRIBUTES, measure, training_bins
 from conditioning.captions import (HELD_OUT, NAMES, AttributeCaptionTable, CaptionConfig, CaptionTable,
                                    attribute_prompt, caption_table, class_captions, with_attributes)
@@ -131,6 +131,8 @@ def test_adherence_is_one_for_a_model_that_obeys_and_zero_for_one_that_does_the_
 
 def test_composition_counts_samples_with_both_words(fashion_mnist):
     report = composition_report(FakeStage(), None, per_class=2, words=("dark", "small"))
-    assert report["only 'dark'"] == 0 and report["only 'small'"] == 0  # the other word is at its default
-    assert report["composed"] == 1 and report["one prompt with both"] == 1
+    assert report["first alone"] == 0 and report["second alone"] == 0  # the other word is at its default
+    assert report["composed"] == 1 and report["one prompt"] == 1
     assert report["n_per_way"] == 2 * 8  # not Sandal ("dark sandal" is held out) nor Bag ("small bag")
+    table = composition_table(FakeStage(), None, per_class=1)
+    assert len(table) == 12 and all(r["composed"] == 1 for r in table)

@@ -260,6 +260,8 @@ def test_attribute_captions_train_and_their_adherence_is_measured(tiny_clip_fold
     assert named > 30  # about half of 64 x 3
     result = run("sample.py", str(run_dir), "--evaluate", "--n", "10", "--steps", "1", "--attributes")
     assert result.returncode == 0, result.stderr
-    (report,) = json.loads((run_dir / "eval" / "attributes.json").read_text())
-    assert set(ATTRIBUTES) | {"held_out", "accuracy", "composition"} <= set(report)
+    report = json.loads((run_dir / "eval" / "attributes.json").read_text())
+    (adherence,) = report["adherence"]
+    assert set(ATTRIBUTES) | {"held_out", "accuracy"} <= set(adherence)
+    assert len(report["composition"]["pairs"]) == 12
     assert (run_dir / "eval" / "attributes_texture.png").is_file()
