@@ -231,9 +231,10 @@ def evaluate_attributes(stage, model, scales: list[float | None], out_dir: Path,
                 [[f"{r['guidance']:g}", *(f"{r[k]:.3f}" for k in ["accuracy", *ATTRIBUTES, "held_out"])] for r in rows])
     w = stage.config.sample.guidance if args.guidance is None else args.guidance
     pairs = composition_table(stage, model, guidance=w, **settings)
+    counts = sorted({p["n_per_way"] for p in pairs})
     print(f"composition at w = {w:g}: the share of samples with both words, each prompt alone, the two composed "
           f"(weights {pairs[0]['weights'][0]:g} and {pairs[0]['weights'][1]:g}) and one prompt naming both "
-          f"(n = {pairs[0]['n_per_way']} per cell)")
+          f"(n = {counts[0]} to {counts[-1]} per cell)")
     print_table(["words", *WAYS], [[" + ".join(p["words"]), *(f"{p[way]:.3f}" for way in WAYS)] for p in pairs])
     report = {"adherence": rows, "composition": {"guidance": w, "pairs": pairs}}
     (out_dir / "attributes.json").write_text(json.dumps(report, indent=1))

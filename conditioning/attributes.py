@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ddpm.data import CLASS_NAMES, HUB_NAME, load_fashion_mnist
 
 ATTRIBUTES = {"brightness": ("dark", "light"), "size": ("small", "large"), "texture": ("plain", "patterned")}
+ATTRIBUTE_WORDS = {word for words in ATTRIBUTES.values() for word in words}
 GARMENT_LEVEL = 16  # a pixel above this is on the garment
 
 

@@ -22,7 +22,7 @@ import torch
 from ddpm.data import CLASS_NAMES
 from ddpm.errors import UserError
 
-from .attributes import ATTRIBUTES
+from .attributes import ATTRIBUTE_WORDS, ATTRIBUTES
 
 NAMES = {
     "T-shirt/top": ["t-shirt", "tee", "top", "short-sleeved top"],
@@ -78,11 +78,10 @@ class CaptionConfig:
             raise UserError(f"unknown captions.attributes {sorted(unknown)}; valid: {', '.join(ATTRIBUTES)}")
         if not 0 <= self.p_mention <= 1:
             raise UserError(f"captions.p_mention must be in [0, 1], got {self.p_mention}")
-        words = {w for pair in ATTRIBUTES.values() for w in pair}
         for pair in self.held_out:
-            if len(pair) != 2 or pair[0] not in CLASS_NAMES or pair[1] not in words:
+            if len(pair) != 2 or pair[0] not in CLASS_NAMES or pair[1] not in ATTRIBUTE_WORDS:
                 raise UserError(f"captions.held_out entries are [class, word] with a class of {list(CLASS_NAMES)} "
-                                f"and a word of {sorted(words)}; got {pair}")
+                                f"and a word of {sorted(ATTRIBUTE_WORDS)}; got {pair}")
 
 
 def with_attributes(name: str, words: list[str]) -> str:
@@ -158,7 +157,10 @@ class CaptionTable:
     seeded draw of one caption of its class for each image."""
 
     def __init__(self, class_names: tuple[str, ...] = CLASS_NAMES, first: tuple[str, ...] = ()):
-        per_class = class_captions(class_names)
+        self.hold(class_captions(class_names), first)
+
+    def hold(self, per_class: list[list[str]], first: tuple[str, ...]) -> None:
+        """Keep every class's captions in one list, after ``first``, and where each class's start."""
         self.prompts = [*first, *(c for captions in per_class for c in captions)]
         self.counts = torch.tensor([len(c) for c in per_class])
         self.starts = len(first) + torch.cumsum(self.counts, 0) - self.counts  # each class's first caption
@@ -183,13 +185,9 @@ class AttributeCaptionTable(CaptionTable):
         self.config = config
         self.attributes = [list(ATTRIBUTES).index(a) for a in config.attributes]  # columns of measure()
         choices = self.word_choices()
-        words = {w for pair in ATTRIBUTES.values() for w in pair}
-        templates = [t for t in TEMPLATES if not words & set(t.split())]  # not "a small grayscale image of"
-        per_class = [[t.format(with_article(with_attributes(n, chosen))) for t in templates for n in NAMES[c]
-                      for chosen in choices] for c in class_names]
-        self.prompts = [*first, *(c for captions in per_class for c in captions)]
-        self.counts = torch.tensor([len(c) for c in per_class])
-        self.starts = len(first) + torch.cumsum(self.counts, 0) - self.counts
+        templates = [t for t in TEMPLATES if not ATTRIBUTE_WORDS & set(t.split())]  # not "a small grayscale image"
+        self.hold([[t.format(with_article(with_attributes(n, chosen))) for t in templates for n in NAMES[c]
+                    for chosen in choices] for c in class_names], first)
         self.n_choices = len(choices)
         # allowed[c, k, b]: may class c's captions name word b of the k-th listed attribute?
         self.allowed = torch.ones(len(class_names), len(self.attributes), 2, dtype=torch.bool)

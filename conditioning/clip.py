@@ -17,7 +17,10 @@ Ours are not: a Fashion-MNIST caption says only the class, so the dozen other co
 of 128 fit "a photo of a coat" exactly as well as its own image, and calling them negatives would teach the
 towers to tell apart what nothing in the data tells apart. Each row's target is therefore uniform
 over the pairs of the same class (multi-positive targets). A random model's loss is ln B; the
-lowest reachable is the targets' entropy (the mean log of the positives per row), not 0.
+lowest reachable is the targets' entropy (the mean log of the positives per row), not 0. With
+attribute captions (``captions.attributes``, configs/clip_fashion_attributes_quick.yaml) a
+caption describes the images of its class that lie in every bin it names: "a photo of a dark
+coat" has the dark coats of the batch as its positives, not the light ones (``describes``).
 
 Our 320 captions hold some 60 words, so a text tower trained on them alone knows no other word.
 Two options (both on in the quick preset) let it read unseen phrasings: ``model.word_embeddings:

@@ -26,8 +26,8 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from ddpm.config import check_model_keys
-from ddpm.data import load_training_set
 from ddpm.contract import Capabilities
+from ddpm.data import load_training_set
 from ddpm.diffusion_stage import Condition
 from latent.stage import LatentDDPM, LatentDDPMConfig
 
