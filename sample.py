@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='a text run: one grid row per prompt ("" is unconditional); repeat for several')
     parser.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
                         help="a text run: one row that composes the --prompt's, each pulling with its weight "
-                             "(negative: pushing away), e.g. --prompt 'a dark coat' --prompt 'a large coat' "
-                             "--weights 0.5 0.5")
+                             "(negative: pushing away), e.g. --prompt 'a dark coat' --prompt 'a small coat' "
+                             "--weights 1 1")
     parser.add_argument("--negative-prompt", default="", help="a text run: guide away from this prompt")
     parser.add_argument("--phrasings", choices=["train", "unseen"], default="train",
                         help="a text run with --class/--evaluate/--sweep: prompts from the training "
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, seed=args.seed,
                     progress=True, negative_prompt=args.negative_prompt)
     if init_images is not None:
-        n = args.n * len(args.prompts or classes_asked(args, stage))
+        n = args.n * (1 if args.weights else len(args.prompts or classes_asked(args, stage)))
         settings.update(init_images=init_images.expand(n, -1, -1), strength=args.strength)
     if args.weights:
         return sample_composed(stage, model, folder, args, settings)
@@ -242,7 +242,8 @@ def evaluate_attributes(stage, model, scales: list[float | None], out_dir: Path,
         prompts = [attribute_prompt(name, [word]) for name in stage.class_names for word in words]
         images = torch.cat([stage.generate_prompts(model, [p] * 8, guidance=w, **settings) for p in prompts])
         grid, titles = rows_of(images, prompts, 8)
-        save_grid(grid, out_dir / f"attributes_{attribute}.png", titles, title=f"{attribute}: the same seeds, w = {w:g}")
+        save_grid(grid, out_dir / f"attributes_{attribute}.png", titles,
+                  title=f"{attribute}: the same seeds, w = {w:g}")
     print(f"wrote {out_dir / 'attributes.json'} and {out_dir / 'attributes_*.png'} (contrast grids, w = {w:g})")
 
 

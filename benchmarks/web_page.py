@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     import gradio
 
     s = explorer.stage.config.sample
-    print(f"### The web page: `python benchmarks/web_page.py {shlex.join(argv if argv is not None else sys.argv[1:])}`\n")
+    command = shlex.join(argv if argv is not None else sys.argv[1:])
+    print(f"### The web page: `python benchmarks/web_page.py {command}`\n")
     print(f"{datetime.date.today()}, {platform.machine()} CPU, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, gradio {gradio.__version__}, headless Chromium {browser_version}\n")
     print(f"{args.n} images of class {args.class_name!r} per answer, {s.scheduler} {args.steps} steps, guidance "

@@ -23,8 +23,8 @@ import itertools
 
 import torch
 
-from ddpm.evaluate import cached_judge
 from ddpm.data import LabelledImages
+from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
 
 from .attributes import ATTRIBUTES, training_bins

@@ -139,8 +139,9 @@ class Explorer:
                 images = self.stage.generate_prompts(self.model, [r.prompt] * r.n, on_step=on_step, **settings)
         seconds = time.perf_counter() - start
         grid, _ = rows_of(images, [""], r.n)
+        said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
         return Result(images, tile(grid), tile(torch.stack(columns, dim=1)), steps_shown, seconds,
-                      self.command(r, init_path), [str(w.message) for w in caught if issubclass(w.category, UserWarning)])
+                      self.command(r, init_path), said)
 
     def keep_input(self, image: torch.Tensor) -> Path:
         """Save an img2img input (uint8 1 x 28 x 28) as a PNG in the run, named by its pixels, so the
