@@ -27,7 +27,7 @@ from ddpm.data import LabelledImages
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
 
-from .attributes import ATTRIBUTES, training_bins
+from .attributes import ATTRIBUTES, bins_for
 from .captions import HELD_OUT, attribute_prompt, word_attribute
 
 COMPOSED_WEIGHTS = (1.0, 1.0)
@@ -49,8 +49,7 @@ def adherence_report(stage, model, per_prompt: int = 10, held_out=HELD_OUT, **se
     prompts = [attribute_prompt(names[c], [word]) for c, word, k in jobs for _ in range(k)]
     labels = torch.tensor([c for c, _, k in jobs for _ in range(k)])
     images = stage.generate_prompts(model, prompts, **settings)
-    d = stage.config.data
-    measured = training_bins(d.root, d.hub_name).bins(images, labels)
+    measured = bins_for(stage.config.data).bins(images, labels)
     columns = list(ATTRIBUTES)
     held = {tuple(pair) for pair in held_out}
     hits: dict[str, list[torch.Tensor]] = {}
@@ -81,8 +80,7 @@ def composition_report(stage, model, per_class: int, words: tuple[str, str], hel
     names = stage.class_names
     held = {tuple(pair) for pair in held_out}
     classes = [c for c, name in enumerate(names) if not any((name, w) in held for w in words)]
-    d = stage.config.data
-    fitted = training_bins(d.root, d.hub_name)
+    fitted = bins_for(stage.config.data)
     columns = [list(ATTRIBUTES).index(word_attribute(w)) for w in words]
     targets = torch.tensor([ATTRIBUTES[word_attribute(w)].index(w) for w in words])
     ways = {way: [] for way in WAYS}

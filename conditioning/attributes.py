@@ -78,6 +78,11 @@ def training_bins(root: str | None = None, hub_name: str | None = HUB_NAME) -> A
     return AttributeBins.fit(train.images, train.labels)
 
 
+def bins_for(data) -> AttributeBins:
+    """``training_bins`` of the training set a stage's ``data`` section (``DataConfig``) names."""
+    return training_bins(data.root, data.hub_name)
+
+
 def bin_examples(images: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor, attribute: int, per_bin: int = 4
                  ) -> torch.Tensor:
     """For one attribute, each class's first ``per_bin`` images of its low bin then its high bin:

@@ -59,7 +59,7 @@ from ddpm.errors import UserError
 from ddpm.plots import save_grid
 from ddpm.runs import load_for_sampling
 
-from .attributes import ATTRIBUTES, training_bins
+from .attributes import ATTRIBUTES, bins_for
 from .captions import (NAMES, CaptionConfig, attribute_prompt, caption_table, class_prompt, named_bins,
                        phrasings_of, prompts_for)
 from .text_encoder import MAX_LENGTH, MINILM_PACKAGE, FrozenTextEncoder
@@ -225,8 +225,7 @@ class ClipStage(Stage):
         self._caption_ids = self.tokenizer()(self.captions.prompts, padding="longest", return_tensors="pt").input_ids
         data = load_training_set(self.config.data)
         if self.config.captions.attributes:  # each image's attribute bins, for its captions and its positives
-            d = self.config.data
-            data["attributes"] = training_bins(d.root, d.hub_name).bins(data["images"], data["labels"])
+            data["attributes"] = bins_for(self.config.data).bins(data["images"], data["labels"])
         return data
 
     def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator, step: int = 0
@@ -310,8 +309,7 @@ class ClipStage(Stage):
             report |= {f"eval_{k}_{kind}": v for k, v in
                        retrieval_report(scorer, image_embeds, labels, phrasings_of(kind, self.class_names)).items()}
         if self.config.captions.attributes:
-            d = self.config.data
-            bins = training_bins(d.root, d.hub_name).bins(images, labels)
+            bins = bins_for(self.config.data).bins(images, labels)
             report |= {f"eval_{k}": v for k, v in attribute_report(scorer, image_embeds, labels, bins, self.class_names,
                                                                    self.config.captions.held_out).items()}
         scale = min(model.logit_scale.exp().item(), self.config.model.max_logit_scale)

@@ -31,7 +31,7 @@ from ddpm.data import load_training_set
 from ddpm.diffusion_stage import Condition
 from latent.stage import LatentDDPM, LatentDDPMConfig
 
-from .attributes import training_bins
+from .attributes import bins_for
 from .captions import CaptionConfig, caption_table, class_prompt, prompts_for
 from .text_encoder import MAX_LENGTH, FrozenTextEncoder
 
@@ -94,9 +94,8 @@ class TextConditionedLDM(LatentDDPM):
         self._table = self.embed(self.training_prompts)  # P x 77 x D
         data = super().load_data()
         if self.config.captions.attributes:  # each image's attribute bins, measured on its pixels
-            d = self.config.data
-            images = load_training_set(d)
-            data["attributes"] = training_bins(d.root, d.hub_name).bins(images["images"], images["labels"])
+            images = load_training_set(self.config.data)
+            data["attributes"] = bins_for(self.config.data).bins(images["images"], images["labels"])
         return data
 
     # -- the condition: a prompt's hidden states -------------------------------------------

@@ -78,7 +78,6 @@ def rows_of(images: torch.Tensor, row_names: list[str], n: int, columns: int = 8
     return grid, titles
 
 
-
 def tile(grid: torch.Tensor, scale: int = 4, gap: int = 2, gap_value: int = 96) -> np.ndarray:
     """R x C x h x w uint8 images -> one uint8 image (R rows, C columns) for a web page: each image
     enlarged ``scale`` times (nearest pixel, so no pixel is invented) and framed by ``gap`` pixels
@@ -92,6 +91,7 @@ def tile(grid: torch.Tensor, scale: int = 4, gap: int = 2, gap_value: int = 96) 
             top, left = gap + r * cell_h, gap + c * cell_w
             out[top : top + h * scale, left : left + w * scale] = big[r, c]
     return out
+
 
 def show_losses(run_dir: str | Path, title: str) -> None:
     """The training loss of a run against the optimizer step, in a notebook."""

@@ -77,7 +77,7 @@ class Explorer:
             raise UserError(f"{run} is a '{self.stage.name}' run, which makes no new images; the page "
                             f"explores diffusion runs (sample.py {run} shows what this one does)")
         self.conditions = self.stage.capabilities.conditions
-        self.class_names = list(self.stage.class_names)
+        self.class_names = tuple(self.stage.class_names)
         self.max_steps = self.stage.scheduler.config.num_train_timesteps
         self.inputs_dir = run_dir_of(self.folder) / "samples" / "web"  # img2img inputs, for the commands
 
@@ -92,7 +92,7 @@ class Explorer:
         if r.condition not in self.conditions:
             raise UserError(f"this run is asked for {' or '.join(self.conditions)}, not {r.condition!r}")
         if r.condition == "class":
-            class_index(r.class_name, tuple(self.class_names))
+            class_index(r.class_name, self.class_names)
         elif not r.prompt.strip():
             raise UserError("the prompt is empty: type what to draw (or ask for a class)")
         if r.negative_prompt and "prompt" not in self.conditions:
@@ -117,8 +117,9 @@ class Explorer:
                         negative_prompt=r.negative_prompt)
         init_path = None
         if r.init_image:
-            init_path = self.keep_input(read_image(r.init_image, "the img2img image"))
-            settings.update(init_images=read_image(init_path).expand(r.n, -1, -1), strength=r.strength)
+            image = read_image(r.init_image, "the img2img image")
+            init_path = self.keep_input(image)
+            settings.update(init_images=image.expand(r.n, -1, -1), strength=r.strength)
         columns, steps_shown = [], []
         every = max(1, math.ceil(r.steps / SNAPSHOTS))
 
@@ -133,7 +134,7 @@ class Explorer:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if r.condition == "class":
-                labels = torch.full((r.n,), class_index(r.class_name, tuple(self.class_names)))
+                labels = torch.full((r.n,), class_index(r.class_name, self.class_names))
                 images = self.stage.generate(self.model, labels, on_step=on_step, **settings)
             else:
                 images = self.stage.generate_prompts(self.model, [r.prompt] * r.n, on_step=on_step, **settings)
@@ -145,7 +146,7 @@ class Explorer:
 
     def keep_input(self, image: torch.Tensor) -> Path:
         """Save an img2img input (uint8 1 x 28 x 28) as a PNG in the run, named by its pixels, so the
-        command can name it and read back exactly these pixels."""
+        command can name it and read back exactly these pixels (PNG is lossless)."""
         from PIL import Image
 
         pixels = image[0].numpy()
@@ -158,7 +159,7 @@ class Explorer:
         """The ``sample.py`` command that makes the same images as the request."""
         args = ["python", "sample.py", self.run]
         if r.condition == "class":
-            args += ["--class", self.class_names[class_index(r.class_name, tuple(self.class_names))]]
+            args += ["--class", self.class_names[class_index(r.class_name, self.class_names)]]
         else:
             args += ["--prompt", r.prompt]
         if r.negative_prompt:
@@ -181,7 +182,7 @@ def build_page(explorer: Explorer):
             with gr.Column(scale=1):
                 condition = gr.Radio(list(explorer.conditions), value=d.condition, label="Ask for",
                                      visible=len(explorer.conditions) > 1)
-                class_name = gr.Dropdown(explorer.class_names, value=d.class_name, label="Class",
+                class_name = gr.Dropdown(list(explorer.class_names), value=d.class_name, label="Class",
                                          visible="class" in explorer.conditions, elem_id="class")
                 prompt = gr.Textbox(label="Prompt", visible=asks_prompts, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", visible=asks_prompts)

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import train
 from ddpm.checkpoint import latest_good_checkpoint, list_checkpoints, verify_checkpoint
@@ -14,16 +13,11 @@ from ddpm.errors import UserError
 from ddpm.plots import read_metrics
 from ddpm.runs import load_config
 
-from .conftest import tiny_config
+from .conftest import checkpoint_weights, tiny_config
 
 
 def losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
-
-
-def weights(checkpoint) -> dict:
-    return load_file(checkpoint / "model.safetensors") | {
-        f"ema.{k}": v for k, v in load_file(checkpoint / "ema" / "diffusion_pytorch_model.safetensors").items()}
 
 
 def test_loss_falls_on_real_fashion_mnist(tmp_path, fashion_mnist):
@@ -53,7 +47,7 @@ def test_resume_continues_the_same_run_exactly(tmp_path, trained_tiny_run):
     train.train(raw)
     assert losses(resumed) == losses(straight)[4:]
     end_a, end_b = straight / "checkpoints" / "step-00000008", resumed / "checkpoints" / "step-00000008"
-    wa, wb = weights(end_a), weights(end_b)
+    wa, wb = checkpoint_weights(end_a), checkpoint_weights(end_b)
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "weights or EMA differ after resume"
     sa, sb = (json.loads((p / "trainer_state.json").read_text()) for p in (end_a, end_b))
