@@ -12,6 +12,8 @@
     python sample.py runs/text_fashion_clip_quick --evaluate --clip runs/clip_fashion_quick   # + CLIP score
     python sample.py runs/text_fashion_clip_quick --class all --n 8 --rank 2 --clip runs/clip_fashion_quick
     python sample.py runs/ddpm_fashion_quick --web                      # a page at http://127.0.0.1:7860
+    python sample.py runs/text_fashion_clip_quick --lora runs/dreambooth_fashion_lora_quick/final \
+        --prompt "a photo of a <|spare_0|> bag"                         # a text run with LoRA adapters
 
 RUN is a run directory (its final model, or else its newest good checkpoint) or one
 checkpoint folder inside it; the EMA weights are used.
@@ -32,6 +34,7 @@ from conditioning.adherence import WAYS, adherence_report, composition_table
 from conditioning.attributes import ATTRIBUTES
 from conditioning.captions import attribute_prompt, prompts_for
 from conditioning.clip import ClipScorer, best_of_groups
+from conditioning.lora import load_lora
 from ddpm import evaluate as ev
 from ddpm.data import LabelledImages, class_index, read_image
 from ddpm.diffusion import SAMPLERS
@@ -81,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "--evaluate/--sweep, and rank candidates with --rank")
     parser.add_argument("--rank", type=int, default=None, metavar="K",
                         help="generate --n candidates per row and keep the K that --clip scores highest")
+    parser.add_argument("--lora", default=None, metavar="FOLDER",
+                        help="a text run: add these LoRA adapters (diffusers' format) to its UNet")
     parser.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image")
     parser.add_argument("--strength", type=float, default=0.6,
                         help="img2img: 0 returns the image (through the autoencoder), 1 ignores it")
@@ -109,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     clip = ClipScorer.from_run(args.clip) if args.clip else None
     stage, model, folder = load_for_sampling(args.run, args.device)
     can = stage.capabilities
+    if args.lora:
+        if "prompt" not in can.conditions:
+            raise UserError(f"--lora adds adapters to a text run's UNet; {args.run} is a '{stage.name}' run")
+        load_lora(model, args.lora)
     if not can.generates:  # an autoencoder or a CLIP run: its numbers or its preview grid
         return inspect_run(stage, model, folder, args)
     apply_sampling_options(stage, args)

@@ -154,7 +154,9 @@ def train(raw_config: dict) -> Path:
         f"({order.steps_per_epoch} steps/epoch), {world} process(es) on {device}, precision {mixed_precision}")
     generator = torch.Generator(device)
     my_slice = slice(rank * per_process, (rank + 1) * per_process)
-    running_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    running: dict[str, torch.Tensor] = {}  # the loss (and any named parts of it) summed over the window
+    window_steps, window_start = 0, time.perf_counter()
+    clock_start = window_start - _elapsed_before(metrics_path, start_step)
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not is_main,
                desc="train", dynamic_ncols=True)
     for step in bar:
@@ -165,13 +167,16 @@ def train(raw_config: dict) -> Path:
         for m in range(cfg.grad_accum_steps):
             micro_batch = {k: v[m * micro : (m + 1) * micro] for k, v in mine.items()}
             with accelerator.accumulate(model):
-                loss = stage.loss(model, micro_batch)
+                parts = stage.loss(model, micro_batch)
+                parts = parts if isinstance(parts, dict) else {"loss": parts}
+                loss = parts["loss"]
                 accelerator.backward(loss)  # divides by grad_accum_steps; syncs on the last micro-batch
                 if accelerator.sync_gradients and cfg.grad_clip:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            running_loss += loss.detach() / cfg.grad_accum_steps
+            for name, value in parts.items():
+                running[name] = running.get(name, 0) + value.detach() / cfg.grad_accum_steps
         lr_schedule.step()
         ema.update(accelerator.unwrap_model(model))
         window_steps += 1
@@ -179,19 +184,21 @@ def train(raw_config: dict) -> Path:
         checkpoint_due = done == total_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
 
         if done % cfg.log_every == 0 or checkpoint_due:  # the only place the host waits for the GPU
-            mean_loss = accelerator.reduce(running_loss, reduction="mean").item() / window_steps
+            means = {k: accelerator.reduce(v, reduction="mean").item() / window_steps for k, v in running.items()}
+            mean_loss = means["loss"]
             if not math.isfinite(mean_loss):
                 raise UserError(f"loss became {mean_loss} at step {done} (in steps {done - window_steps + 1}.."
                                 f"{done}); the last good checkpoint is kept in {checkpoints_dir}; lower "
                                 f"train.lr or set train.grad_clip, then resume with train.resume=latest")
             elapsed = time.perf_counter() - window_start
-            record = {"step": done, "epoch": round(done / order.steps_per_epoch, 4), "loss": mean_loss,
-                      "lr": lr_schedule.get_last_lr()[0], "images_per_s": window_steps * cfg.batch_size / elapsed}
+            record = {"step": done, "epoch": round(done / order.steps_per_epoch, 4), **means,
+                      "lr": lr_schedule.get_last_lr()[0], "images_per_s": window_steps * cfg.batch_size / elapsed,
+                      "elapsed_s": round(time.perf_counter() - clock_start, 2)}
             if device.type == "cuda":
                 record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             _log(accelerator, metrics_path, record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
-            running_loss.zero_()
+            running.clear()
             window_steps = 0
 
         if cfg.sample_every and done % cfg.sample_every == 0 and is_main:
@@ -290,6 +297,12 @@ def _log_grid(accelerator, png: Path, step: int, name: str = "samples") -> None:
     for tracker in accelerator.trackers:
         options = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
         tracker.log_images({name: image}, step=step, **options)
+
+
+def _elapsed_before(metrics_path: Path, start_step: int) -> float:
+    """Seconds the run had trained before ``start_step`` (resuming), from its last log record."""
+    times = [r["elapsed_s"] for r in read_metrics(metrics_path) if "elapsed_s" in r and r["step"] <= start_step]
+    return times[-1] if start_step and times else 0.0
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:

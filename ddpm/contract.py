@@ -69,8 +69,9 @@ class Stage:
         """The network to train, freshly initialised."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A scalar: the mean loss of a (micro-)batch, a slice of ``make_batch``'s output."""
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+        """A scalar: the mean loss of a (micro-)batch, a slice of ``make_batch``'s output; or a dict
+        of scalars, ``"loss"`` (what is minimised) and named parts of it that the trainer logs too."""
         raise NotImplementedError
 
     # -- looking at it (train.py and sample.py) ----------------------------------------

@@ -73,7 +73,8 @@ def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
 
 def diffusion_loss(scheduler: DDPMScheduler, prediction: torch.Tensor, x0: torch.Tensor,
                    noise: torch.Tensor, t: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
-    """MSE between the network's prediction and its target, averaged over the batch.
+    """MSE between the network's prediction and its target, per example: float B (the loss is
+    their mean).
 
     With ``snr_gamma`` (min-SNR-gamma, Hang et al. 2023), low-noise timesteps, whose
     targets are easy and whose gradients would dominate, are weighted down to
@@ -85,10 +86,10 @@ def diffusion_loss(scheduler: DDPMScheduler, prediction: torch.Tensor, x0: torch
         target = scheduler.get_velocity(x0, noise, t)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
     if snr_gamma is None:
-        return per_sample.mean()
+        return per_sample
     s = snr(scheduler, t)
     weight = s.clamp(max=snr_gamma) / (s if scheduler.config.prediction_type == "epsilon" else s + 1)
-    return (per_sample * weight).mean()
+    return per_sample * weight
 
 
 def guide(cond: torch.Tensor | list[torch.Tensor], uncond: torch.Tensor, guidance: float,

@@ -160,6 +160,10 @@ class DiffusionStage(Stage):
         return self.model_class(**self.network_args(), **self.config.model)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.example_losses(model, batch).mean()
+
+    def example_losses(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The denoising loss of each example of a batch: float B."""
         x_t = self.scheduler.add_noise(batch["x0"], batch["noise"], batch["timesteps"])
         prediction = self.denoise(model, x_t, batch["timesteps"], self.model_condition(batch))
         return diffusion_loss(self.scheduler, prediction, batch["x0"], batch["noise"], batch["timesteps"],

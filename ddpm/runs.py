@@ -31,6 +31,7 @@ STAGES = {
     "latent": "latent.stage:LatentDDPM",
     "text": "conditioning.stage:TextConditionedLDM",
     "clip": "conditioning.clip:ClipStage",
+    "dreambooth": "conditioning.dreambooth:DreamBoothLDM",
 }
 
 

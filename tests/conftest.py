@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "ddpm_fashion_tiny.yaml"
 TINY_AUTOENCODER = ROOT / "configs" / "autoencoder_fashion_tiny.yaml"
 TINY_LATENT = ROOT / "configs" / "latent_fashion_tiny.yaml"
+TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
+TINY_CLIP = ROOT / "configs" / "clip_fashion_tiny.yaml"
 SHARED_MODELS = ROOT.parent / "shared" / "models"
 SLOWEST_FIRST = ("test_notebook_runs", "test_two_processes_train", "test_kill_9_mid_run")  # the longest, 30 s to 3 min
 
@@ -88,6 +90,38 @@ def trained_tiny_latent_run(tmp_path_factory, trained_tiny_autoencoder):
     """A finished tiny latent-diffusion run on the tiny autoencoder's latents."""
     return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "latent", TINY_LATENT,
                                    autoencoder={"source": str(trained_tiny_autoencoder)}))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_folder(tmp_path_factory):
+    """A random tiny CLIP text model with the real CLIP tokenizer (built offline, spare tokens too)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from conditioning.clip import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("clip")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(folder / "clip")
+    tokenizer.save_pretrained(folder / "clip")
+    return folder / "clip"
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_text_run(tmp_path_factory, tiny_clip_folder, trained_tiny_autoencoder):
+    """A finished tiny text run on the tiny CLIP text model and the tiny autoencoder."""
+    return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "text", TINY_TEXT,
+                                   autoencoder={"source": str(trained_tiny_autoencoder)},
+                                   text_encoder={"source": str(tiny_clip_folder)}))
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_clip(tmp_path_factory, fashion_mnist):
+    """A finished tiny CLIP run (both towers)."""
+    return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "clip", TINY_CLIP))
 
 
 def checkpoint_weights(checkpoint: Path) -> dict:

@@ -18,11 +18,8 @@ from ddpm.config import apply_overrides, read_yaml
 from ddpm.plots import read_metrics
 from ddpm.runs import load_config, load_run
 
-from .conftest import (ROOT, SHARED_MODELS, assert_resume_is_exact, assert_two_processes_train_like_one,
-                       one_line_error, run, tiny_config)
-
-TINY_CLIP = ROOT / "configs" / "clip_fashion_tiny.yaml"
-TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
+from .conftest import (ROOT, SHARED_MODELS, TINY_CLIP, TINY_TEXT, assert_resume_is_exact,
+                       assert_two_processes_train_like_one, one_line_error, run, tiny_config)
 
 
 def tiny_stage(preset=TINY_CLIP, *overrides: str) -> ClipStage:
@@ -156,11 +153,6 @@ def test_text_embedding_is_read_at_the_end_of_text_token():
 
 
 # -- a trained tiny run -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def trained_tiny_clip(tmp_path_factory, fashion_mnist):
-    return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "clip", TINY_CLIP))
 
 
 def test_final_folder_loads_with_transformers(trained_tiny_clip):

@@ -6,32 +6,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from conditioning.captions import class_captions, unseen_captions, with_article
-from conditioning.clip import build_tokenizer
 from conditioning.text_encoder import MINILM_PACKAGE, FrozenTextEncoder
 from ddpm.errors import UserError
 from ddpm.runs import load_run
 
-from .conftest import (ROOT, assert_resume_is_exact, assert_two_processes_train_like_one, one_line_error, run,
+from .conftest import (TINY_TEXT, assert_resume_is_exact, assert_two_processes_train_like_one, one_line_error, run,
                        same_as_command, tiny_config)
-
-TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    tokenizer = build_tokenizer()  # the real CLIP vocabulary, built offline
-    torch.manual_seed(0)
-    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    model.save_pretrained(folder / "clip")
-    tokenizer.save_pretrained(folder / "clip")
-    return folder / "clip"
-
 
 def test_clip_encoder_gives_frozen_per_token_hidden_states(tiny_clip_folder):
     encoder = FrozenTextEncoder.from_pretrained(str(tiny_clip_folder))
@@ -83,15 +66,6 @@ def test_captions_cover_every_class_and_unseen_ones_are_new():
 
 
 # -- the text stage -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def trained_tiny_text_run(tmp_path_factory, tiny_clip_folder, trained_tiny_autoencoder):
-    import train
-
-    return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "text", TINY_TEXT,
-                                   autoencoder={"source": str(trained_tiny_autoencoder)},
-                                   text_encoder={"source": str(tiny_clip_folder)}))
 
 
 def loaded(run_dir):

@@ -1,0 +1,390 @@
+"""DreamBooth: teach a trained text-to-image run one new subject from a few pictures (Ruiz et al. 2023).
+
+    python train.py configs/dreambooth_fashion_lora_quick.yaml
+    python sample.py runs/dreambooth_fashion_lora_quick --prompt "a photo of a <|spare_0|> bag"
+    python sample.py runs/text_fashion_clip_quick --lora runs/dreambooth_fashion_lora_quick/final --prompt ...
+    python -m conditioning.dreambooth runs/dreambooth_fashion_*_quick     # the measured table
+
+What changes from stage 3 is the data and where the weights start. The run starts from a
+finished text run (``init_from``: its UNet, frozen text encoder, autoencoder and scheduler; its
+config sections are this run's too) and trains on 3-5 pictures of one subject
+(``subject.py``), all captioned with one *instance prompt* that binds the subject to a rare
+identifier: "a photo of a <|spare_0|> bag". The identifier is one of the tokenizer's spare
+tokens, which no ordinary text ever produces, so it starts with no meaning to unlearn.
+
+Trained on four pictures, the model soon forgets that "a bag" means every bag (language drift)
+and copies the pictures. *Prior preservation* counters both: before fine-tuning, the frozen
+starting model generates ``prior.num_class_images`` images for the *class prompt* ("a photo of a
+bag"); each step then trains on a batch of subject images and as many class images,
+
+    batch  = [instance..., class...]                      one forward pass of 2B
+    loss   = mean(instance losses) + prior.weight * mean(class losses)
+
+so the model keeps answering the class prompt as it did. ``lora.rank`` > 0 trains low-rank
+adapters on the UNet's attention instead of the whole UNet (``lora.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from PIL import Image
+
+from ddpm.checkpoint import load_tensors, weights_file
+from ddpm.config import build, read_yaml
+from ddpm.data import class_index, read_image
+from ddpm.errors import UserError, cli_errors
+from ddpm.evaluate import cached_judge, evaluate_model
+from ddpm.metrics import diversity, embed
+from ddpm.plots import read_metrics
+from ddpm.runs import load_for_sampling
+
+from .captions import NAMES, TEMPLATES, class_prompt, with_article
+from .clip import ClipScorer
+from .lora import WEIGHTS_NAME, LoraSettings, add_lora, load_lora, save_lora
+from .stage import TextConditionedLDM, TextDDPMConfig
+from .subject import DEFAULT_SUBJECT, Likeness, read_subject, rest_of_class, subject_class
+
+FROM_BASE = ("model", "autoencoder", "text_encoder", "captions")  # fixed by init_from's weights
+INSTANCE_TEMPLATE = "a photo of {}"  # the template of the instance and class prompts
+
+
+@dataclasses.dataclass
+class SubjectConfig:
+    images: str = DEFAULT_SUBJECT  # a folder of 28 x 28 PNGs, or a subject shipped in conditioning/subjects/
+    class_name: str | None = None  # its Fashion-MNIST class; default: the folder's subject.json
+    identifier: str = "<|spare_0|>"  # one token of the tokenizer, bound to the subject by training
+
+
+@dataclasses.dataclass
+class PriorConfig:
+    weight: float = 1.0  # of the class images' loss; 0: no prior preservation
+    num_class_images: int = 100  # generated once by the starting model, cached in INIT_FROM/class_images/
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.weight < 0 or self.num_class_images <= 0:
+            raise UserError("prior.weight must be >= 0 and prior.num_class_images > 0")
+
+
+@dataclasses.dataclass
+class DreamBoothConfig(TextDDPMConfig):
+    init_from: str = ""  # a finished text run: runs/text_fashion_clip_quick
+    subject: SubjectConfig = dataclasses.field(default_factory=SubjectConfig)
+    prior: PriorConfig = dataclasses.field(default_factory=PriorConfig)
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+
+
+def base_sections(init_from: str) -> dict:
+    """The resolved config of the run a fine-tune starts from, less its stage and train sections."""
+    if not init_from:
+        raise UserError("init_from is not set; name a finished text run, e.g. init_from: runs/text_fashion_clip_quick")
+    path = Path(init_from) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"init_from {init_from} is not a run directory (no config.yaml); train a text run first")
+    base = read_yaml(path)
+    if base.get("stage") != "text":
+        raise UserError(f"init_from {init_from} is a '{base.get('stage')}' run; DreamBooth starts from a text "
+                        f"run (stage: text), e.g. runs/text_fashion_clip_quick")
+    if not (Path(init_from) / "final" / "unet" / "config.json").is_file():
+        raise UserError(f"init_from {init_from} has no final/ model yet; finish training it first")
+    return {k: v for k, v in base.items() if k not in ("stage", "train")}
+
+
+class DreamBoothLDM(TextConditionedLDM):
+    name = "dreambooth"
+    Config = DreamBoothConfig
+
+    @classmethod
+    def from_dict(cls, sections: dict) -> "DreamBoothLDM":
+        """The starting run's sections, with this config's ``init_from``, ``subject``, ``prior``,
+        ``lora`` and changes to ``data`` (flip), ``diffusion`` (p_uncond, snr_gamma) and ``sample``."""
+        init_from = sections.get("init_from", "")
+        base = base_sections(init_from)
+        merged = {**base, **sections}
+        for key in ("data", "diffusion", "sample"):
+            merged[key] = {**base.get(key, {}), **sections.get(key, {})}
+        config = build(cls.Config, merged, where="config")
+        base_config = build(TextDDPMConfig, base, where=f"{init_from}/config.yaml")
+        for key in FROM_BASE:
+            if getattr(config, key) != getattr(base_config, key):
+                raise UserError(f"{key} comes from init_from ({init_from}) and cannot change; remove the {key} section")
+        for key in ("num_train_timesteps", "beta_schedule", "prediction_type"):
+            if getattr(config.diffusion, key) != getattr(base_config.diffusion, key):
+                raise UserError(f"diffusion.{key} comes from init_from and cannot change")
+        return cls(config)
+
+    def __init__(self, config: DreamBoothConfig):
+        super().__init__(config)
+        s = config.subject
+        class_name = s.class_name or subject_class(s.images)
+        if class_name is None:
+            raise UserError(f"subject.class_name is not set and {s.images} has no subject.json; "
+                            f"name the subject's class, e.g. subject.class_name=Bag")
+        self.subject_class = self.class_names[class_index(class_name, self.class_names)]
+        self.base_final = Path(config.init_from) / "final"
+        self.instance_prompt = subject_prompt(INSTANCE_TEMPLATE, s.identifier, self.subject_class)
+        self.class_prompt = class_prompt(self.subject_class)
+        self.training_prompts = ["", self.instance_prompt, self.class_prompt]  # caption ids 0, 1, 2
+
+    @property
+    def prior(self) -> bool:
+        return self.config.prior.weight > 0
+
+    # -- what starts from init_from --------------------------------------------------------
+
+    def text_encoder(self):
+        if self._encoder is None:
+            self.load_components(self.base_final)
+        return self._encoder
+
+    def latent_space(self):
+        if self._space is None:
+            self.load_components(self.base_final)
+        return self._space
+
+    def check_identifier(self) -> int:
+        """The identifier's token id; a UserError if the tokenizer splits it or does not know it."""
+        tokenizer = self.text_encoder().tokenizer
+        identifier = self.config.subject.identifier
+        ids = tokenizer(identifier, add_special_tokens=False).input_ids
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            raise UserError(f"subject.identifier {identifier!r} is {len(ids)} tokens {pieces} for this run's "
+                            f"tokenizer, not one; use a spare token such as <|spare_0|> of a run whose text "
+                            f"encoder is our CLIP (configs/text_fashion_clip_quick.yaml)")
+        return ids[0]
+
+    # -- the data: the subject's pictures and the class images -------------------------------
+
+    def load_data(self) -> dict[str, torch.Tensor]:
+        """N = max(K, num_class_images) rows; row i holds subject picture i mod K (its latents, and
+        those of its mirror image) and, with prior preservation, class image i mod num_class_images."""
+        self.check_identifier()
+        device = PartialState().device
+        self.text_encoder().to(device)
+        self._table = self.embed(self.training_prompts)
+        instances = read_subject(self.config.subject.images)
+        n = max(len(instances), self.config.prior.num_class_images)
+        data = self.rows("instance", instances, n, caption=1)
+        if self.prior:
+            data |= self.rows("class", self.class_images(), n, caption=2)
+        return data
+
+    def rows(self, half: str, images: torch.Tensor, n: int, caption: int) -> dict[str, torch.Tensor]:
+        """``half``_latents (and _latents_flipped), n x C x h x w, cycling through ``images``; and
+        ``half``_caption, n ids into ``training_prompts``."""
+        space = self.latent_space().to(PartialState().device)
+        images = images[torch.arange(n) % len(images)]
+        return {f"{half}_latents": space.encode(images), f"{half}_latents_flipped": space.encode(images.flip(-1)),
+                f"{half}_caption": torch.full((n,), caption)}
+
+    def class_images(self) -> torch.Tensor:
+        """uint8 num_class_images x 28 x 28: the starting model's answers to the class prompt, made
+        once and kept as PNGs in INIT_FROM/class_images/<prompt and settings>/ (shared by every
+        fine-tune of that run that asks for the same ones)."""
+        p, s = self.config.prior, self.config.sample
+        unet_file = weights_file(self.base_final / "unet")
+        key = json.dumps([self.class_prompt, p.seed, s.scheduler, s.steps, s.guidance, unet_file.stat().st_size,
+                          hashlib.blake2b(unet_file.read_bytes(), digest_size=8).hexdigest()])
+        slug = self.class_prompt.replace(" ", "_") + "-" + hashlib.blake2b(key.encode(), digest_size=5).hexdigest()
+        folder = Path(self.config.init_from) / "class_images" / slug
+        paths = [folder / f"{i:04d}.png" for i in range(p.num_class_images)]
+        state = PartialState()
+        with state.main_process_first():
+            if state.is_main_process and not all(path.is_file() for path in paths):
+                print(f"generating {len(paths)} class images for {self.class_prompt!r} with {self.config.init_from}")
+                base = TextConditionedLDM.load_model(self, self.base_final).to(state.device)
+                images = self.generate_prompts(base, [self.class_prompt] * len(paths), seed=p.seed, progress=True)
+                folder.mkdir(parents=True, exist_ok=True)
+                for image, path in zip(images, paths):
+                    Image.fromarray(image.numpy()).save(path)
+                (folder / "prompt.txt").write_text(key + "\n")
+        return torch.cat([read_image(path, "class image") for path in paths])
+
+    # -- the batch: [instance..., class...] ------------------------------------------------
+
+    def training_condition(self, raw, dropped, generator) -> dict[str, torch.Tensor]:
+        """captions: each row's prompt id, or 0 (the empty prompt) where dropped."""
+        return {"captions": torch.where(dropped, 0, raw["caption"])}
+
+    def make_batch(self, raw, generator, step=0) -> dict[str, torch.Tensor]:
+        """Stage 3's batch for the subject's pictures and, with prior preservation, another for the
+        class images under ``prior_``: B rows each, stacked by ``stacked``."""
+        def half(name):
+            return {"latents": raw[f"{name}_latents"], "latents_flipped": raw[f"{name}_latents_flipped"],
+                    "caption": raw[f"{name}_caption"]}
+
+        batch = super().make_batch(half("instance"), generator, step)
+        if self.prior:
+            batch |= {f"prior_{k}": v for k, v in super().make_batch(half("class"), generator, step).items()}
+        return batch
+
+    @staticmethod
+    def stacked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The DreamBooth batch of 2B: the instance rows, then the class rows."""
+        return {k: torch.cat([v, batch[f"prior_{k}"]]) for k, v in batch.items() if not k.startswith("prior_")}
+
+    def loss(self, model, batch) -> dict[str, torch.Tensor]:
+        """instance_loss + prior.weight * prior_loss, both halves in one forward pass."""
+        if not self.prior:
+            return {"loss": self.example_losses(model, batch).mean()}
+        b = len(batch["x0"])
+        losses = self.example_losses(model, self.stacked(batch))
+        instance, prior = losses[:b].mean(), losses[b:].mean()
+        return {"loss": instance + self.config.prior.weight * prior, "instance_loss": instance, "prior_loss": prior}
+
+    # -- the model: init_from's UNet, whole or with adapters -----------------------------------
+
+    def build_model(self):
+        unet = TextConditionedLDM.load_model(self, self.base_final)
+        return add_lora(unet, self.config.lora) if self.config.lora.rank else unet
+
+    def preview_rows(self, n: int):
+        """The instance prompt, the same in another phrasing, the class prompt, and every other class."""
+        others = [class_prompt(c) for c in self.class_names if c != self.subject_class]
+        rows = [self.instance_prompt, subject_prompt("a product photo of {}", self.config.subject.identifier,
+                                                     self.subject_class), self.class_prompt, *others]
+        return rows, self.prompt_condition([p for p in rows for _ in range(n)])
+
+    def save_final(self, model, folder: Path) -> None:
+        """LoRA: the adapters alone (diffusers' LoRA format); else a whole Stable Diffusion folder.
+        Both with ``dreambooth.json``: the prompts that call the subject up."""
+        if self.config.lora.rank:
+            folder.mkdir(parents=True)
+            save_lora(model, folder)
+        else:
+            super().save_final(model, folder)
+        info = {"init_from": self.config.init_from, "instance_prompt": self.instance_prompt,
+                "class_prompt": self.class_prompt, "identifier": self.config.subject.identifier,
+                "class": self.subject_class, "lora_rank": self.config.lora.rank}
+        (folder / "dreambooth.json").write_text(json.dumps(info, indent=1) + "\n")
+
+    def load_model(self, folder: Path):
+        """A ``final/`` folder (adapters on init_from's UNet, or a whole UNet) or a checkpoint."""
+        if (folder / "ema").is_dir():  # a checkpoint: init_from's UNet (with adapters), then its EMA weights
+            model = self.build_model()
+            model.load_state_dict(load_tensors(weights_file(folder / "ema")))
+            return model
+        if self.config.lora.rank:
+            return load_lora(TextConditionedLDM.load_model(self, self.base_final), folder)
+        return super().load_model(folder)
+
+
+def subject_prompt(template: str, identifier: str, class_name: str) -> str:
+    """``template`` filled with "a <identifier> <first name of the class>": "a photo of a <|spare_0|> bag"
+    (without an identifier: "a photo of a bag")."""
+    noun = NAMES[class_name][0]
+    return template.format(" ".join(w for w in (with_article(noun).split(" ", 1)[0], identifier, noun) if w))
+
+
+# -- measuring a fine-tune ------------------------------------------------------------------------
+
+
+def dreambooth_report(stage: DreamBoothLDM, model, scorer, n: int = 200, n_classes: int = 1000, seed: int = 0
+                      ) -> dict[str, float]:
+    """The DreamBooth paper's measures, our judge standing in for DINO and our CLIP for CLIP, at the
+    run's ``sample`` settings, n samples each (every model measured with the same seeds):
+
+    * subject fidelity: ``subject_*``: how like the subject's pictures the instance prompt's samples
+      are (mean cosine, judge features / CLIP image embeddings), against ``rest_*``: how like the
+      other test images of the class;
+    * prompt fidelity: ``rephrased_*``: the subject in the other training templates ("a product
+      photo of a <id> bag"): likeness, and the CLIP score against the prompt without the identifier;
+    * prior preservation: ``class_prompt_subject_judge``: how like the subject the plain class
+      prompt's samples are (it should not grow);
+    * other classes: the judge's accuracy on n_classes samples of every class's prompts, the
+      subject's class apart; ``diversity``: mean pairwise judge-feature distance of the subject samples.
+    """
+    subject = read_subject(stage.config.subject.images)
+    likeness = Likeness(subject, rest_of_class(stage.subject_class, subject), scorer)
+    c, identifier = stage.class_names.index(stage.subject_class), stage.config.subject.identifier
+    templates = [t for t in TEMPLATES if t != INSTANCE_TEMPLATE]
+    rephrased = [templates[i % len(templates)] for i in range(n)]
+
+    def samples(prompts):
+        return stage.generate_prompts(model, prompts, seed=seed, progress=True)
+
+    instance = samples([stage.instance_prompt] * n)
+    feats, logits = embed(cached_judge(), instance)
+    report = likeness(instance)
+    report["subject_accuracy"] = (logits.argmax(1) == c).float().mean().item()
+    report["diversity"] = diversity(feats, torch.full((n,), c))[0]
+    images = samples([subject_prompt(t, identifier, stage.subject_class) for t in rephrased])
+    report |= {f"rephrased_{k}": v for k, v in likeness(images).items()}
+    report["rephrased_clip_score"] = scorer.score(images, [subject_prompt(t, "", stage.subject_class)
+                                                           for t in rephrased]).mean().item()
+    report["class_prompt_subject_judge"] = likeness(samples([stage.class_prompt] * n))["judge_subject"]
+    per_class = evaluate_model(stage, model, n_classes, seed=seed, progress=True)["per_class_accuracy"]
+    report["class_accuracy"] = per_class[c]
+    report["other_classes_accuracy"] = sum(a for i, a in enumerate(per_class) if i != c) / (len(per_class) - 1)
+    return report
+
+
+def training_cost(run_dir: Path, model) -> dict[str, float]:
+    """Trainable parameters, training minutes (from metrics.jsonl) and the MB of weights a run saved."""
+    final = run_dir / "final"
+    lora = (final / WEIGHTS_NAME)
+    saved = lora if lora.is_file() else weights_file(final / "unet")
+    trainable = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name or not lora.is_file())
+    minutes = max((r.get("elapsed_s", 0) for r in read_metrics(run_dir / "metrics.jsonl")), default=0) / 60
+    return {"trainable_parameters": trainable, "minutes": minutes, "saved_mb": saved.stat().st_size / 2**20}
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Measure DreamBooth runs against the run they started from "
+                                                 "and print a Markdown table.")
+    parser.add_argument("runs", nargs="+", help="DreamBooth run directories (with the same init_from and subject)")
+    parser.add_argument("--clip", default="runs/clip_fashion_quick", help="our CLIP run, for CLIP-I and the CLIP score")
+    parser.add_argument("--n", type=int, default=200, help="samples per prompt set")
+    parser.add_argument("--n-classes", type=int, default=1000, help="samples over every class's prompts")
+    parser.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    args = parser.parse_args(argv)
+    scorer = ClipScorer.from_run(args.clip)
+    rows = {}
+    for i, run in enumerate(args.runs):
+        stage, model, _ = load_for_sampling(run)
+        if not isinstance(stage, DreamBoothLDM):
+            raise UserError(f"{run} is a '{stage.name}' run, not a DreamBooth run")
+        if i == 0:  # the starting model, asked the same prompts
+            subject = read_subject(stage.config.subject.images)
+            likeness = Likeness(subject, rest_of_class(stage.subject_class, subject), scorer)
+            rows["subject pictures (ceiling)"] = likeness.ceiling()
+            base = TextConditionedLDM.load_model(stage, stage.base_final).eval()
+            rows[f"before: {stage.config.init_from}"] = dreambooth_report(stage, base, scorer, args.n, args.n_classes)
+        rows[run] = training_cost(Path(run), model) | dreambooth_report(stage, model, scorer, args.n, args.n_classes)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    print_report(rows)
+    return 0
+
+
+COLUMNS = [  # (heading, key, format)
+    ("trainable params", "trainable_parameters", "{:,.0f}"), ("minutes", "minutes", "{:.1f}"),
+    ("saved MB", "saved_mb", "{:.2f}"),
+    ("subject: judge", "judge_subject", "{:.3f}"), ("rest of class: judge", "judge_rest", "{:.3f}"),
+    ("subject: CLIP", "clip_subject", "{:.3f}"), ("rest: CLIP", "clip_rest", "{:.3f}"),
+    ("rephrased: subject judge", "rephrased_judge_subject", "{:.3f}"),
+    ("rephrased: CLIP score", "rephrased_clip_score", "{:.2f}"),
+    ("class prompt: subject judge", "class_prompt_subject_judge", "{:.3f}"),
+    ("judge acc, subject prompt", "subject_accuracy", "{:.3f}"),
+    ("judge acc, other classes", "other_classes_accuracy", "{:.3f}"), ("diversity", "diversity", "{:.2f}"),
+]
+
+
+def print_report(rows: dict[str, dict]) -> None:
+    print("| model | " + " | ".join(h for h, _, _ in COLUMNS) + " |\n" + "|---" * (len(COLUMNS) + 1) + "|")
+    for name, r in rows.items():
+        print(f"| {name} | " + " | ".join(f.format(r[k]) if k in r else "" for _, k, f in COLUMNS) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""DreamBooth and LoRA: the identifier, the two halves of the batch, the subject, saving in diffusers'
+formats, exact resume, bad input, and the measured report."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from conditioning.dreambooth import main as report_main
+from conditioning.dreambooth import subject_prompt
+from conditioning.lora import WEIGHTS_NAME
+from conditioning.subject import choose_subject, read_subject, rest_of_class
+from ddpm.errors import UserError
+from ddpm.plots import read_metrics
+from ddpm.runs import load_config, load_for_sampling
+
+from .conftest import ROOT, assert_resume_is_exact, one_line_error, run, tiny_config
+
+TINY_DREAMBOOTH = ROOT / "configs" / "dreambooth_fashion_tiny.yaml"
+
+
+def dreambooth_config(output_dir, init_from, **sections) -> dict:
+    raw = tiny_config(output_dir, TINY_DREAMBOOTH, **sections)
+    raw["init_from"] = str(init_from)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, trained_tiny_text_run):
+    return train.train(dreambooth_config(tmp_path_factory.mktemp("runs") / "lora", trained_tiny_text_run,
+                                         lora={"rank": 2}))
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, trained_tiny_text_run):
+    return train.train(dreambooth_config(tmp_path_factory.mktemp("runs") / "full", trained_tiny_text_run))
+
+
+def test_the_identifier_is_one_spare_token(trained_tiny_text_run, tmp_path):
+    stage, _, _ = load_config(dreambooth_config(tmp_path / "db", trained_tiny_text_run))
+    token = stage.check_identifier()
+    tokenizer = stage.text_encoder().tokenizer
+    assert tokenizer.convert_ids_to_tokens(token) == "<|spare_0|>" and token >= 49408  # after CLIP's own 49,408
+    ids = tokenizer(stage.instance_prompt).input_ids
+    assert stage.instance_prompt == "a photo of a <|spare_0|> bag" and ids.count(token) == 1
+    assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == ["a</w>", "photo</w>", "of</w>", "a</w>", "<|spare_0|>",
+                                                          "bag</w>"]
+    split = load_config(dreambooth_config(tmp_path / "db", trained_tiny_text_run, subject={"identifier": "qzxv"}))[0]
+    with pytest.raises(UserError, match=r"is 3 tokens \[.q., .z., .xv</w>.\]"):
+        split.check_identifier()
+
+
+def test_each_half_of_the_batch_is_what_it_claims(trained_tiny_text_run, tmp_path):
+    stage, _, _ = load_config(dreambooth_config(tmp_path / "db", trained_tiny_text_run, data={"flip": False}))
+    data = stage.load_data()
+    subject, class_images = read_subject("bag"), stage.class_images()
+    # the class images are the starting model's answers to the class prompt, made once and cached
+    _, base, _ = load_for_sampling(trained_tiny_text_run)
+    assert torch.equal(class_images, stage.generate_prompts(base, [stage.class_prompt] * 4, seed=0))
+    assert stage.training_prompts == ["", "a photo of a <|spare_0|> bag", "a photo of a bag"]
+
+    batch = stage.make_batch({k: v[torch.arange(4)] for k, v in data.items()}, torch.Generator().manual_seed(0))
+    both = stage.stacked(batch)
+    assert len(both["x0"]) == 8
+    space = stage.latent_space()
+    assert torch.allclose(both["x0"][:4], space.encode(subject))  # instance rows first...
+    assert torch.allclose(both["x0"][4:], space.encode(class_images))  # ...then the class rows
+    assert set(both["captions"][:4].tolist()) <= {0, 1} and set(both["captions"][4:].tolist()) <= {0, 2}
+
+    model = stage.build_model()
+    parts = stage.loss(model, batch)
+    each = stage.example_losses(model, both)
+    assert torch.allclose(parts["instance_loss"], each[:4].mean()) and torch.allclose(parts["prior_loss"], each[4:].mean())
+    assert torch.allclose(parts["loss"], parts["instance_loss"] + parts["prior_loss"])  # prior.weight 1
+
+
+def test_lora_trains_only_adapters_and_loads_in_diffusers(lora_run, trained_tiny_text_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    stage, model, folder = load_for_sampling(lora_run)
+    assert sorted(p.name for p in folder.iterdir()) == ["dreambooth.json", WEIGHTS_NAME]
+    info = json.loads((folder / "dreambooth.json").read_text())
+    assert info["instance_prompt"] == "a photo of a <|spare_0|> bag" and info["lora_rank"] == 2
+    # the UNet under the adapters is init_from's, untouched; the adapters moved away from B = 0
+    base = load_for_sampling(trained_tiny_text_run)[1].state_dict()
+    weights = model.state_dict()
+    for name, value in base.items():
+        module, tensor = name.rsplit(".", 1)
+        assert torch.equal(weights.get(name, weights.get(f"{module}.base_layer.{tensor}")), value)
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+    assert (folder / WEIGHTS_NAME).stat().st_size < 0.5 * sum(v.numel() * 4 for v in base.values())
+
+    # diffusers' own pipeline, with the LoRA loaded its way, predicts what our model predicts
+    pipe = StableDiffusionPipeline.from_pretrained(trained_tiny_text_run / "final", safety_checker=None,
+                                                   local_files_only=True)
+    pipe.load_lora_weights(folder)
+    x, t = torch.randn(2, *stage.sample_shape), torch.tensor([500, 20])
+    condition = stage.prompt_condition([stage.instance_prompt, "a bag"])
+    with torch.no_grad():
+        ours = model(x, t, **condition).sample
+        theirs = pipe.unet(x, t, **condition).sample
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+    # sample.py: the LoRA run, and the text run with --lora, give the same pixels
+    arrays = []
+    for args in ([str(lora_run)], [str(trained_tiny_text_run), "--lora", str(folder)]):
+        out = tmp_path / f"{len(arrays)}.npy"
+        result = run("sample.py", *args, "--prompt", stage.instance_prompt, "--n", "2", "--steps", "2",
+                     "--save-array", str(out), "--out", str(tmp_path / "grid.png"))
+        assert result.returncode == 0, result.stderr
+        arrays.append(np.load(out))
+    assert np.array_equal(*arrays)
+    one_line_error(run("sample.py", str(trained_tiny_text_run), "--lora", str(trained_tiny_text_run / "final"),
+                       "--prompt", "a bag"), "holds no LoRA")
+
+
+def test_loss_halves_are_logged_and_full_fine_tunes_export_a_pipeline(full_run, trained_tiny_text_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    records = [r for r in read_metrics(full_run / "metrics.jsonl") if "loss" in r]
+    assert all(r["loss"] == pytest.approx(r["instance_loss"] + r["prior_loss"], rel=1e-5) for r in records)
+    assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)
+    pipe = StableDiffusionPipeline.from_pretrained(full_run / "final", safety_checker=None, local_files_only=True)
+    out = pipe("a photo of a <|spare_0|> bag", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape[:3] == (1, 32, 32)
+    no_prior = train.train(dreambooth_config(tmp_path / "no_prior", trained_tiny_text_run, prior={"weight": 0}))
+    assert not any("prior_loss" in r for r in read_metrics(no_prior / "metrics.jsonl"))
+
+
+def test_resume_continues_the_same_lora_run_exactly(lora_run, tmp_path):
+    assert_resume_is_exact(lora_run, tmp_path / "resumed")
+
+
+def test_bad_input_is_one_clear_line(trained_tiny_text_run, trained_tiny_run, tmp_path):
+    def train_error(*overrides, init_from=trained_tiny_text_run):
+        return run("train.py", str(TINY_DREAMBOOTH), f"train.output_dir={tmp_path / 'out'}", f"init_from={init_from}",
+                   *overrides)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(train_error(f"subject.images={empty}", "subject.class_name=Bag"), "holds no images")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "0.png").write_bytes(b"not a png")
+    one_line_error(train_error(f"subject.images={broken}", "subject.class_name=Bag"), "not an image file")
+    large = tmp_path / "large"
+    large.mkdir()
+    Image.new("L", (64, 64)).save(large / "0.png")
+    one_line_error(train_error(f"subject.images={large}", "subject.class_name=Bag"), "is 64 x 64", "28 x 28")
+    one_line_error(train_error(f"subject.images={large}"), "subject.class_name is not set")
+    one_line_error(train_error("subject.identifier=sksqzx"), "subject.identifier", "tokens")
+    one_line_error(train_error(init_from=trained_tiny_run), "is a 'ddpm' run", "text run")
+    one_line_error(train_error(init_from=tmp_path), "not a run directory")
+    one_line_error(train_error("model.layers_per_block=2"), "model comes from init_from")
+    one_line_error(train_error("diffusion.prediction_type=v_prediction"), "diffusion.prediction_type comes from")
+    assert not (tmp_path / "out").exists()  # nothing was trained or written
+
+
+def test_the_default_subject_is_a_distinctive_group_of_test_images(fashion_mnist):
+    subject = read_subject("bag")
+    info = json.loads((ROOT / "conditioning" / "subjects" / "bag" / "subject.json").read_text())
+    from ddpm.data import load_fashion_mnist
+
+    test = load_fashion_mnist("test")
+    assert torch.equal(subject, test.images[info["test_indices"]]) and info["class"] == "Bag"
+    assert len(rest_of_class("Bag", subject)) == int((test.labels == 8).sum()) - 4
+    # the rule: three copies of an odd image among many alike are the group it picks
+    g = torch.Generator().manual_seed(0)
+    common = (torch.rand(1, 28, 28, generator=g) * 255).to(torch.uint8)
+    images = (common.float() + torch.randn(30, 28, 28, generator=g) * 20).clamp(0, 255).to(torch.uint8)
+    odd = torch.zeros(28, 28, dtype=torch.uint8)
+    odd[5:10] = 255
+    images[[3, 17, 25]] = odd
+    chosen, coherence, distinctness = choose_subject(images, torch.ones(30, dtype=torch.bool), k=3)
+    assert sorted(chosen.tolist()) == [3, 17, 25] and coherence == pytest.approx(1.0) and distinctness < 0.5
+
+
+def test_subject_prompts():
+    assert subject_prompt("a photo of {}", "<|spare_3|>", "Ankle boot") == "a photo of an <|spare_3|> ankle boot"
+    assert subject_prompt("{} on a black background", "", "Trouser") == "a pair of trousers on a black background"
+
+
+def test_the_report_measures_before_and_after(lora_run, trained_tiny_clip, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert report_main([str(lora_run), "--clip", str(trained_tiny_clip), "--n", "4", "--n-classes", "10",
+                        "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    ceiling, before, after = rows.values()
+    assert ceiling["judge_subject"] > 0.5  # the subject's pictures are alike
+    assert after["trainable_parameters"] < 0.1 * sum(p.numel() for p in load_for_sampling(lora_run)[1].parameters())
+    for key in ("judge_subject", "judge_rest", "clip_subject", "rephrased_clip_score", "class_prompt_subject_judge",
+                "other_classes_accuracy", "diversity"):
+        assert np.isfinite(before[key]) and np.isfinite(after[key])
+    assert "| subject pictures (ceiling) |" in capsys.readouterr().out
+
