@@ -15,13 +15,20 @@ tokens, which no ordinary text ever produces, so it starts with no meaning to un
 Trained on four pictures, the model soon forgets that "a bag" means every bag (language drift)
 and copies the pictures. *Prior preservation* counters both: before fine-tuning, the frozen
 starting model generates ``prior.num_class_images`` images for the *class prompt* ("a photo of a
-bag"); each step then trains on a batch of subject images and as many class images,
+bag"; at guidance 1, so they are its own conditional distribution, not a sharpened one, which
+training on would sharpen every later guided sample further); each step then trains on a batch of
+subject images and as many class images,
 
     batch  = [instance..., class...]                      one forward pass of 2B
     loss   = mean(instance losses) + prior.weight * mean(class losses)
 
-so the model keeps answering the class prompt as it did. ``lora.rank`` > 0 trains low-rank
-adapters on the UNet's attention instead of the whole UNet (``lora.py``).
+so the model keeps answering the class prompt as it did. Nothing in that loss speaks for the
+other classes, and a small UNet fine-tuned long enough to tell "a <|spare_0|> bag" from "a bag"
+(our frozen text tower barely does) forgets them too: ``prior.classes: all`` makes class images
+for every class's prompt, and the class half of each batch draws from all of them, half of it
+from the subject's own class.
+``lora.rank`` > 0 trains low-rank adapters on the UNet's attention instead of the whole UNet
+(``lora.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import PartialState
@@ -66,7 +74,10 @@ class SubjectConfig:
 @dataclasses.dataclass
 class PriorConfig:
     weight: float = 1.0  # of the class images' loss; 0: no prior preservation
-    num_class_images: int = 100  # generated once by the starting model, cached in INIT_FROM/class_images/
+    num_class_images: int = 100  # per class prompt; generated once by the starting model, cached in INIT_FROM/class_images/
+    classes: Literal["subject", "all"] = "subject"  # whose prompts: the subject's class (the paper), or every
+    # class (the subject's then makes up half of the class images)
+    guidance: float = 1.0  # 1: draws from the model's own conditional distribution, the one to preserve
     seed: int = 0
 
     def __post_init__(self):
@@ -132,7 +143,9 @@ class DreamBoothLDM(TextConditionedLDM):
         self.base_final = Path(config.init_from) / "final"
         self.instance_prompt = subject_prompt(INSTANCE_TEMPLATE, s.identifier, self.subject_class)
         self.class_prompt = class_prompt(self.subject_class)
-        self.training_prompts = ["", self.instance_prompt, self.class_prompt]  # caption ids 0, 1, 2
+        prior_classes = self.class_names if config.prior.classes == "all" else [self.subject_class]
+        self.prior_prompts = [class_prompt(c) for c in prior_classes]
+        self.training_prompts = ["", self.instance_prompt, *self.prior_prompts]  # caption ids 0, 1, 2, ...
 
     @property
     def prior(self) -> bool:
@@ -165,44 +178,58 @@ class DreamBoothLDM(TextConditionedLDM):
     # -- the data: the subject's pictures and the class images -------------------------------
 
     def load_data(self) -> dict[str, torch.Tensor]:
-        """N = max(K, num_class_images) rows; row i holds subject picture i mod K (its latents, and
-        those of its mirror image) and, with prior preservation, class image i mod num_class_images."""
+        """N rows, at least one per subject picture and one per class image; row i holds subject
+        picture i mod K (its latents, and those of its mirror image) and, with prior preservation,
+        class image i mod M with its prompt's caption id."""
         self.check_identifier()
         device = PartialState().device
         self.text_encoder().to(device)
         self._table = self.embed(self.training_prompts)
         instances = read_subject(self.config.subject.images)
-        n = max(len(instances), self.config.prior.num_class_images)
-        data = self.rows("instance", instances, n, caption=1)
+        images, captions = self.class_rows() if self.prior else (instances, None)
+        n = max(len(instances), len(images))
+        data = self.rows("instance", instances, torch.ones(len(instances), dtype=torch.long), n)
         if self.prior:
-            data |= self.rows("class", self.class_images(), n, caption=2)
+            data |= self.rows("class", images, captions, n)
         return data
 
-    def rows(self, half: str, images: torch.Tensor, n: int, caption: int) -> dict[str, torch.Tensor]:
-        """``half``_latents (and _latents_flipped), n x C x h x w, cycling through ``images``; and
-        ``half``_caption, n ids into ``training_prompts``."""
-        space = self.latent_space().to(PartialState().device)
-        images = images[torch.arange(n) % len(images)]
-        return {f"{half}_latents": space.encode(images), f"{half}_latents_flipped": space.encode(images.flip(-1)),
-                f"{half}_caption": torch.full((n,), caption)}
+    def class_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class images (uint8 M x 28 x 28) and their prompts' caption ids (int64 M). With
+        ``prior.classes: all`` the subject's own class is repeated to make up half of them: it is
+        the class the identifier's prompt is nearly the same as, and drifts first."""
+        images, captions = [], []
+        for i, prompt in enumerate(self.prior_prompts):
+            repeat = len(self.prior_prompts) - 1 if prompt == self.class_prompt and len(self.prior_prompts) > 1 else 1
+            images += [self.class_images(prompt)] * repeat
+            captions += [torch.full((self.config.prior.num_class_images * repeat,), 2 + i)]
+        return torch.cat(images), torch.cat(captions)
 
-    def class_images(self) -> torch.Tensor:
-        """uint8 num_class_images x 28 x 28: the starting model's answers to the class prompt, made
-        once and kept as PNGs in INIT_FROM/class_images/<prompt and settings>/ (shared by every
+    def rows(self, half: str, images: torch.Tensor, captions: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+        """``half``_latents (and _latents_flipped), n x C x h x w, cycling through ``images``, and
+        ``half``_caption, each one's id into ``training_prompts`` (int64 n)."""
+        space = self.latent_space().to(PartialState().device)
+        index = torch.arange(n) % len(images)
+        return {f"{half}_latents": space.encode(images[index]), f"{half}_latents_flipped": space.encode(
+            images[index].flip(-1)), f"{half}_caption": captions[index]}
+
+    def class_images(self, prompt: str) -> torch.Tensor:
+        """uint8 num_class_images x 28 x 28: the starting model's answers to ``prompt``, made once
+        and kept as PNGs in INIT_FROM/class_images/<prompt and settings>/ (shared by every
         fine-tune of that run that asks for the same ones)."""
         p, s = self.config.prior, self.config.sample
         unet_file = weights_file(self.base_final / "unet")
-        key = json.dumps([self.class_prompt, p.seed, s.scheduler, s.steps, s.guidance, unet_file.stat().st_size,
+        key = json.dumps([prompt, p.seed, s.scheduler, s.steps, p.guidance, unet_file.stat().st_size,
                           hashlib.blake2b(unet_file.read_bytes(), digest_size=8).hexdigest()])
-        slug = self.class_prompt.replace(" ", "_") + "-" + hashlib.blake2b(key.encode(), digest_size=5).hexdigest()
+        slug = prompt.replace(" ", "_").replace("/", "_") + "-" + hashlib.blake2b(key.encode(), digest_size=5).hexdigest()
         folder = Path(self.config.init_from) / "class_images" / slug
         paths = [folder / f"{i:04d}.png" for i in range(p.num_class_images)]
         state = PartialState()
         with state.main_process_first():
             if state.is_main_process and not all(path.is_file() for path in paths):
-                print(f"generating {len(paths)} class images for {self.class_prompt!r} with {self.config.init_from}")
+                print(f"generating {len(paths)} class images for {prompt!r} with {self.config.init_from}")
                 base = TextConditionedLDM.load_model(self, self.base_final).to(state.device)
-                images = self.generate_prompts(base, [self.class_prompt] * len(paths), seed=p.seed, progress=True)
+                images = self.generate_prompts(base, [prompt] * len(paths), guidance=p.guidance, seed=p.seed,
+                                               progress=True)
                 folder.mkdir(parents=True, exist_ok=True)
                 for image, path in zip(images, paths):
                     Image.fromarray(image.numpy()).save(path)

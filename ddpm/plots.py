@@ -127,7 +127,7 @@ def plot_metrics(metrics_path: str | Path, out: str | Path) -> Path | None:
         for key, value in rec.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 series.setdefault(key, []).append((rec["step"], value))
-    series = {k: v for k, v in series.items() if k not in ("epoch", "images_per_s") and len(v) > 1}
+    series = {k: v for k, v in series.items() if k not in ("epoch", "images_per_s", "elapsed_s") and len(v) > 1}
     if not series:
         return None
     fig, axes = plt.subplots(len(series), 1, figsize=(6, 2.2 * len(series)), sharex=True, squeeze=False)
@@ -136,7 +136,7 @@ def plot_metrics(metrics_path: str | Path, out: str | Path) -> Path | None:
         ax.plot(steps, values, marker="." if len(points) < 30 else None)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-        if key == "loss":
+        if key == "loss" or key.endswith("_loss"):
             ax.set_yscale("log")
     axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()

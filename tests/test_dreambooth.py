@@ -10,6 +10,7 @@ from PIL import Image
 
 import train
 from conditioning.dreambooth import main as report_main
+from conditioning.captions import class_prompt
 from conditioning.dreambooth import subject_prompt
 from conditioning.lora import WEIGHTS_NAME
 from conditioning.subject import choose_subject, read_subject, rest_of_class
@@ -53,22 +54,33 @@ def test_the_identifier_is_one_spare_token(trained_tiny_text_run, tmp_path):
         split.check_identifier()
 
 
-def test_each_half_of_the_batch_is_what_it_claims(trained_tiny_text_run, tmp_path):
-    stage, _, _ = load_config(dreambooth_config(tmp_path / "db", trained_tiny_text_run, data={"flip": False}))
+@pytest.mark.parametrize("classes", ["subject", "all"])
+def test_each_half_of_the_batch_is_what_it_claims(trained_tiny_text_run, tmp_path, classes):
+    stage, _, _ = load_config(dreambooth_config(tmp_path / "db", trained_tiny_text_run, data={"flip": False},
+                                                prior={"classes": classes, "num_class_images": 2}))
     data = stage.load_data()
-    subject, class_images = read_subject("bag"), stage.class_images()
-    # the class images are the starting model's answers to the class prompt, made once and cached
+    # the class images are the starting model's answers to the class prompts, made once and cached
     _, base, _ = load_for_sampling(trained_tiny_text_run)
-    assert torch.equal(class_images, stage.generate_prompts(base, [stage.class_prompt] * 4, seed=0))
-    assert stage.training_prompts == ["", "a photo of a <|spare_0|> bag", "a photo of a bag"]
+    prompts = ["a photo of a bag"] if classes == "subject" else [class_prompt(c) for c in stage.class_names]
+    assert stage.training_prompts == ["", "a photo of a <|spare_0|> bag", *prompts]
+    class_images = torch.cat([stage.class_images(p) for p in prompts])
+    assert torch.equal(class_images[:2], stage.generate_prompts(base, [prompts[0]] * 2, guidance=1, seed=0))
+    assert torch.equal(class_images[-2:], stage.generate_prompts(base, [prompts[-1]] * 2, guidance=1, seed=0))
 
+    n = len(data["instance_latents"])
+    bags = (data["class_caption"] == 2 + prompts.index("a photo of a bag")).float().mean().item()
+    assert n == (4 if classes == "subject" else 2 * 9 + 9 * 2)  # the 4 pictures; the bags 9 times, 9 other classes
+    assert bags == (1.0 if classes == "subject" else 0.5)  # every class: half of the class rows are bags
     batch = stage.make_batch({k: v[torch.arange(4)] for k, v in data.items()}, torch.Generator().manual_seed(0))
     both = stage.stacked(batch)
     assert len(both["x0"]) == 8
     space = stage.latent_space()
-    assert torch.allclose(both["x0"][:4], space.encode(subject))  # instance rows first...
-    assert torch.allclose(both["x0"][4:], space.encode(class_images))  # ...then the class rows
-    assert set(both["captions"][:4].tolist()) <= {0, 1} and set(both["captions"][4:].tolist()) <= {0, 2}
+    assert torch.allclose(both["x0"][:4], space.encode(read_subject("bag")), atol=1e-5)  # instance rows first...
+    cycled = class_images[torch.arange(4) % len(class_images)]
+    assert torch.allclose(both["x0"][4:], space.encode(cycled), atol=1e-5)  # ...then the class rows,
+    kept = both["captions"] != 0  # each captioned with the prompt it answered (unless dropped to "")
+    asked = torch.tensor([1] * 4 + [2 + i // 2 if classes == "all" else 2 for i in range(4)])
+    assert torch.equal(both["captions"][kept], asked[kept])
 
     model = stage.build_model()
     parts = stage.loss(model, batch)
