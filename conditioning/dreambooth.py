@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for i, run in enumerate(args.runs):
         stage, model, _ = load_for_sampling(run)
-        if not isinstance(stage, DreamBoothLDM):
+        if stage.name != DreamBoothLDM.name:  # (not isinstance: run as __main__, this module is a second copy)
             raise UserError(f"{run} is a '{stage.name}' run, not a DreamBooth run")
         if i == 0:  # the starting model, asked the same prompts
             subject = read_subject(stage.config.subject.images)

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 import train
-from conditioning.dreambooth import main as report_main
 from conditioning.captions import class_prompt
 from conditioning.dreambooth import subject_prompt
 from conditioning.lora import WEIGHTS_NAME
@@ -18,7 +17,7 @@ from ddpm.errors import UserError
 from ddpm.plots import read_metrics
 from ddpm.runs import load_config, load_for_sampling
 
-from .conftest import ROOT, assert_resume_is_exact, one_line_error, run, tiny_config
+from .conftest import ROOT, assert_resume_is_exact, command, one_line_error, run, tiny_config
 
 TINY_DREAMBOOTH = ROOT / "configs" / "dreambooth_fashion_tiny.yaml"
 
@@ -196,10 +195,11 @@ def test_subject_prompts():
     assert subject_prompt("{} on a black background", "", "Trouser") == "a pair of trousers on a black background"
 
 
-def test_the_report_measures_before_and_after(lora_run, trained_tiny_clip, tmp_path, capsys):
+def test_the_report_measures_before_and_after(lora_run, trained_tiny_clip, tmp_path):
     out = tmp_path / "report.json"
-    assert report_main([str(lora_run), "--clip", str(trained_tiny_clip), "--n", "4", "--n-classes", "10",
-                        "--out", str(out)]) == 0
+    result = command("-m", "conditioning.dreambooth", str(lora_run), "--clip", str(trained_tiny_clip), "--n", "4",
+                     "--n-classes", "10", "--out", str(out))  # as the README runs it: a module run as __main__
+    assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     ceiling, before, after = rows.values()
     assert ceiling["judge_subject"] > 0.5  # the subject's pictures are alike
@@ -207,5 +207,5 @@ def test_the_report_measures_before_and_after(lora_run, trained_tiny_clip, tmp_p
     for key in ("judge_subject", "judge_rest", "clip_subject", "rephrased_clip_score", "class_prompt_subject_judge",
                 "other_classes_accuracy", "diversity"):
         assert np.isfinite(before[key]) and np.isfinite(after[key])
-    assert "| subject pictures (ceiling) |" in capsys.readouterr().out
+    assert "| subject pictures (ceiling) |" in result.stdout
 
