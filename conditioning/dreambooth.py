@@ -74,7 +74,7 @@ class SubjectConfig:
 @dataclasses.dataclass
 class PriorConfig:
     weight: float = 1.0  # of the class images' loss; 0: no prior preservation
-    num_class_images: int = 100  # per class prompt; generated once by the starting model, cached in INIT_FROM/class_images/
+    num_class_images: int = 100  # per class prompt; made once by the starting model, kept in INIT_FROM/class_images/
     classes: Literal["subject", "all"] = "subject"  # whose prompts: the subject's class (the paper), or every
     # class (the subject's then makes up half of the class images)
     guidance: float = 1.0  # 1: draws from the model's own conditional distribution, the one to preserve
@@ -220,8 +220,8 @@ class DreamBoothLDM(TextConditionedLDM):
         unet_file = weights_file(self.base_final / "unet")
         key = json.dumps([prompt, p.seed, s.scheduler, s.steps, p.guidance, unet_file.stat().st_size,
                           hashlib.blake2b(unet_file.read_bytes(), digest_size=8).hexdigest()])
-        slug = prompt.replace(" ", "_").replace("/", "_") + "-" + hashlib.blake2b(key.encode(), digest_size=5).hexdigest()
-        folder = Path(self.config.init_from) / "class_images" / slug
+        digest = hashlib.blake2b(key.encode(), digest_size=5).hexdigest()
+        folder = Path(self.config.init_from) / "class_images" / f"{prompt.replace(' ', '_').replace('/', '_')}-{digest}"
         paths = [folder / f"{i:04d}.png" for i in range(p.num_class_images)]
         state = PartialState()
         with state.main_process_first():

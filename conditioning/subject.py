@@ -53,11 +53,13 @@ def read_subject(name_or_path: str) -> torch.Tensor:
     """The subject's images: uint8 K x 28 x 28 (every PNG/JPEG in the folder, sorted by name)."""
     folder = subject_folder(name_or_path)
     if not folder.is_dir():
+        shipped = ", ".join(p.name for p in shipped_subjects().iterdir() if p.is_dir())
         raise UserError(f"subject folder {folder} does not exist; give a folder of 28 x 28 PNGs "
-                        f"or a shipped subject ({', '.join(p.name for p in shipped_subjects().iterdir() if p.is_dir())})")
+                        f"or a shipped subject ({shipped})")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
-        raise UserError(f"subject folder {folder} holds no images (.png, .jpg); put 3-5 pictures of the subject in it")
+        raise UserError(f"subject folder {folder} holds no images (.png, .jpg); put 3-5 pictures of the subject "
+                        f"in it")
     images = []
     for path in files:
         try:

@@ -84,7 +84,8 @@ def test_each_half_of_the_batch_is_what_it_claims(trained_tiny_text_run, tmp_pat
     model = stage.build_model()
     parts = stage.loss(model, batch)
     each = stage.example_losses(model, both)
-    assert torch.allclose(parts["instance_loss"], each[:4].mean()) and torch.allclose(parts["prior_loss"], each[4:].mean())
+    assert torch.allclose(parts["instance_loss"], each[:4].mean())
+    assert torch.allclose(parts["prior_loss"], each[4:].mean())
     assert torch.allclose(parts["loss"], parts["instance_loss"] + parts["prior_loss"])  # prior.weight 1
 
 
