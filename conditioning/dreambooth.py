@@ -3,7 +3,7 @@
     python train.py configs/dreambooth_fashion_lora_quick.yaml
     python sample.py runs/dreambooth_fashion_lora_quick --prompt "a photo of a <|spare_0|> bag"
     python sample.py runs/text_fashion_clip_quick --lora runs/dreambooth_fashion_lora_quick/final --prompt ...
-    python -m conditioning.dreambooth runs/dreambooth_fashion_*_quick     # the measured table
+    python -m conditioning.dreambooth runs/dreambooth_fashion_quick runs/dreambooth_fashion_lora_quick  # measured
 
 What changes from stage 3 is the data and where the weights start. The run starts from a
 finished text run (``init_from``: its UNet, frozen text encoder, autoencoder and scheduler; its
