@@ -236,15 +236,17 @@ def evaluate_attributes(stage, model, scales: list[float | None], out_dir: Path,
              **adherence_report(stage, model, guidance=w, progress=True, **settings)} for w in scales]
     print("attribute adherence: the share of samples in the asked bin (chance 0.5), and the judge's class "
           "accuracy on the same samples")
-    print_table(["w", "class accuracy", *ATTRIBUTES, "held-out pairs"],
-                [[f"{r['guidance']:g}", *(f"{r[k]:.3f}" for k in ["accuracy", *ATTRIBUTES, "held_out"])] for r in rows])
+    print(ev.markdown_table(["w", "class accuracy", *ATTRIBUTES, "held-out pairs"],
+                            [[f"{r['guidance']:g}", *(f"{r[k]:.3f}" for k in ["accuracy", *ATTRIBUTES, "held_out"])]
+                             for r in rows]))
     w = stage.config.sample.guidance if args.guidance is None else args.guidance
     pairs = composition_table(stage, model, guidance=w, **settings)
     counts = sorted({p["n_per_way"] for p in pairs})
     print(f"composition at w = {w:g}: the share of samples with both words, each prompt alone, the two composed "
           f"(weights {pairs[0]['weights'][0]:g} and {pairs[0]['weights'][1]:g}) and one prompt naming both "
           f"(n = {counts[0]} to {counts[-1]} per cell)")
-    print_table(["words", *WAYS], [[" + ".join(p["words"]), *(f"{p[way]:.3f}" for way in WAYS)] for p in pairs])
+    print(ev.markdown_table(["words", *WAYS], [[" + ".join(p["words"]), *(f"{p[way]:.3f}" for way in WAYS)]
+                                               for p in pairs]))
     report = {"adherence": rows, "composition": {"guidance": w, "pairs": pairs}}
     (out_dir / "attributes.json").write_text(json.dumps(report, indent=1))
     for attribute, words in ATTRIBUTES.items():
@@ -254,13 +256,6 @@ def evaluate_attributes(stage, model, scales: list[float | None], out_dir: Path,
         save_grid(grid, out_dir / f"attributes_{attribute}.png", titles,
                   title=f"{attribute}: the same seeds, w = {w:g}")
     print(f"wrote {out_dir / 'attributes.json'} and {out_dir / 'attributes_*.png'} (contrast grids, w = {w:g})")
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    """A Markdown table."""
-    print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
 
 
 def inspect_run(stage, model, folder: Path, args) -> None:

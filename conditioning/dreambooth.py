@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -49,7 +50,7 @@ from ddpm.checkpoint import load_tensors, weights_file
 from ddpm.config import build, read_yaml
 from ddpm.data import class_index, read_image
 from ddpm.errors import UserError, cli_errors
-from ddpm.evaluate import cached_judge, evaluate_model
+from ddpm.evaluate import cached_judge, evaluate_model, markdown_table
 from ddpm.metrics import diversity, embed
 from ddpm.plots import read_metrics
 from ddpm.runs import load_for_sampling
@@ -163,6 +164,15 @@ class DreamBoothLDM(TextConditionedLDM):
             self.load_components(self.base_final)
         return self._space
 
+    def starting_model(self):
+        """init_from's UNet, as it finished training."""
+        return TextConditionedLDM.load_model(self, self.base_final)
+
+    @functools.cached_property
+    def starting_weights_digest(self) -> str:
+        """A digest of init_from's UNet weights: class images made by other weights are not these."""
+        return hashlib.blake2b(weights_file(self.base_final / "unet").read_bytes(), digest_size=8).hexdigest()
+
     def check_identifier(self) -> int:
         """The identifier's token id; a UserError if the tokenizer splits it or does not know it."""
         tokenizer = self.text_encoder().tokenizer
@@ -217,9 +227,8 @@ class DreamBoothLDM(TextConditionedLDM):
         and kept as PNGs in INIT_FROM/class_images/<prompt and settings>/ (shared by every
         fine-tune of that run that asks for the same ones)."""
         p, s = self.config.prior, self.config.sample
-        unet_file = weights_file(self.base_final / "unet")
-        key = json.dumps([prompt, p.seed, s.scheduler, s.steps, p.guidance, unet_file.stat().st_size,
-                          hashlib.blake2b(unet_file.read_bytes(), digest_size=8).hexdigest()])
+        unet_size = weights_file(self.base_final / "unet").stat().st_size
+        key = json.dumps([prompt, p.seed, s.scheduler, s.steps, p.guidance, unet_size, self.starting_weights_digest])
         digest = hashlib.blake2b(key.encode(), digest_size=5).hexdigest()
         folder = Path(self.config.init_from) / "class_images" / f"{prompt.replace(' ', '_').replace('/', '_')}-{digest}"
         paths = [folder / f"{i:04d}.png" for i in range(p.num_class_images)]
@@ -227,7 +236,7 @@ class DreamBoothLDM(TextConditionedLDM):
         with state.main_process_first():
             if state.is_main_process and not all(path.is_file() for path in paths):
                 print(f"generating {len(paths)} class images for {prompt!r} with {self.config.init_from}")
-                base = TextConditionedLDM.load_model(self, self.base_final).to(state.device)
+                base = self.starting_model().to(state.device)
                 images = self.generate_prompts(base, [prompt] * len(paths), guidance=p.guidance, seed=p.seed,
                                                progress=True)
                 folder.mkdir(parents=True, exist_ok=True)
@@ -271,7 +280,7 @@ class DreamBoothLDM(TextConditionedLDM):
     # -- the model: init_from's UNet, whole or with adapters -----------------------------------
 
     def build_model(self):
-        unet = TextConditionedLDM.load_model(self, self.base_final)
+        unet = self.starting_model()
         return add_lora(unet, self.config.lora) if self.config.lora.rank else unet
 
     def preview_rows(self, n: int):
@@ -301,7 +310,7 @@ class DreamBoothLDM(TextConditionedLDM):
             model.load_state_dict(load_tensors(weights_file(folder / "ema")))
             return model
         if self.config.lora.rank:
-            return load_lora(TextConditionedLDM.load_model(self, self.base_final), folder)
+            return load_lora(self.starting_model(), folder)
         return super().load_model(folder)
 
 
@@ -315,8 +324,14 @@ def subject_prompt(template: str, identifier: str, class_name: str) -> str:
 # -- measuring a fine-tune ------------------------------------------------------------------------
 
 
-def dreambooth_report(stage: DreamBoothLDM, model, scorer, n: int = 200, n_classes: int = 1000, seed: int = 0
-                      ) -> dict[str, float]:
+def subject_likeness(stage: DreamBoothLDM, scorer) -> Likeness:
+    """Likeness to the stage's subject pictures and to the rest of their class (judge and ``scorer``)."""
+    subject = read_subject(stage.config.subject.images)
+    return Likeness(subject, rest_of_class(stage.subject_class, subject), scorer)
+
+
+def dreambooth_report(stage: DreamBoothLDM, model, likeness: Likeness, n: int = 200, n_classes: int = 1000,
+                      seed: int = 0) -> dict[str, float]:
     """The DreamBooth paper's measures, our judge standing in for DINO and our CLIP for CLIP, at the
     run's ``sample`` settings, n samples each (every model measured with the same seeds):
 
@@ -330,8 +345,6 @@ def dreambooth_report(stage: DreamBoothLDM, model, scorer, n: int = 200, n_class
     * other classes: the judge's accuracy on n_classes samples of every class's prompts, the
       subject's class apart; ``diversity``: mean pairwise judge-feature distance of the subject samples.
     """
-    subject = read_subject(stage.config.subject.images)
-    likeness = Likeness(subject, rest_of_class(stage.subject_class, subject), scorer)
     c, identifier = stage.class_names.index(stage.subject_class), stage.config.subject.identifier
     templates = [t for t in TEMPLATES if t != INSTANCE_TEMPLATE]
     rephrased = [templates[i % len(templates)] for i in range(n)]
@@ -346,7 +359,7 @@ def dreambooth_report(stage: DreamBoothLDM, model, scorer, n: int = 200, n_class
     report["diversity"] = diversity(feats, torch.full((n,), c))[0]
     images = samples([subject_prompt(t, identifier, stage.subject_class) for t in rephrased])
     report |= {f"rephrased_{k}": v for k, v in likeness(images).items()}
-    report["rephrased_clip_score"] = scorer.score(images, [subject_prompt(t, "", stage.subject_class)
+    report["rephrased_clip_score"] = likeness.scorer.score(images, [subject_prompt(t, "", stage.subject_class)
                                                            for t in rephrased]).mean().item()
     report["class_prompt_subject_judge"] = likeness(samples([stage.class_prompt] * n))["judge_subject"]
     per_class = evaluate_model(stage, model, n_classes, seed=seed, progress=True)["per_class_accuracy"]
@@ -382,12 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         if stage.name != DreamBoothLDM.name:  # (not isinstance: run as __main__, this module is a second copy)
             raise UserError(f"{run} is a '{stage.name}' run, not a DreamBooth run")
         if i == 0:  # the starting model, asked the same prompts
-            subject = read_subject(stage.config.subject.images)
-            likeness = Likeness(subject, rest_of_class(stage.subject_class, subject), scorer)
+            likeness = subject_likeness(stage, scorer)
             rows["subject pictures (ceiling)"] = likeness.ceiling()
-            base = TextConditionedLDM.load_model(stage, stage.base_final).eval()
-            rows[f"before: {stage.config.init_from}"] = dreambooth_report(stage, base, scorer, args.n, args.n_classes)
-        rows[run] = training_cost(Path(run), model) | dreambooth_report(stage, model, scorer, args.n, args.n_classes)
+            before = dreambooth_report(stage, stage.starting_model().eval(), likeness, args.n, args.n_classes)
+            rows[f"before: {stage.config.init_from}"] = before
+        rows[run] = training_cost(Path(run), model) | dreambooth_report(stage, model, likeness, args.n, args.n_classes)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     print_report(rows)
@@ -408,9 +420,8 @@ COLUMNS = [  # (heading, key, format)
 
 
 def print_report(rows: dict[str, dict]) -> None:
-    print("| model | " + " | ".join(h for h, _, _ in COLUMNS) + " |\n" + "|---" * (len(COLUMNS) + 1) + "|")
-    for name, r in rows.items():
-        print(f"| {name} | " + " | ".join(f.format(r[k]) if k in r else "" for _, k, f in COLUMNS) + " |")
+    cells = [[name, *(f.format(r[k]) if k in r else "" for _, k, f in COLUMNS)] for name, r in rows.items()]
+    print(markdown_table(["model", *(h for h, _, _ in COLUMNS)], cells))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,12 @@ def format_table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table of strings, one list per row."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+                      *("| " + " | ".join(row) + " |" for row in rows)])
+
+
 def format_per_class(report: dict, class_names) -> str:
     return "\n".join(f"  {name:<12} accuracy {acc:.3f}   diversity {div:.3f}" for name, acc, div in
                      zip(class_names, report["per_class_accuracy"], report["per_class_diversity"]))
