@@ -219,8 +219,8 @@ class DreamBoothLDM(TextConditionedLDM):
         ``half``_caption, each one's id into ``training_prompts`` (int64 n)."""
         space = self.latent_space().to(PartialState().device)
         index = torch.arange(n) % len(images)
-        return {f"{half}_latents": space.encode(images[index]), f"{half}_latents_flipped": space.encode(
-            images[index].flip(-1)), f"{half}_caption": captions[index]}
+        return {f"{half}_latents": space.encode(images)[index], f"{half}_latents_flipped": space.encode(
+            images.flip(-1))[index], f"{half}_caption": captions[index]}
 
     def class_images(self, prompt: str) -> torch.Tensor:
         """uint8 num_class_images x 28 x 28: the starting model's answers to ``prompt``, made once
