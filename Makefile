@@ -31,7 +31,7 @@ demo: install data
 	done
 
 test: install data browser
-	$(PY) -m pytest -q -n auto --maxschedchunk 1
+	$(PY) -m pytest -q -n auto --maxschedchunk 1 --durations=15
 
 clean:
 	rm -rf runs/ddpm_fashion_tiny runs/autoencoder_fashion_tiny runs/latent_fashion_tiny runs/clip_fashion_tiny .pytest_cache

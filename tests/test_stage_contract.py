@@ -5,8 +5,9 @@ contract was written down, and the scripts reach stages only through the library
 recorded with one torch thread before the stages were moved onto ``ddpm/contract.py`` and
 ``ddpm/diffusion_stage.py`` (the CLIP stage's when it was added; ``python -m
 tests.test_stage_contract`` records them again).
-Another CPU may round differently; with one thread on the same machine they are equal to the
-last bit.
+With one thread on the same machine they are equal to the last bit; another CPU rounds
+differently (seen: CI's machine differed in the 7th significant digit), so they are compared to
+a relative 1e-5, far below what any change to the data, the model or the loss would move them.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ def train_tiny_runs(root) -> dict[str, list[float]]:
 
 def test_every_stage_trains_exactly_as_before(tmp_path, fashion_mnist):
     reference = json.loads(REFERENCE.read_text())
-    assert train_tiny_runs(tmp_path) == reference
+    trained = train_tiny_runs(tmp_path)
+    assert trained.keys() == reference.keys()
+    for stage, expected in reference.items():
+        assert trained[stage] == pytest.approx(expected, rel=1e-5), stage
 
 
 @pytest.mark.parametrize("name", list(STAGES))
