@@ -196,31 +196,38 @@ class DreamBoothLDM(TextConditionedLDM):
         self.text_encoder().to(device)
         self._table = self.embed(self.training_prompts)
         instances = read_subject(self.config.subject.images)
-        images, captions = self.class_rows() if self.prior else (instances, None)
-        n = max(len(instances), len(images))
-        data = self.rows("instance", instances, torch.ones(len(instances), dtype=torch.long), n)
+        halves = {"instance": (instances, torch.arange(len(instances)), torch.ones(len(instances), dtype=torch.long))}
         if self.prior:
-            data |= self.rows("class", images, captions, n)
+            halves["class"] = self.class_rows()
+        n = max(len(which) for _, which, _ in halves.values())
+        data = {}
+        for half, (images, which, captions) in halves.items():
+            data |= self.rows(half, images, which, captions, n)
         return data
 
-    def class_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The class images (uint8 M x 28 x 28) and their prompts' caption ids (int64 M). With
-        ``prior.classes: all`` the subject's own class is repeated to make up half of them: it is
+    def class_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The class images, each prompt's once (uint8 U x 28 x 28), and for each of the M class
+        rows the index of its image (int64 M) and its prompt's caption id (int64 M). With
+        ``prior.classes: all`` the subject's own class has as many rows as all others together: it is
         the class the identifier's prompt is nearly the same as, and drifts first."""
-        images, captions = [], []
+        images, which, captions = [], [], []
         for i, prompt in enumerate(self.prior_prompts):
             repeat = len(self.prior_prompts) - 1 if prompt == self.class_prompt and len(self.prior_prompts) > 1 else 1
-            images += [self.class_images(prompt)] * repeat
-            captions += [torch.full((self.config.prior.num_class_images * repeat,), 2 + i)]
-        return torch.cat(images), torch.cat(captions)
+            made = self.class_images(prompt)
+            which.append(torch.arange(len(made)).repeat(repeat) + sum(len(m) for m in images))
+            captions.append(torch.full((len(made) * repeat,), 2 + i))
+            images.append(made)
+        return torch.cat(images), torch.cat(which), torch.cat(captions)
 
-    def rows(self, half: str, images: torch.Tensor, captions: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
-        """``half``_latents (and _latents_flipped), n x C x h x w, cycling through ``images``, and
-        ``half``_caption, each one's id into ``training_prompts`` (int64 n)."""
+    def rows(self, half: str, images: torch.Tensor, which: torch.Tensor, captions: torch.Tensor, n: int
+             ) -> dict[str, torch.Tensor]:
+        """``half``_latents (and _latents_flipped), n x C x h x w, and ``half``_caption (int64 n), ids
+        into ``training_prompts``: row i is images[which[i mod M]] with caption i mod M. Each image
+        is encoded once, however many rows repeat it."""
         space = self.latent_space().to(PartialState().device)
-        index = torch.arange(n) % len(images)
-        return {f"{half}_latents": space.encode(images)[index], f"{half}_latents_flipped": space.encode(
-            images.flip(-1))[index], f"{half}_caption": captions[index]}
+        row = torch.arange(n) % len(which)
+        return {f"{half}_latents": space.encode(images)[which[row]], f"{half}_latents_flipped": space.encode(
+            images.flip(-1))[which[row]], f"{half}_caption": captions[row]}
 
     def class_images(self, prompt: str) -> torch.Tensor:
         """uint8 num_class_images x 28 x 28: the starting model's answers to ``prompt``, made once
