@@ -226,8 +226,9 @@ class DreamBoothLDM(TextConditionedLDM):
         is encoded once, however many rows repeat it."""
         space = self.latent_space().to(PartialState().device)
         row = torch.arange(n) % len(which)
-        return {f"{half}_latents": space.encode(images)[which[row]], f"{half}_latents_flipped": space.encode(
-            images.flip(-1))[which[row]], f"{half}_caption": captions[row]}
+        image = which[row]
+        return {f"{half}_latents": space.encode(images)[image], f"{half}_latents_flipped": space.encode(
+            images.flip(-1))[image], f"{half}_caption": captions[row]}
 
     def class_images(self, prompt: str) -> torch.Tensor:
         """uint8 num_class_images x 28 x 28: the starting model's answers to ``prompt``, made once
