@@ -5,7 +5,8 @@
 Writes OUT_DIR/rank-R.json: for every call of the stage's loss (one per step without gradient
 accumulation), a digest of each example of the micro-batch (its clean input alone, and all
 its tensors together: input, noise, timestep, dropped condition...) and a digest of the
-weights the process held before that step. tests/test_multiprocess.py compares the processes.
+weights the process held before that step. tests/test_multiprocess.py compares the processes
+with one process, which runs ``main`` in the test's own interpreter.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def main(config: str, out_dir: str, *overrides: str) -> None:
         return stage, cfg, resolved
 
     train.load_config = load_and_record
-    train.train(apply_overrides(read_yaml(config), list(overrides)))
+    try:
+        train.train(apply_overrides(read_yaml(config), list(overrides)))
+    finally:
+        train.load_config = load_config  # as it was, when a test calls main in its own process
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank-{PartialState().process_index}.json").write_text(json.dumps(calls))
