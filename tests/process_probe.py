@@ -5,8 +5,9 @@
 Writes OUT_DIR/rank-R.json: for every call of the stage's loss (one per step without gradient
 accumulation), a digest of each example of the micro-batch (its clean input alone, and all
 its tensors together: input, noise, timestep, dropped condition...) and a digest of the
-weights the process held before that step. tests/test_multiprocess.py compares the processes
-with one process, which runs ``main`` in the test's own interpreter.
+weights the process held before that step. ``assert_two_processes_train_like_one``
+(tests/conftest.py) compares two processes with one, which runs ``main`` in the test's own
+interpreter.
 """
 
 from __future__ import annotations
