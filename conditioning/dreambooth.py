@@ -26,7 +26,10 @@ so the model keeps answering the class prompt as it did. Nothing in that loss sp
 other classes, and a small UNet fine-tuned long enough to tell "a <|spare_0|> bag" from "a bag"
 (our frozen text tower barely does) forgets them too: ``prior.classes: all`` makes class images
 for every class's prompt, and the class half of each batch draws from all of them, half of it
-from the subject's own class.
+from the subject's own class. ``prior.images: dataset`` takes the class images from the training
+set instead of the starting model, as many as asked: fine-tuned on 100 images per prompt, the model
+drifts on the other classes even with the subject's loss switched off; a prior of thousands keeps
+the class half close to the starting run's own training.
 ``lora.rank`` > 0 trains low-rank adapters on the UNet's attention instead of the whole UNet
 (``lora.py``).
 """
@@ -48,7 +51,7 @@ from PIL import Image
 
 from ddpm.checkpoint import load_tensors, weights_file
 from ddpm.config import build, read_yaml
-from ddpm.data import class_index, read_image
+from ddpm.data import class_index, load_fashion_mnist, read_image
 from ddpm.errors import UserError, cli_errors
 from ddpm.evaluate import cached_judge, evaluate_model, markdown_table
 from ddpm.metrics import diversity, embed
@@ -75,7 +78,9 @@ class SubjectConfig:
 @dataclasses.dataclass
 class PriorConfig:
     weight: float = 1.0  # of the class images' loss; 0: no prior preservation
-    num_class_images: int = 100  # per class prompt; made once by the starting model, kept in INIT_FROM/class_images/
+    num_class_images: int = 100  # per class prompt
+    images: Literal["generated", "dataset"] = "generated"  # generated: the starting model's answers to the class
+    # prompt (the paper; made once, kept in INIT_FROM/class_images/); dataset: real training images of the class
     classes: Literal["subject", "all"] = "subject"  # whose prompts: the subject's class (the paper), or every
     # class (the subject's then makes up half of the class images)
     guidance: float = 1.0  # 1: draws from the model's own conditional distribution, the one to preserve
@@ -144,8 +149,8 @@ class DreamBoothLDM(TextConditionedLDM):
         self.base_final = Path(config.init_from) / "final"
         self.instance_prompt = subject_prompt(INSTANCE_TEMPLATE, s.identifier, self.subject_class)
         self.class_prompt = class_prompt(self.subject_class)
-        prior_classes = self.class_names if config.prior.classes == "all" else [self.subject_class]
-        self.prior_prompts = [class_prompt(c) for c in prior_classes]
+        self.prior_classes = self.class_names if config.prior.classes == "all" else [self.subject_class]
+        self.prior_prompts = [class_prompt(c) for c in self.prior_classes]
         self.training_prompts = ["", self.instance_prompt, *self.prior_prompts]  # caption ids 0, 1, 2, ...
 
     @property
@@ -233,8 +238,11 @@ class DreamBoothLDM(TextConditionedLDM):
     def class_images(self, prompt: str) -> torch.Tensor:
         """uint8 num_class_images x 28 x 28: the starting model's answers to ``prompt``, made once
         and kept as PNGs in INIT_FROM/class_images/<prompt and settings>/ (shared by every
-        fine-tune of that run that asks for the same ones)."""
+        fine-tune of that run that asks for the same ones); with ``prior.images: dataset``, real
+        training images of its class instead."""
         p, s = self.config.prior, self.config.sample
+        if p.images == "dataset":
+            return self.training_images_of(self.prior_classes[self.prior_prompts.index(prompt)])
         unet_size = weights_file(self.base_final / "unet").stat().st_size
         key = json.dumps([prompt, p.seed, s.scheduler, s.steps, p.guidance, unet_size, self.starting_weights_digest])
         digest = hashlib.blake2b(key.encode(), digest_size=5).hexdigest()
@@ -252,6 +260,17 @@ class DreamBoothLDM(TextConditionedLDM):
                     Image.fromarray(image.numpy()).save(path)
                 (folder / "prompt.txt").write_text(key + "\n")
         return torch.cat([read_image(path, "class image") for path in paths])
+
+    def training_images_of(self, class_name: str) -> torch.Tensor:
+        """uint8 num_class_images x 28 x 28: training images of ``class_name``, drawn with prior.seed."""
+        p, d = self.config.prior, self.config.data
+        train = load_fashion_mnist("train", root=d.root, hub_name=d.hub_name)
+        members = (train.labels == self.class_names.index(class_name)).nonzero().flatten()
+        if len(members) < p.num_class_images:
+            raise UserError(f"prior.num_class_images={p.num_class_images} but the training set has {len(members)} "
+                            f"images of {class_name}; ask for at most that many")
+        pick = torch.randperm(len(members), generator=torch.Generator().manual_seed(p.seed))[:p.num_class_images]
+        return train.images[members[pick]]
 
     # -- the batch: [instance..., class...] ------------------------------------------------
 

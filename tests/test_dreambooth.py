@@ -13,6 +13,7 @@ from conditioning.captions import class_prompt
 from conditioning.dreambooth import subject_prompt
 from conditioning.lora import WEIGHTS_NAME
 from conditioning.subject import choose_subject, read_subject, rest_of_class
+from ddpm.data import load_fashion_mnist
 from ddpm.errors import UserError
 from ddpm.plots import read_metrics
 from ddpm.runs import load_config, load_for_sampling
@@ -87,6 +88,25 @@ def test_each_half_of_the_batch_is_what_it_claims(trained_tiny_text_run, tmp_pat
     assert torch.allclose(parts["instance_loss"], each[:4].mean())
     assert torch.allclose(parts["prior_loss"], each[4:].mean())
     assert torch.allclose(parts["loss"], parts["instance_loss"] + parts["prior_loss"])  # prior.weight 1
+
+
+def test_a_prior_of_training_images(trained_tiny_text_run, tmp_path):
+    config = dreambooth_config(tmp_path / "db", trained_tiny_text_run,
+                               prior={"classes": "all", "num_class_images": 3, "images": "dataset"})
+    stage = load_config(config)[0]
+    train_set = load_fashion_mnist("train")
+    for c, prompt in enumerate(class_prompt(name) for name in stage.class_names):
+        images = stage.class_images(prompt)
+        same = (train_set.images[:, None] == images).flatten(2).all(2)  # training image i is class image j
+        found = same.nonzero()
+        assert set(found[:, 1].tolist()) == {0, 1, 2} and len({i.numpy().tobytes() for i in images}) == 3, \
+            "three different training images"
+        assert (train_set.labels[found[:, 0]] == c).all(), f"the class images of {prompt!r} are of another class"
+    assert torch.equal(stage.class_images("a photo of a bag"), load_config(config)[0].class_images("a photo of a bag"))
+    too_many = load_config(dreambooth_config(tmp_path / "db2", trained_tiny_text_run,
+                                             prior={"num_class_images": 10**6, "images": "dataset"}))[0]
+    with pytest.raises(UserError, match="prior.num_class_images=1000000 but the training set has"):
+        too_many.class_images("a photo of a bag")
 
 
 def test_lora_trains_only_adapters_and_loads_in_diffusers(lora_run, trained_tiny_text_run, tmp_path):
