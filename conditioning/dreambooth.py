@@ -261,10 +261,14 @@ class DreamBoothLDM(TextConditionedLDM):
                 (folder / "prompt.txt").write_text(key + "\n")
         return torch.cat([read_image(path, "class image") for path in paths])
 
+    @functools.cached_property
+    def training_set(self):
+        """The Fashion-MNIST training split, read once for all the prior's classes."""
+        return load_fashion_mnist("train", root=self.config.data.root, hub_name=self.config.data.hub_name)
+
     def training_images_of(self, class_name: str) -> torch.Tensor:
         """uint8 num_class_images x 28 x 28: training images of ``class_name``, drawn with prior.seed."""
-        p, d = self.config.prior, self.config.data
-        train = load_fashion_mnist("train", root=d.root, hub_name=d.hub_name)
+        p, train = self.config.prior, self.training_set
         members = (train.labels == self.class_names.index(class_name)).nonzero().flatten()
         if len(members) < p.num_class_images:
             raise UserError(f"prior.num_class_images={p.num_class_images} but the training set has {len(members)} "
