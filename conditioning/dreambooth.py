@@ -29,7 +29,9 @@ for every class's prompt, and the class half of each batch draws from all of the
 from the subject's own class. ``prior.images: dataset`` takes the class images from the training
 set instead of the starting model, as many as asked: fine-tuned on 100 images per prompt, the model
 drifts on the other classes even with the subject's loss switched off; a prior of thousands keeps
-the class half close to the starting run's own training.
+the class half close to the starting run's own training, and ``prior.captions: training`` (a random
+training caption of the image's class at every step, not always the class prompt) makes it that
+training exactly, every phrasing included.
 ``lora.rank`` > 0 trains low-rank adapters on the UNet's attention instead of the whole UNet
 (``lora.py``).
 """
@@ -58,7 +60,7 @@ from ddpm.metrics import diversity, embed
 from ddpm.plots import read_metrics
 from ddpm.runs import load_for_sampling
 
-from .captions import NAMES, TEMPLATES, class_prompt, with_article
+from .captions import NAMES, TEMPLATES, CaptionTable, class_prompt, with_article
 from .clip import ClipScorer
 from .lora import WEIGHTS_NAME, LoraSettings, add_lora, load_lora, save_lora
 from .stage import TextConditionedLDM, TextDDPMConfig
@@ -83,6 +85,8 @@ class PriorConfig:
     # prompt (the paper; made once, kept in INIT_FROM/class_images/); dataset: real training images of the class
     classes: Literal["subject", "all"] = "subject"  # whose prompts: the subject's class (the paper), or every
     # class (the subject's then makes up half of the class images)
+    captions: Literal["class_prompt", "training"] = "class_prompt"  # of each class image: its class prompt (the
+    # paper), or at each step a random training caption of its class, as the starting run was trained
     guidance: float = 1.0  # 1: draws from the model's own conditional distribution, the one to preserve
     seed: int = 0
 
@@ -151,7 +155,9 @@ class DreamBoothLDM(TextConditionedLDM):
         self.class_prompt = class_prompt(self.subject_class)
         self.prior_classes = self.class_names if config.prior.classes == "all" else [self.subject_class]
         self.prior_prompts = [class_prompt(c) for c in self.prior_classes]
-        self.training_prompts = ["", self.instance_prompt, *self.prior_prompts]  # caption ids 0, 1, 2, ...
+        first = ("", self.instance_prompt, *self.prior_prompts)  # caption ids 0, 1, 2, ...
+        self.captions = CaptionTable(self.class_names, first)  # then every class's training captions
+        self.training_prompts = self.captions.prompts if config.prior.captions == "training" else list(first)
 
     @property
     def prior(self) -> bool:
@@ -208,6 +214,9 @@ class DreamBoothLDM(TextConditionedLDM):
         data = {}
         for half, (images, which, captions) in halves.items():
             data |= self.rows(half, images, which, captions, n)
+        if self.prior:  # the class of each class row's prompt
+            classes = torch.tensor([self.class_names.index(c) for c in self.prior_classes])
+            data["class_label"] = classes[data["class_caption"] - 2]
         return data
 
     def class_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -279,15 +288,19 @@ class DreamBoothLDM(TextConditionedLDM):
     # -- the batch: [instance..., class...] ------------------------------------------------
 
     def training_condition(self, raw, dropped, generator) -> dict[str, torch.Tensor]:
-        """captions: each row's prompt id, or 0 (the empty prompt) where dropped."""
-        return {"captions": torch.where(dropped, 0, raw["caption"])}
+        """captions: each row's prompt id (a class row's, with ``prior.captions: training``, a random
+        training caption of its class), or 0 (the empty prompt) where dropped."""
+        captions = raw["caption"]
+        if "label" in raw and self.config.prior.captions == "training":
+            captions = self.captions.draw(raw["label"], generator)
+        return {"captions": torch.where(dropped, 0, captions)}
 
     def make_batch(self, raw, generator, step=0) -> dict[str, torch.Tensor]:
         """Stage 3's batch for the subject's pictures and, with prior preservation, another for the
         class images under ``prior_``: B rows each, stacked by ``stacked``."""
         def half(name):
-            return {"latents": raw[f"{name}_latents"], "latents_flipped": raw[f"{name}_latents_flipped"],
-                    "caption": raw[f"{name}_caption"]}
+            return {k: raw[f"{name}_{k}"] for k in ("latents", "latents_flipped", "caption", "label")
+                    if f"{name}_{k}" in raw}
 
         batch = super().make_batch(half("instance"), generator, step)
         if self.prior:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import train
-from conditioning.captions import class_prompt
+from conditioning.captions import class_captions, class_prompt
 from conditioning.dreambooth import subject_prompt
 from conditioning.lora import WEIGHTS_NAME
 from conditioning.subject import choose_subject, read_subject, rest_of_class
@@ -107,6 +107,29 @@ def test_a_prior_of_training_images(trained_tiny_text_run, tmp_path):
                                              prior={"num_class_images": 10**6, "images": "dataset"}))[0]
     with pytest.raises(UserError, match="prior.num_class_images=1000000 but the training set has"):
         too_many.class_images("a photo of a bag")
+
+
+@pytest.mark.parametrize("captions", ["class_prompt", "training"])
+def test_class_rows_are_captioned_with_their_class_prompt_or_training_captions(trained_tiny_text_run, tmp_path,
+                                                                              captions):
+    stage = load_config(dreambooth_config(tmp_path / "db", trained_tiny_text_run, diffusion={"p_uncond": 0.0},
+                                          prior={"classes": "all", "num_class_images": 2, "images": "dataset",
+                                                 "captions": captions}))[0]
+    data = stage.load_data()
+    labels = torch.tensor([stage.class_names.index(c) for c in stage.prior_classes])[data["class_caption"] - 2]
+    assert torch.equal(data["class_label"], labels)
+    drawn = []
+    for seed in range(4):  # the steps of a run draw again
+        batch = stage.make_batch(data, torch.Generator().manual_seed(seed))
+        assert torch.equal(batch["captions"], data["instance_caption"])  # the instance prompt, always
+        drawn.append(batch["prior_captions"])
+    drawn = torch.stack(drawn)
+    prompts = [[stage.training_prompts[i] for i in row.tolist()] for row in drawn.T]
+    if captions == "class_prompt":
+        assert all(p == [class_prompt(stage.class_names[c])] * 4 for p, c in zip(prompts, labels.tolist()))
+    else:
+        assert all(set(p) <= set(class_captions()[c]) for p, c in zip(prompts, labels.tolist()))
+        assert len({p for row in prompts for p in row}) > 2 * len(stage.class_names), "several phrasings per class"
 
 
 def test_lora_trains_only_adapters_and_loads_in_diffusers(lora_run, trained_tiny_text_run, tmp_path):
