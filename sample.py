@@ -14,6 +14,10 @@
     python sample.py runs/ddpm_fashion_quick --web                      # a page at http://127.0.0.1:7860
     python sample.py runs/text_fashion_clip_quick --lora runs/dreambooth_fashion_lora_quick/final \
         --prompt "a photo of a <|spare_0|> bag"                         # a text run with LoRA adapters
+    python sample.py runs/upscale_fashion_quick --low-res small.png --prompt "a sneaker"   # x4 super-resolution
+    python sample.py runs/inpaint_fashion_quick --init-image shirt.png --mask hole.png --prompt "a shirt"
+    python sample.py runs/structure_fashion_quick --structure shirt.png --prompt "a dress"
+    python sample.py runs/inpaint_fashion_quick --evaluate --n 1000     # an image-conditioned run's measures
 
 RUN is a run directory (its final model, or else its newest good checkpoint) or one
 checkpoint folder inside it; the EMA weights are used.
@@ -36,7 +40,10 @@ from conditioning.captions import attribute_prompt, prompts_for
 from conditioning.clip import ClipScorer, best_of_groups
 from conditioning.lora import load_lora
 from ddpm import evaluate as ev
-from ddpm.data import LabelledImages, class_index, read_image
+from conditioning.structure import structure_maps
+from conditioning.upscale import LOW_RES, low_res_of
+from ddpm.contract import IMAGE_INPUTS
+from ddpm.data import IMAGE_SIZE, LabelledImages, class_index, read_image
 from ddpm.diffusion import SAMPLERS
 from ddpm.errors import UserError, cli_errors
 from ddpm.judge import accuracy
@@ -89,6 +96,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image")
     parser.add_argument("--strength", type=float, default=0.6,
                         help="img2img: 0 returns the image (through the autoencoder), 1 ignores it")
+    parser.add_argument("--low-res", default=None, metavar="PNG",
+                        help="a super-resolution run: the 8 x 8 image to upscale (a 28 x 28 one is shrunk first)")
+    parser.add_argument("--noise-level", type=int, default=None,
+                        help="a super-resolution run: noise added to --low-res (default: upscale.noise_level)")
+    parser.add_argument("--mask", default=None, metavar="PNG",
+                        help="an inpainting run: 28 x 28, white where the --init-image is to be painted")
+    parser.add_argument("--structure", default=None, metavar="PNG",
+                        help="a structure run: make garments with this image's edges")
     parser.add_argument("--web", action="store_true",
                         help="serve a page to explore the run in a browser (pip install -e '.[web]')")
     parser.add_argument("--host", default="127.0.0.1", help="--web: the address to serve on")
@@ -110,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--strength must be in [0, 1], got {args.strength}")
     if args.rank is not None and not (args.clip and 0 < args.rank <= args.n):
         raise UserError("--rank K needs --clip CLIP_RUN and 0 < K <= --n (the candidates per row)")
-    init_images = read_image(args.init_image) if args.init_image else None  # fail before loading models
+    inputs = read_inputs(args)  # fail before loading models
+    init_images = read_image(args.init_image) if args.init_image and not args.mask else None
     clip = ClipScorer.from_run(args.clip) if args.clip else None
     stage, model, folder = load_for_sampling(args.run, args.device)
     can = stage.capabilities
@@ -121,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if not can.generates:  # an autoencoder or a CLIP run: its numbers or its preview grid
         return inspect_run(stage, model, folder, args)
     apply_sampling_options(stage, args)
+    takes_images = check_inputs(stage, inputs, args)
     if (args.prompts or args.negative_prompt) and "prompt" not in can.conditions:
         raise UserError(f"--prompt and --negative-prompt need a text run; {args.run} is a "
                         f"'{stage.name}' run: ask for --class instead")
@@ -133,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights and len(args.weights) != len(args.prompts or []):
         raise UserError(f"--weights needs one weight per --prompt: {len(args.weights)} weights, "
                         f"{len(args.prompts or [])} prompts")
+    if takes_images and (args.evaluate or args.sweep):
+        return evaluate_image_run(stage, model, folder, args, inputs)
     if args.evaluate or args.sweep:
         return evaluate(stage, model, folder, args, clip)
     settings = dict(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, seed=args.seed,
                     progress=True, negative_prompt=args.negative_prompt)
+    if takes_images:
+        settings["inputs"] = inputs
     if init_images is not None:
         n = args.n * (1 if args.weights else len(args.prompts or classes_asked(args, stage)))
         settings.update(init_images=init_images.expand(n, -1, -1), strength=args.strength)
@@ -145,6 +166,58 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts:
         return sample_prompts(stage, model, folder, args, settings, clip)
     return sample_classes(stage, model, folder, args, settings, clip)
+
+
+def read_inputs(args) -> dict[str, torch.Tensor | int]:
+    """The input images of image-conditioned runs (--low-res, --init-image with --mask, --structure)."""
+    inputs = {}
+    if args.low_res:
+        image = read_image(args.low_res, "--low-res", sizes=(LOW_RES, IMAGE_SIZE))
+        inputs["low_res"] = image[None].float() / 127.5 - 1 if image.shape[-1] == LOW_RES else low_res_of(image)
+    if args.noise_level is not None:
+        inputs["noise_level"] = args.noise_level
+    if args.mask:
+        if not args.init_image:
+            raise UserError("--mask needs --init-image, the picture to paint into")
+        mask = read_image(args.mask, "--mask", sizes=(IMAGE_SIZE,), modes=("1", "L")) >= 128
+        if not mask.any():
+            raise UserError(f"--mask {args.mask} is all black: nothing to paint (white marks where to paint)")
+        if mask.all():
+            raise UserError(f"--mask {args.mask} is all white: nothing of the picture is kept; for a new picture "
+                            f"sample a text run with --prompt")
+        inputs |= {"image": read_image(args.init_image, sizes=(IMAGE_SIZE,)), "mask": mask}
+    if args.structure:
+        inputs["structure"] = structure_maps(read_image(args.structure, "--structure"))
+    return inputs
+
+
+def check_inputs(stage, inputs: dict, args) -> bool:
+    """Whether the run takes input images; a clear error for an input it does not take."""
+    needs = {"low_res": ("low_res", "upscale"), "noise_level": ("low_res", "upscale"), "mask": ("mask", "inpaint"),
+             "image": ("mask", "inpaint"),
+             "structure": ("structure", "structure")}
+    for key in inputs:
+        condition, stage_name = needs[key]
+        if condition not in stage.capabilities.conditions:
+            raise UserError(f"--{key.replace('_', '-')} is for a '{stage_name}' run; {args.run} is a "
+                            f"'{stage.name}' run")
+    return any(c in IMAGE_INPUTS for c in stage.capabilities.conditions)
+
+
+def evaluate_image_run(stage, model, folder: Path, args, inputs: dict) -> None:
+    """--evaluate on an image-conditioned run: its measures on --n test images (``stage.evaluate``;
+    the test images are the inputs, so of the input flags only --noise-level applies), as a table,
+    appended to the run's metrics.jsonl."""
+    if args.sweep:
+        raise UserError(f"--sweep is for runs that sample from prompts alone; a '{stage.name}' run is measured "
+                        f"with --evaluate")
+    if set(inputs) - {"noise_level"}:
+        raise UserError("--evaluate takes its inputs from the test set; leave out --low-res, --mask and --structure")
+    report = stage.evaluate(model, args.n, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
+                            seed=args.seed, **inputs)
+    print(f"{folder} (n = {args.n} test images)")
+    print(stage.report_table(report))
+    append_metrics(run_dir_of(folder) / "metrics.jsonl", {"step": model_step(folder), **report})
 
 
 def apply_sampling_options(stage, args) -> None:

@@ -52,7 +52,7 @@ from accelerate import PartialState
 from PIL import Image
 
 from ddpm.checkpoint import load_tensors, weights_file
-from ddpm.config import build, read_yaml
+from ddpm.config import build
 from ddpm.data import class_index, load_fashion_mnist, read_image
 from ddpm.errors import UserError, cli_errors
 from ddpm.evaluate import cached_judge, evaluate_model, markdown_table
@@ -63,7 +63,7 @@ from ddpm.runs import load_for_sampling
 from .captions import NAMES, TEMPLATES, CaptionTable, class_prompt, with_article
 from .clip import ClipScorer
 from .lora import WEIGHTS_NAME, LoraSettings, add_lora, load_lora, save_lora
-from .stage import TextConditionedLDM, TextDDPMConfig
+from .stage import TextConditionedLDM, TextDDPMConfig, base_sections
 from .subject import DEFAULT_SUBJECT, Likeness, read_subject, rest_of_class, subject_class
 
 FROM_BASE = ("model", "autoencoder", "text_encoder", "captions")  # fixed by init_from's weights
@@ -103,22 +103,6 @@ class DreamBoothConfig(TextDDPMConfig):
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
 
 
-def base_sections(init_from: str) -> dict:
-    """The resolved config of the run a fine-tune starts from, less its stage and train sections."""
-    if not init_from:
-        raise UserError("init_from is not set; name a finished text run, e.g. init_from: runs/text_fashion_clip_quick")
-    path = Path(init_from) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"init_from {init_from} is not a run directory (no config.yaml); train a text run first")
-    base = read_yaml(path)
-    if base.get("stage") != "text":
-        raise UserError(f"init_from {init_from} is a '{base.get('stage')}' run; DreamBooth starts from a text "
-                        f"run (stage: text), e.g. runs/text_fashion_clip_quick")
-    if not (Path(init_from) / "final" / "unet" / "config.json").is_file():
-        raise UserError(f"init_from {init_from} has no final/ model yet; finish training it first")
-    return {k: v for k, v in base.items() if k not in ("stage", "train")}
-
-
 class DreamBoothLDM(TextConditionedLDM):
     name = "dreambooth"
     Config = DreamBoothConfig
@@ -128,7 +112,7 @@ class DreamBoothLDM(TextConditionedLDM):
         """The starting run's sections, with this config's ``init_from``, ``subject``, ``prior``,
         ``lora`` and changes to ``data`` (flip), ``diffusion`` (p_uncond, snr_gamma) and ``sample``."""
         init_from = sections.get("init_from", "")
-        base = base_sections(init_from)
+        base = base_sections(init_from, "DreamBooth")
         merged = {**base, **sections}
         for key in ("data", "diffusion", "sample"):
             merged[key] = {**base.get(key, {}), **sections.get(key, {})}

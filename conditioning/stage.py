@@ -25,10 +25,11 @@ from accelerate import PartialState
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ddpm.config import check_model_keys
+from ddpm.config import check_model_keys, read_yaml
 from ddpm.contract import Capabilities
 from ddpm.data import load_training_set
 from ddpm.diffusion_stage import Condition
+from ddpm.errors import UserError
 from latent.stage import LatentDDPM, LatentDDPMConfig
 
 from .attributes import bins_for
@@ -54,11 +55,29 @@ class TextDDPMConfig(LatentDDPMConfig):
                          ("sample_size", "in_channels", "out_channels", "cross_attention_dim"))
 
 
+def base_sections(init_from: str, what: str) -> dict:
+    """The resolved config of the finished text run ``init_from`` that ``what`` (a fine-tune)
+    starts from, less its stage and train sections."""
+    if not init_from:
+        raise UserError("init_from is not set; name a finished text run, e.g. init_from: runs/text_fashion_clip_quick")
+    path = Path(init_from) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"init_from {init_from} is not a run directory (no config.yaml); train a text run first")
+    base = read_yaml(path)
+    if base.get("stage") != "text":
+        raise UserError(f"init_from {init_from} is a '{base.get('stage')}' run; {what} starts from a text "
+                        f"run (stage: text), e.g. runs/text_fashion_clip_quick")
+    if not (Path(init_from) / "final" / "unet" / "config.json").is_file():
+        raise UserError(f"init_from {init_from} has no final/ model yet; finish training it first")
+    return {k: v for k, v in base.items() if k not in ("stage", "train")}
+
+
 class TextConditionedLDM(LatentDDPM):
     name = "text"
     Config = TextDDPMConfig
     capabilities = Capabilities(conditions=("class", "prompt"), generates=True, evaluates=True)
     model_class = UNet2DConditionModel
+    pipeline_class = "StableDiffusionPipeline"  # the diffusers pipeline that loads final/ (with a CLIP encoder)
 
     def __init__(self, config: TextDDPMConfig):
         super().__init__(config)
@@ -166,13 +185,15 @@ class TextConditionedLDM(LatentDDPM):
         encoder.tokenizer.save_pretrained(folder / "tokenizer")
         vae_class = type(self.latent_space().vae).__name__
         if isinstance(encoder.model, CLIPTextModel) and vae_class == "AutoencoderKL":
-            index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+            index = {"_class_name": self.pipeline_class, "_diffusers_version": "0.42.1",
                      "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDPMScheduler"],
                      "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-                     "tokenizer": ["transformers", type(encoder.tokenizer).__name__],
-                     "safety_checker": [None, None], "feature_extractor": [None, None],
-                     "requires_safety_checker": False}
+                     "tokenizer": ["transformers", type(encoder.tokenizer).__name__], **self.pipeline_extras()}
             (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+
+    def pipeline_extras(self) -> dict:
+        """``model_index.json``'s entries besides the five components: the pipeline's other arguments."""
+        return {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
 
     def load_components(self, folder: Path) -> None:
         """A ``final/`` folder's autoencoder (stage 2) and its frozen text encoder and tokenizer."""

@@ -21,14 +21,15 @@ from torch import nn
 
 from .config import build
 
-CONDITIONS = ("class", "prompt")  # what a sample can be asked for; image-conditioning stages add theirs
+IMAGE_INPUTS = ("low_res", "mask", "structure")  # the images an image-conditioned sample starts from
+CONDITIONS = ("class", "prompt", *IMAGE_INPUTS)  # what a sample can be asked for
 
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
     """What a stage declares it can do; ``sample.py`` picks its modes from these."""
 
-    conditions: tuple[str, ...] = ()  # subset of CONDITIONS: what ``generate`` accepts
+    conditions: tuple[str, ...] = ()  # subset of CONDITIONS: what ``generate`` accepts (IMAGE_INPUTS: needs)
     generates: bool = False  # samples new images from noise (else: reconstructs its inputs)
     evaluates: bool = False  # has ``evaluate`` (the judge's numbers, or the autoencoder's PSNR)
 

@@ -188,17 +188,29 @@ def class_index(name_or_index: str | int, class_names: tuple[str, ...] = CLASS_N
     raise UserError(f"unknown class {name_or_index!r}; valid classes: {valid}")
 
 
-def read_image(path: str | Path, what: str = "--init-image") -> torch.Tensor:
+def read_image(path: str | Path, what: str = "--init-image", sizes: tuple[int, ...] | None = None,
+               modes: tuple[str, ...] | None = None) -> torch.Tensor:
     """An image file -> uint8 1 x 28 x 28 grayscale (resized if it is another size); ``what``
-    names it in the error a file that is missing or not an image gets."""
+    names it in the error a file that is missing or not an image gets. With ``sizes`` (square
+    sides), another size is an error and the image keeps its size; with ``modes`` (PIL's), so is
+    another mode."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(path).convert("L")
+        image = Image.open(path)
+        image.load()
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist") from None
     except (UnidentifiedImageError, OSError):
         raise UserError(f"{what} {path} is not an image file PIL can read (PNG, JPEG, ...)") from None
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+    if modes is not None and image.mode not in modes:
+        raise UserError(f"{what} {path} is a {image.mode} image; it must be grayscale ({' or '.join(modes)}): "
+                        f"convert it, e.g. PIL's Image.open(path).convert('L')")
+    image = image.convert("L")
+    if sizes is not None:
+        if image.size not in [(s, s) for s in sizes]:
+            raise UserError(f"{what} {path} is {image.size[0]} x {image.size[1]}; it must be "
+                            f"{' or '.join(f'{s} x {s}' for s in sizes)}")
+    elif image.size != (IMAGE_SIZE, IMAGE_SIZE):
         image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
     return torch.from_numpy(np.asarray(image).copy())[None]

@@ -153,8 +153,8 @@ def make_sampler(name: str, train_scheduler: DDPMScheduler):
 def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
                 noise: torch.Tensor, steps: int, generator: torch.Generator | None = None,
                 progress: bool = False, init: torch.Tensor | None = None, strength: float = 1.0,
-                on_step: Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
-                ) -> torch.Tensor:
+                on_step: Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+                after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Run a scheduler from noise to x0.
 
     predict(x_t, t) -> the (guided) network output, same shape as x_t.
@@ -164,6 +164,8 @@ def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
     starts from pure noise (text-to-image), strength 0 returns ``init`` unchanged.
     on_step(i, n, t, x_t, output), after the network's output at step i of the n that run: to
     watch the sample form (x_t is what the network saw, the variance-preserving noisy sample).
+    after_step(i, x) replaces the sample after step i (inpainting without training puts the known
+    region back there).
     """
     scheduler.set_timesteps(steps, device=noise.device)
     skipped = steps - round(steps * strength) if init is not None else 0
@@ -182,4 +184,6 @@ def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
         if on_step is not None:
             on_step(i, len(timesteps), t, model_input, output)
         x = scheduler.step(output, t, x, generator=generator).prev_sample
+        if after_step is not None:
+            x = after_step(i, x)
     return x

@@ -8,7 +8,9 @@ A diffusion stage says only two things (``ddpm/stage.py`` is the whole of stage 
     network's keyword arguments (``class_labels``, ``encoder_hidden_states``) plus, under
     ``"concat"``, extra input channels concatenated to x_t (for image conditioning). The stage
     supplies ``training_condition`` (per example, null where dropped), ``model_condition``
-    (batch -> that dict), ``class_condition``, ``null_condition`` and ``condition_args``.
+    (batch -> that dict), ``class_condition``, ``null_condition`` and ``condition_args``; an
+    image-conditioned stage also ``image_condition`` (from each example's image, mirrored with it)
+    and ``sampling_inputs`` (its random draws at sampling time).
 
 Classifier-free guidance runs the conditional and the null branch as one batch of 2B; any
 "concat" channels are the same in both branches.
@@ -115,6 +117,12 @@ class DiffusionStage(Stage):
         condition where ``dropped`` (bool B); any randomness from ``generator``."""
         raise NotImplementedError
 
+    def image_condition(self, raw: dict[str, torch.Tensor], flip: torch.Tensor | None,
+                        generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Batch entries made from each example's image, mirrored where ``flip`` as x0 is (an
+        image-conditioned stage's low-resolution image, mask or structure map); none here."""
+        return {}
+
     def model_condition(self, batch: dict[str, torch.Tensor]) -> Condition:
         """A training (micro-)batch's condition entries -> the ``Condition`` the network takes."""
         raise NotImplementedError
@@ -154,7 +162,7 @@ class DiffusionStage(Stage):
         dropped = condition_dropout_mask(n, self.config.diffusion.p_uncond, generator, device)
         timesteps, noise = draw_timesteps_and_noise(x0, self.scheduler.config.num_train_timesteps, generator)
         return {"x0": x0, "timesteps": timesteps, "noise": noise,
-                **self.training_condition(raw, dropped, generator)}
+                **self.training_condition(raw, dropped, generator), **self.image_condition(raw, flip, generator)}
 
     def build_model(self):
         return self.model_class(**self.network_args(), **self.config.model)
@@ -235,8 +243,8 @@ class DiffusionStage(Stage):
             cond = [rows(c) for c in condition] if weights is not None else rows(condition)
             uncond = rows(null)
             generator = torch.Generator(device).manual_seed(seed + i)
-            noise = torch.randn((len(index), *self.sample_shape), generator=generator, device=device)
-            init = self.from_images(init_images[index].to(device)) if init_images is not None else None
+            init = init_images[index].to(device) if init_images is not None else None
+            noise, init, cond, uncond = self.sampling_inputs(cond, uncond, init, generator)
             watch = None if on_step is None else (
                 lambda i, n, t, x_t, out: on_step(i, n, t, x_t, predicted_x0(self.scheduler, out, x_t, t)))
             with _autocast(device):
@@ -245,6 +253,17 @@ class DiffusionStage(Stage):
                                  on_step=watch)
             out.append(self.to_images(x0).cpu())
         return torch.cat(out)
+
+    def sampling_inputs(self, condition: Condition | list[Condition], null: Condition, init_images: torch.Tensor | None,
+                        generator: torch.Generator):
+        """One sampling batch's random draws and what they make: (the starting noise, B x
+        ``sample_shape``; img2img's clean start from ``init_images``, or None; the condition and
+        its null branch as the network takes them). An image-conditioned stage draws here too, in
+        the order its diffusers pipeline does, so that both give the same images for one seed."""
+        noise = torch.randn((len(next(iter(null.values()))), *self.sample_shape), generator=generator,
+                            device=generator.device)
+        init = self.from_images(init_images) if init_images is not None else None
+        return noise, init, condition, null
 
     def generate(self, model, labels: torch.Tensor, *, phrasings: str = "train", negative_prompt: str = "",
                  **settings) -> torch.Tensor:

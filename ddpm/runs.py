@@ -32,6 +32,9 @@ STAGES = {
     "text": "conditioning.stage:TextConditionedLDM",
     "clip": "conditioning.clip:ClipStage",
     "dreambooth": "conditioning.dreambooth:DreamBoothLDM",
+    "upscale": "conditioning.upscale:SuperResolutionLDM",
+    "inpaint": "conditioning.inpaint:InpaintingLDM",
+    "structure": "conditioning.structure:StructureLDM",
 }
 
 

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .contract import IMAGE_INPUTS
 from .data import class_index, read_image
 from .diffusion import SAMPLERS
 from .errors import UserError
@@ -76,6 +77,10 @@ class Explorer:
         if not self.stage.capabilities.generates:
             raise UserError(f"{run} is a '{self.stage.name}' run, which makes no new images; the page "
                             f"explores diffusion runs (sample.py {run} shows what this one does)")
+        needs = [c for c in self.stage.capabilities.conditions if c in IMAGE_INPUTS]
+        if needs:
+            raise UserError(f"{run} is a '{self.stage.name}' run, which samples from an input image; the page does "
+                            f"not take one yet: use sample.py {run} --{needs[0].replace('_', '-')} ...")
         self.conditions = self.stage.capabilities.conditions
         self.class_names = tuple(self.stage.class_names)
         self.max_steps = self.stage.scheduler.config.num_train_timesteps

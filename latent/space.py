@@ -69,7 +69,11 @@ class LatentSpace:
 
     def vae_input(self, images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 B x 28 x 28 -> float B x in_channels x image_size x image_size in [-1, 1]."""
-        x = to_model_space(images.to(self.device), flip)
+        return self.padded_to_vae_input(to_model_space(images.to(self.device), flip))
+
+    def padded_to_vae_input(self, x: torch.Tensor) -> torch.Tensor:
+        """float B x 1 x 32 x 32 in [-1, 1] (``to_model_space``) -> what the autoencoder takes."""
+        x = x.to(self.device)
         if self.image_size != PADDED_SIZE:
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
         return x.expand(-1, self.vae.config.in_channels, -1, -1)
@@ -92,6 +96,17 @@ class LatentSpace:
         if hasattr(out, "latent_dist"):
             return out.latent_dist.mean, out.latent_dist.std
         return out.latents, None
+
+    @torch.no_grad()
+    def sample_latents(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """float B x 1 x 32 x 32 in [-1, 1] -> scaled latents drawn from the posterior, mean + std *
+        noise, the noise from ``generator`` (as diffusers' pipelines encode an input image)."""
+        out = self.vae.encode(self.padded_to_vae_input(x))
+        if not hasattr(out, "latent_dist"):
+            return out.latents * self._factor()
+        mean, std = out.latent_dist.mean, out.latent_dist.std
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
+        return (mean + std * noise) * self._factor()
 
     def encode_unscaled(self, images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 B x 28 x 28 -> B x C x h x w: the posterior mean, before scaling."""

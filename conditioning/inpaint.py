@@ -1,0 +1,261 @@
+"""Inpainting: stage 3 conditioned on a mask and the masked image, as Stable Diffusion's inpainting model.
+
+    python train.py configs/inpaint_fashion_quick.yaml
+    python sample.py runs/inpaint_fashion_quick --init-image shirt.png --mask hole.png --prompt "a shirt"
+    python sample.py runs/inpaint_fashion_quick --evaluate --n 1000  # vs the text run without training
+
+The UNet reads 4 + 1 + 4 = 9 channels: the noisy latents, the mask on the latent grid (1 where
+the picture is to be painted) and the latents of the masked image (the image with its masked
+pixels set to grey, 0 in [-1, 1], encoded by the frozen autoencoder as a draw from its
+posterior). Each training image gets a fresh mask from the step's seeded generator: a box,
+brush strokes, a half of the image, or, for ``masks.full`` of them, everything, so the model
+stays a text-to-image model too. The mask is drawn on the image as the model sees it, mirrored
+with it, so mask and picture always agree (train them apart and the model learns to ignore the
+mask).
+
+What it is measured against: inpainting with the plain text run and no training at all,
+which after every sampler step puts back the known region, noised to the step's level
+(``inpaint_without_training``, what diffusers' inpainting pipeline does with a 4-channel UNet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from ddpm.contract import Capabilities
+from ddpm.data import IMAGE_SIZE, PAD, LabelledImages, to_model_space
+from ddpm.diffusion import make_sampler, sample_loop
+from ddpm.errors import UserError
+from ddpm.evaluate import cached_judge
+from ddpm.metrics import frechet_distance, embed, reference_stats
+from ddpm.judge import accuracy
+
+from .image_stage import ImageConditionedConfig, ImageConditionedLDM
+from .stage import TextConditionedLDM
+
+MASK_KINDS = ("boxes", "strokes", "halves", "full")
+
+
+@dataclasses.dataclass
+class MaskConfig:
+    """The share of each kind of training mask (normalised to sum to 1)."""
+
+    boxes: float = 0.4
+    strokes: float = 0.4
+    halves: float = 0.1  # the left, right, top or bottom half
+    full: float = 0.1  # everything: plain text-to-image
+
+    def __post_init__(self):
+        shares = [getattr(self, k) for k in MASK_KINDS]
+        if min(shares) < 0 or sum(shares) <= 0:
+            raise UserError(f"masks: shares must be >= 0 and not all 0, got {dict(zip(MASK_KINDS, shares))}")
+
+
+@dataclasses.dataclass
+class InpaintDDPMConfig(ImageConditionedConfig):
+    masks: MaskConfig = dataclasses.field(default_factory=MaskConfig)
+
+
+# -- masks: bool B x 28 x 28, True where the picture is to be painted -------------------------------
+
+def _grid(device) -> tuple[torch.Tensor, torch.Tensor]:
+    ys, xs = torch.meshgrid(torch.arange(IMAGE_SIZE, device=device), torch.arange(IMAGE_SIZE, device=device),
+                            indexing="ij")
+    return ys.float() + 0.5, xs.float() + 0.5
+
+
+def box_masks(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A rectangle 7..20 pixels on a side, anywhere in the image."""
+    d = generator.device
+    size = torch.randint(7, 21, (n, 2), generator=generator, device=d)
+    corner = (torch.rand(n, 2, generator=generator, device=d) * (IMAGE_SIZE - size + 1)).floor()
+    ys, xs = _grid(d)
+    inside_y = (ys >= corner[:, :1, None]) & (ys < corner[:, :1, None] + size[:, :1, None])
+    inside_x = (xs >= corner[:, 1:, None]) & (xs < corner[:, 1:, None] + size[:, 1:, None])
+    return inside_y & inside_x
+
+
+def stroke_masks(n: int, generator: torch.Generator, segments: int = 4) -> torch.Tensor:
+    """A brush stroke: a random walk of ``segments`` straight lines, 5..10 pixels each, 2..4 pixels wide."""
+    d = generator.device
+    start = 4 + torch.rand(n, 1, 2, generator=generator, device=d) * (IMAGE_SIZE - 8)
+    angle = torch.rand(n, segments, generator=generator, device=d) * 2 * torch.pi
+    length = 5 + 5 * torch.rand(n, segments, generator=generator, device=d)
+    radius = 1 + torch.rand(n, 1, 1, generator=generator, device=d)
+    steps = torch.stack([angle.sin(), angle.cos()], dim=-1) * length[..., None]
+    points = torch.cat([start, start + steps.cumsum(1)], dim=1).clamp(0, IMAGE_SIZE)  # n x (segments + 1) x 2
+    a, b = points[:, :-1, None, None, :], points[:, 1:, None, None, :]  # n x S x 1 x 1 x 2
+    ys, xs = _grid(d)
+    p = torch.stack([ys, xs], dim=-1)  # 28 x 28 x 2
+    ab = b - a
+    along = (((p - a) * ab).sum(-1) / ab.pow(2).sum(-1).clamp_min(1e-6)).clamp(0, 1)
+    distance = (p - (a + along[..., None] * ab)).norm(dim=-1)  # n x S x 28 x 28
+    return (distance.amin(1) <= radius)
+
+
+def half_masks(n: int, generator: torch.Generator) -> torch.Tensor:
+    """The left, right, top or bottom half."""
+    which = torch.randint(0, 4, (n,), generator=generator, device=generator.device)
+    sides = torch.stack([fixed_masks(side, 1, generator.device)[0] for side in ("left", "right", "top", "bottom")])
+    return sides[which]
+
+
+def fixed_masks(name: str, n: int, device="cpu") -> torch.Tensor:
+    """n copies of the ``left``, ``right``, ``top`` or ``bottom`` half, or ``full``."""
+    ys, xs = _grid(device)
+    half = IMAGE_SIZE / 2
+    mask = {"left": xs < half, "right": xs >= half, "top": ys < half, "bottom": ys >= half,
+            "full": torch.ones_like(xs, dtype=torch.bool)}[name]
+    return mask.expand(n, -1, -1)
+
+
+def draw_masks(n: int, shares: MaskConfig, generator: torch.Generator) -> torch.Tensor:
+    """bool n x 28 x 28: for each image a mask of a kind drawn with ``shares``."""
+    p = torch.tensor([getattr(shares, k) for k in MASK_KINDS], device=generator.device)
+    kind = torch.multinomial(p / p.sum(), n, replacement=True, generator=generator)
+    candidates = torch.stack([box_masks(n, generator), stroke_masks(n, generator), half_masks(n, generator),
+                              fixed_masks("full", n, generator.device)])
+    return candidates[kind, torch.arange(n, device=generator.device)]
+
+
+def padded(masks: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """bool B x 28 x 28 -> float B x 1 x 32 x 32 in {0, 1}, the padding known (0), mirrored where ``flip``."""
+    m = masks.float()[:, None]
+    if flip is not None:
+        m = torch.where(flip[:, None, None, None], m.flip(-1), m)
+    return F.pad(m, (PAD, PAD, PAD, PAD), value=0.0)
+
+
+def masked(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B x 1 x 32 x 32) with the masked pixels grey (0), as diffusers masks them."""
+    return x * (masks < 0.5)
+
+
+class InpaintingLDM(ImageConditionedLDM):
+    name = "inpaint"
+    Config = InpaintDDPMConfig
+    capabilities = Capabilities(conditions=("class", "prompt", "mask"), generates=True, evaluates=True)
+    pipeline_class = "StableDiffusionInpaintPipeline"
+
+    @property
+    def extra_channels(self) -> int:
+        return 1 + self.sample_shape[0]  # the mask, and the masked image's latents
+
+    def latent_mask(self, masks: torch.Tensor) -> torch.Tensor:
+        """float B x 1 x 32 x 32 -> B x 1 x 8 x 8, sampled as the pipeline does (nearest)."""
+        return F.interpolate(masks, size=self.sample_shape[1:])
+
+    def network_image(self, x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """concat: the mask on the latent grid and the masked image's latents, B x (1 + C) x 8 x 8."""
+        latents = self.measured_latent_space().sample_latents(masked(x, masks), generator)
+        return torch.cat([self.latent_mask(masks).to(latents.device), latents], dim=1)
+
+    def image_condition(self, raw, flip, generator) -> dict[str, torch.Tensor]:
+        masks = padded(draw_masks(len(raw["images"]), self.config.masks, generator), flip)
+        return {"concat": self.network_image(to_model_space(raw["images"], flip), masks.to(raw["images"].device),
+                                             generator)}
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def input_condition(self, inputs, n) -> dict[str, torch.Tensor]:
+        """inputs: ``image`` (uint8 N x 28 x 28) and ``mask`` (bool N x 28 x 28, True: paint here)."""
+        image, mask = self.require(inputs, "image", "mask")
+        return {"image": to_model_space(image).expand(n, -1, -1, -1), "mask": padded(mask).expand(n, -1, -1, -1)}
+
+    def sampling_inputs(self, condition, null, init_images, generator):
+        """As ``StableDiffusionInpaintPipeline``: first the latents' noise, then the masked image's latents."""
+        noise, init, _, _ = super().sampling_inputs(condition, null, init_images, generator)
+        image = {"concat": self.network_image(condition["image"], condition["mask"], generator).to(noise.device)}
+        text = {k: v for k, v in condition.items() if k not in ("image", "mask")}
+        null_text = {k: v for k, v in null.items() if k not in ("image", "mask")}
+        return noise, init, {**text, **image}, {**null_text, **image}
+
+    def inputs_from(self, images, masks: torch.Tensor | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A real image, and a mask drawn like the training masks (seeded) unless given."""
+        if masks is None:
+            masks = draw_masks(len(images), self.config.masks, torch.Generator().manual_seed(seed))
+        return {"image": images, "mask": masks}
+
+    def shown_inputs(self, inputs) -> torch.Tensor:
+        return torch.where(inputs["mask"], 128, inputs["image"]).to(torch.uint8)
+
+    # -- measured --------------------------------------------------------------------------
+
+    def evaluate(self, model, n: int, **settings) -> dict[str, float]:
+        """For each mask kind (boxes, strokes, the left or right half; n class-balanced test images
+        with their class prompts): PSNR outside the mask against the real image (the autoencoder's
+        own round trip is the ceiling), judge accuracy and FD of the filled images; for this model
+        and, with ``init_from``, inpainting by that text run without training."""
+        images, labels = self.test_examples(n)
+        baseline = self.text_run(next(model.parameters()).device)
+        generator = torch.Generator().manual_seed(0)
+        kinds = {"boxes": box_masks(n, generator), "strokes": stroke_masks(n, generator),
+                 "halves": torch.where(torch.arange(n)[:, None, None] % 2 == 0, fixed_masks("left", n),
+                                       fixed_masks("right", n))}
+        judge = cached_judge()
+        reference = reference_stats(judge)
+        roundtrip = self.measured_latent_space().reconstruct(images)
+        report = {}
+        for kind, masks in kinds.items():
+            known = ~masks
+            report[f"eval_psnr_known/{kind}: autoencoder round trip"] = known_psnr(roundtrip, images, known)
+            methods = {"ours": lambda: self.generate(model, labels, inputs={"image": images, "mask": masks},
+                                                     progress=True, **settings)}
+            if baseline is not None:
+                methods["without training"] = lambda: inpaint_without_training(*baseline, images, masks, labels,
+                                                                               progress=True, **settings)
+            for method, make in methods.items():
+                out = make()
+                feats, _ = embed(judge, out)
+                report[f"eval_psnr_known/{kind}: {method}"] = known_psnr(out, images, known)
+                report[f"eval_judge_accuracy/{kind}: {method}"] = accuracy(judge, LabelledImages(out, labels))
+                report[f"eval_fd/{kind}: {method}"] = frechet_distance(feats, reference.features)
+        return report
+
+
+def known_psnr(out: torch.Tensor, images: torch.Tensor, known: torch.Tensor) -> float:
+    """Mean PSNR (dB, 0..1 scale) over the pixels outside the mask: uint8 N x 28 x 28 images, bool
+    N x 28 x 28 ``known``."""
+    mse = ((out.float() - images.float()) / 255).pow(2).mul(known).sum((1, 2)) / known.sum((1, 2)).clamp_min(1)
+    return (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
+
+
+@torch.no_grad()
+def inpaint_without_training(stage: TextConditionedLDM, model, images: torch.Tensor, masks: torch.Tensor,
+                             labels: torch.Tensor, *, guidance: float | None = None, scheduler: str | None = None,
+                             steps: int | None = None, seed: int = 0, batch_size: int = 500,
+                             progress: bool = False) -> torch.Tensor:
+    """Inpainting with a plain text run (4-channel UNet): sample with each image's class prompt and
+    after every step replace the latents outside the mask by the known image's, noised to the
+    next step's level (the mask on the latent grid covers every cell a masked pixel touches).
+    uint8 N x 28 x 28."""
+    s = stage.config.sample
+    guidance = s.guidance if guidance is None else guidance
+    steps = steps or s.steps
+    device = next(model.parameters()).device
+    space = stage.measured_latent_space().to(device)
+    out = []
+    for i, index in enumerate(torch.arange(len(images)).split(batch_size)):
+        condition = stage.class_condition(labels[index])
+        null = stage.null_condition(condition)
+        condition, null = ({k: v.to(device) for k, v in c.items()} for c in (condition, null))
+        generator = torch.Generator(device).manual_seed(seed + i)
+        noise = torch.randn((len(index), *stage.sample_shape), generator=generator, device=device)
+        m = padded(masks[index].to(device))
+        known = space.encode_unscaled(images[index].to(device)) * space.scaling_factor
+        paint = F.max_pool2d(m, m.shape[-1] // noise.shape[-1])  # 1 where any pixel of the cell is masked
+        sampler = make_sampler(scheduler or s.scheduler, stage.scheduler)
+
+        def put_back(step: int, z: torch.Tensor) -> torch.Tensor:
+            if step + 1 < len(sampler.timesteps):
+                level = sampler.timesteps[step + 1].repeat(len(z))
+                return paint * z + (1 - paint) * sampler.add_noise(known, noise, level)
+            return paint * z + (1 - paint) * known
+
+        z = sample_loop(lambda z, t: stage.predict(model, z, t, condition, null, guidance), sampler, noise, steps,
+                        generator, progress=progress, after_step=put_back)
+        out.append(stage.to_images(z).cpu())
+    return torch.cat(out)

@@ -1,0 +1,203 @@
+"""Super-resolution: stage 3 conditioned on a low-resolution image, as Stable Diffusion's x4 upscaler.
+
+    python train.py configs/upscale_fashion_quick.yaml
+    python sample.py runs/upscale_fashion_quick --low-res small.png --prompt "a sneaker"
+    python sample.py runs/upscale_fashion_quick --low-res small.png --prompt "a sneaker" --noise-level 100
+    python sample.py runs/upscale_fashion_quick --evaluate --n 1000     # PSNR, SSIM, judge: bicubic vs ours
+
+The low-resolution image is 8 x 8, the autoencoder's latent grid (the padded 32 x 32 image
+averaged over 4 x 4 blocks), so it is concatenated to the 4 x 8 x 8 noisy latents as a fifth
+channel: x4 in each direction, like SD's upscaler. Training pairs each image with its own
+low-resolution copy, *noised* to a random level 0..``max_noise_level`` of a second, fixed
+noise schedule (the ``low_res_scheduler``); the level is the UNet's class label. So the model
+learns not to trust the input's fine detail (a real small image is never exactly the average
+of the large one), and at sampling time ``--noise-level`` chooses how much to trust it: 0 keeps
+closest to the input, larger levels let the model invent more.
+
+diffusers' ``StableDiffusionUpscalePipeline`` sets every VAE's ``scaling_factor`` to 0.08333.
+Ours is measured from data (``latent/cache.py``), so ``final/vae`` is our autoencoder with that
+factor folded into its weights (``fold_scaling_factor``): the pipeline's 0.08333 then gives
+exactly our latents.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from ddpm.contract import Capabilities
+from ddpm.data import PADDED_SIZE, to_model_space, to_pixels
+from ddpm.errors import UserError
+from ddpm.evaluate import cached_judge
+from ddpm.judge import accuracy
+from ddpm.data import LabelledImages
+from latent.autoencoder import psnr
+from latent.space import LatentSpace
+
+from .image_stage import ImageConditionedConfig, ImageConditionedLDM
+
+LOW_RES = 8  # pixels per side of the low-resolution image: the latent grid of the 32 x 32 image
+PIPELINE_SCALING_FACTOR = 0.08333  # what StableDiffusionUpscalePipeline sets every VAE's factor to
+
+
+@dataclasses.dataclass
+class UpscaleConfig:
+    max_noise_level: int = 350  # training noises the low-res image to a level in 0..this (SD's upscaler: 350)
+    noise_level: int = 20  # the level sample.py uses unless --noise-level says otherwise (the pipeline's default)
+
+    def __post_init__(self):
+        if not 0 <= self.noise_level <= self.max_noise_level < 1000:
+            raise UserError(f"upscale needs 0 <= noise_level <= max_noise_level < 1000, got {self.noise_level} "
+                            f"and {self.max_noise_level}")
+
+
+@dataclasses.dataclass
+class UpscaleDDPMConfig(ImageConditionedConfig):
+    upscale: UpscaleConfig = dataclasses.field(default_factory=UpscaleConfig)
+
+
+def low_res_of(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 B x 28 x 28 -> float B x 1 x 8 x 8 in [-1, 1]: the padded image's 4 x 4 block means."""
+    return F.avg_pool2d(to_model_space(images, flip), PADDED_SIZE // LOW_RES)
+
+
+def bicubic(low_res: torch.Tensor) -> torch.Tensor:
+    """float B x 1 x 8 x 8 -> uint8 B x 28 x 28, upscaled by bicubic interpolation: the baseline."""
+    return to_pixels(F.interpolate(low_res.float(), size=PADDED_SIZE, mode="bicubic", align_corners=False))
+
+
+def shown(low_res: torch.Tensor) -> torch.Tensor:
+    """float B x 1 x 8 x 8 -> uint8 B x 28 x 28 with each low-res pixel a 4 x 4 block, to look at."""
+    return to_pixels(F.interpolate(low_res.float(), size=PADDED_SIZE, mode="nearest"))
+
+
+def fold_scaling_factor(vae, factor: float, target: float = PIPELINE_SCALING_FACTOR):
+    """A copy of an ``AutoencoderKL`` whose latents are k = factor / target times the original's
+    (quant_conv's mean outputs and the posterior's std grow by k; post_quant_conv divides by k),
+    with ``scaling_factor`` = target: target x its latents = factor x the original's, and the
+    decoder sees the same numbers."""
+    if not (vae.config.get("use_quant_conv", True) and vae.config.get("use_post_quant_conv", True)):
+        raise UserError("the upscaler's export folds the latent scaling factor into the autoencoder's quant_conv "
+                        "and post_quant_conv; this autoencoder has none (use one of ours, or an SD VAE)")
+    k = factor / target
+    vae = copy.deepcopy(vae)
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[:c] *= k  # the posterior's mean
+        vae.quant_conv.bias[:c] *= k
+        vae.quant_conv.bias[c:] += 2 * math.log(k)  # its log-variance: std x k
+        vae.post_quant_conv.weight /= k
+    vae.register_to_config(scaling_factor=target)
+    return vae
+
+
+class SuperResolutionLDM(ImageConditionedLDM):
+    name = "upscale"
+    Config = UpscaleDDPMConfig
+    capabilities = Capabilities(conditions=("class", "prompt", "low_res"), generates=True, evaluates=True)
+    pipeline_class = "StableDiffusionUpscalePipeline"
+    extra_channels = 1
+
+    def __init__(self, config: UpscaleDDPMConfig):
+        super().__init__(config)
+        self.low_res_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")  # SD upscaler's
+
+    def condition_args(self) -> dict:
+        """The noise level is a class label: one embedding per level 0..max_noise_level."""
+        return {**super().condition_args(), "num_class_embeds": self.config.upscale.max_noise_level + 1}
+
+    def noised(self, low_res: torch.Tensor, levels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The low-res images (B x 1 x 8 x 8) noised to ``levels`` (int64 B) of the low-res schedule."""
+        noise = torch.randn(low_res.shape, generator=generator, device=generator.device).to(low_res.device)
+        return self.low_res_scheduler.add_noise(low_res, noise, levels)
+
+    def image_condition(self, raw, flip, generator) -> dict[str, torch.Tensor]:
+        """concat: each image's low-res copy noised to a random level; class_labels: the level."""
+        low = low_res_of(raw["images"], flip)
+        levels = torch.randint(0, self.config.upscale.max_noise_level + 1, (len(low),), generator=generator,
+                               device=generator.device).to(low.device)
+        return {"concat": self.noised(low, levels, generator), "class_labels": levels}
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def input_condition(self, inputs, n) -> dict[str, torch.Tensor]:
+        """inputs: ``low_res`` (float N x 1 x 8 x 8 in [-1, 1]) and optionally ``noise_level`` (an int)."""
+        (low,) = self.require(inputs, "low_res")
+        level = inputs.get("noise_level")
+        level = self.config.upscale.noise_level if level is None else level
+        if not 0 <= level <= self.config.upscale.max_noise_level:
+            raise UserError(f"--noise-level must be in 0..{self.config.upscale.max_noise_level} (this run's "
+                            f"upscale.max_noise_level), got {level}")
+        if tuple(low.shape[1:]) != (1, LOW_RES, LOW_RES):
+            raise UserError(f"the low-resolution image must be {LOW_RES} x {LOW_RES}, got {list(low.shape[2:])}")
+        return {"low_res": low.expand(n, -1, -1, -1), "noise_level": torch.full((n,), level)}
+
+    def sampling_inputs(self, condition, null, init_images, generator):
+        """As ``StableDiffusionUpscalePipeline``: first the low-res image's noise, then the latents'."""
+        level = condition["noise_level"]
+        low = self.noised(condition["low_res"].to(generator.device), level.to(generator.device), generator)
+        noise, init, _, _ = super().sampling_inputs(condition, null, init_images, generator)
+        image = {"concat": low, "class_labels": level.to(low.device)}
+        text = {k: v for k, v in condition.items() if k not in ("low_res", "noise_level")}
+        null_text = {k: v for k, v in null.items() if k not in ("low_res", "noise_level")}
+        return noise, init, {**text, **image}, {**null_text, **image}
+
+    def inputs_from(self, images, **options) -> dict[str, torch.Tensor]:
+        return {"low_res": low_res_of(images), **options}
+
+    def shown_inputs(self, inputs) -> torch.Tensor:
+        return shown(inputs["low_res"])
+
+    def baselines(self, inputs) -> dict[str, torch.Tensor]:
+        return {"bicubic": bicubic(inputs["low_res"])}
+
+    # -- measured --------------------------------------------------------------------------
+
+    def evaluate(self, model, n: int, noise_level: int | None = None, **settings) -> dict[str, float]:
+        """On n class-balanced test images, upscaled from their 8 x 8 copies with their class prompt
+        (at ``noise_level``, default ``upscale.noise_level``):
+        PSNR and SSIM against the real image, the judge's accuracy, and the consistency error (RMS,
+        in grey levels) of the output's own 8 x 8 copy against the input; bicubic upscaling, ours,
+        the autoencoder's round trip of the real image (a latent model's ceiling) and the real image."""
+        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+        images, labels = self.test_examples(n)
+        low = low_res_of(images)
+        outputs = {"bicubic": bicubic(low),
+                   "ours": self.generate(model, labels, inputs={"low_res": low, "noise_level": noise_level},
+                                         progress=True, **settings),
+                   "autoencoder round trip": self.measured_latent_space().reconstruct(images),
+                   "real": images}
+        judge = cached_judge()
+        report = {}
+        for method, out in outputs.items():
+            if method != "real":
+                report[f"eval_psnr/{method}"] = psnr(out, images).mean().item()
+                report[f"eval_ssim/{method}"] = ssim(out[:, None].float() / 255, images[:, None].float() / 255,
+                                                     data_range=1.0).item()
+                error = (low_res_of(out) - low) * 127.5
+                report[f"eval_consistency_rms/{method}"] = error.pow(2).mean().sqrt().item()
+            report[f"eval_judge_accuracy/{method}"] = accuracy(judge, LabelledImages(out, labels))
+        return report
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def save_final(self, model, folder: Path) -> None:
+        """A ``StableDiffusionUpscalePipeline`` folder: stage 3's, with ``low_res_scheduler/`` and the
+        autoencoder's factor folded in (``fold_scaling_factor``)."""
+        super().save_final(model, folder)
+        space = self.latent_space()
+        folded = fold_scaling_factor(space.vae, space.scaling_factor)
+        LatentSpace(folded, space.image_size, PIPELINE_SCALING_FACTOR).save_pretrained(folder / "vae")
+        self.low_res_scheduler.save_pretrained(folder / "low_res_scheduler")
+
+    def pipeline_extras(self) -> dict:
+        return {"low_res_scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
+                "watermarker": [None, None], "feature_extractor": [None, None],
+                "max_noise_level": self.config.upscale.max_noise_level}
