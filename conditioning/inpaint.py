@@ -30,8 +30,8 @@ from ddpm.data import IMAGE_SIZE, PAD, LabelledImages, to_model_space
 from ddpm.diffusion import make_sampler, sample_loop
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
-from ddpm.metrics import frechet_distance, embed, reference_stats
 from ddpm.judge import accuracy
+from ddpm.metrics import embed, frechet_distance, reference_stats
 
 from .image_stage import ImageConditionedConfig, ImageConditionedLDM
 from .stage import TextConditionedLDM

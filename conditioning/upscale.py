@@ -32,11 +32,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from ddpm.contract import Capabilities
-from ddpm.data import PADDED_SIZE, to_model_space, to_pixels
+from ddpm.data import PADDED_SIZE, LabelledImages, to_model_space, to_pixels
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
-from ddpm.data import LabelledImages
 from latent.autoencoder import psnr
 from latent.space import LatentSpace
 
