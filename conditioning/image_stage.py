@@ -113,6 +113,16 @@ class ImageConditionedLDM(TextConditionedLDM):
             raise UserError(f"a '{self.name}' run samples from an input image: give {flags}")
         return [inputs[k] for k in keys]
 
+    @staticmethod
+    def with_network_inputs(condition: Condition, null: Condition, raw_keys: tuple[str, ...],
+                            network: dict[str, torch.Tensor]) -> tuple[Condition, Condition]:
+        """Both CFG branches with their raw input entries (``raw_keys``) replaced by the same ``network``
+        entries ("concat", "class_labels"), as ``sampling_inputs`` returns them."""
+        def swap(c: Condition) -> Condition:
+            return {**{k: v for k, v in c.items() if k not in raw_keys}, **network}
+
+        return swap(condition), swap(null)
+
     def null_condition(self, condition: Condition, negative_prompt: str = "") -> Condition:
         """Stage 3's null prompt, with the same image condition: guidance is toward the prompt only."""
         image_part = {k: v for k, v in condition.items() if k != "encoder_hidden_states"}

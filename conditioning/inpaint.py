@@ -168,10 +168,8 @@ class InpaintingLDM(ImageConditionedLDM):
     def sampling_inputs(self, condition, null, init_images, generator):
         """As ``StableDiffusionInpaintPipeline``: first the latents' noise, then the masked image's latents."""
         noise, init, _, _ = super().sampling_inputs(condition, null, init_images, generator)
-        image = {"concat": self.network_image(condition["image"], condition["mask"], generator).to(noise.device)}
-        text = {k: v for k, v in condition.items() if k not in ("image", "mask")}
-        null_text = {k: v for k, v in null.items() if k not in ("image", "mask")}
-        return noise, init, {**text, **image}, {**null_text, **image}
+        network = {"concat": self.network_image(condition["image"], condition["mask"], generator).to(noise.device)}
+        return noise, init, *self.with_network_inputs(condition, null, ("image", "mask"), network)
 
     def inputs_from(self, images, masks: torch.Tensor | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         """A real image, and a mask drawn like the training masks (seeded) unless given."""

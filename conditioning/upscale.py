@@ -142,10 +142,8 @@ class SuperResolutionLDM(ImageConditionedLDM):
         level = condition["noise_level"]
         low = self.noised(condition["low_res"].to(generator.device), level.to(generator.device), generator)
         noise, init, _, _ = super().sampling_inputs(condition, null, init_images, generator)
-        image = {"concat": low, "class_labels": level.to(low.device)}
-        text = {k: v for k, v in condition.items() if k not in ("low_res", "noise_level")}
-        null_text = {k: v for k, v in null.items() if k not in ("low_res", "noise_level")}
-        return noise, init, {**text, **image}, {**null_text, **image}
+        network = {"concat": low, "class_labels": level.to(low.device)}
+        return noise, init, *self.with_network_inputs(condition, null, ("low_res", "noise_level"), network)
 
     def inputs_from(self, images, **options) -> dict[str, torch.Tensor]:
         return {"low_res": low_res_of(images), **options}
