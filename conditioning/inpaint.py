@@ -7,7 +7,12 @@
 The UNet reads 4 + 1 + 4 = 9 channels: the noisy latents, the mask on the latent grid (1 where
 the picture is to be painted) and the latents of the masked image (the image with its masked
 pixels set to grey, 0 in [-1, 1], encoded by the frozen autoencoder as a draw from its
-posterior). Each training image gets a fresh mask from the step's seeded generator: a box,
+posterior). A latent cell is 4 x 4 pixels, and every cell a masked pixel touches is painted
+(``latent_cells``), so that no cell the mask channel calls known holds grey. Diffusers' pipeline
+shrinks a mask by taking each cell's top-left pixel (nearest), which misses most cells of a 2-4 pixel
+stroke and the first column of the padded left half; ``mark_cells`` masks that pixel of every
+touched cell too, so the pipeline's shrinking gives the same grid. The picture keeps the known
+pixels of a painted cell: its latents still say what is there. Each training image gets a fresh mask from the step's seeded generator: a box,
 brush strokes, a half of the image, or, for ``masks.full`` of them, everything, so the model
 stays a text-to-image model too. The mask is drawn on the image as the model sees it, mirrored
 with it, so mask and picture always agree (train them apart and the model learns to ignore the
@@ -129,6 +134,22 @@ def padded(masks: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tenso
     return F.pad(m, (PAD, PAD, PAD, PAD), value=0.0)
 
 
+def latent_cells(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """float B x 1 x 32 x 32 in {0, 1} -> B x 1 x size x size: 1 where any pixel of the cell is masked."""
+    return F.max_pool2d(masks, masks.shape[-1] // size)
+
+
+def mark_cells(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """float B x 1 x 32 x 32 in {0, 1} -> the same with the top-left pixel of every latent cell (of a
+    size x size grid) that a masked pixel touches masked too. Diffusers shrinks a mask to the grid by
+    taking each cell's top-left pixel (nearest), so the marked mask shrinks to ``latent_cells`` there,
+    while the picture is greyed where the mask is (and at those corners), not over whole cells."""
+    cell = masks.shape[-1] // size
+    corners = torch.zeros_like(masks)
+    corners[..., ::cell, ::cell] = latent_cells(masks, size)
+    return torch.maximum(masks, corners)
+
+
 def masked(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] (B x 1 x 32 x 32) with the masked pixels grey (0), as diffusers masks them."""
     return x * (masks < 0.5)
@@ -144,14 +165,18 @@ class InpaintingLDM(ImageConditionedLDM):
     def extra_channels(self) -> int:
         return 1 + self.sample_shape[0]  # the mask, and the masked image's latents
 
-    def latent_mask(self, masks: torch.Tensor) -> torch.Tensor:
-        """float B x 1 x 32 x 32 -> B x 1 x 8 x 8, sampled as the pipeline does (nearest)."""
-        return F.interpolate(masks, size=self.sample_shape[1:])
+    def pipeline_mask(self, masks: torch.Tensor) -> torch.Tensor:
+        """bool B x 28 x 28 -> float B x 1 x 32 x 32: the mask as the model takes it, padded, its
+        cells marked; as ``mask_image``, ``StableDiffusionInpaintPipeline`` paints what we paint."""
+        return mark_cells(padded(masks), self.sample_shape[-1])
 
     def network_image(self, x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """concat: the mask on the latent grid and the masked image's latents, B x (1 + C) x 8 x 8."""
+        """concat: the mask on the latent grid and the masked image's latents, B x (1 + C) x 8 x 8,
+        from images in [-1, 1] and masks (float B x 1 x 32 x 32), their cells marked here."""
+        masks = mark_cells(masks, self.sample_shape[-1])
         latents = self.measured_latent_space().sample_latents(masked(x, masks), generator)
-        return torch.cat([self.latent_mask(masks).to(latents.device), latents], dim=1)
+        on_grid = F.interpolate(masks, size=self.sample_shape[1:])  # as the pipeline samples it (nearest)
+        return torch.cat([on_grid.to(latents.device), latents], dim=1)
 
     def image_condition(self, raw, flip, generator) -> dict[str, torch.Tensor]:
         masks = padded(draw_masks(len(raw["images"]), self.config.masks, generator), flip)
@@ -178,7 +203,9 @@ class InpaintingLDM(ImageConditionedLDM):
         return {"image": images, "mask": masks}
 
     def shown_inputs(self, inputs) -> torch.Tensor:
-        return torch.where(inputs["mask"], 128, inputs["image"]).to(torch.uint8)
+        """The picture as the model sees it: grey where it is masked (and at the marked cells' corners)."""
+        painted = self.pipeline_mask(inputs["mask"])[:, 0, PAD : PAD + IMAGE_SIZE, PAD : PAD + IMAGE_SIZE] > 0.5
+        return torch.where(painted, 128, inputs["image"]).to(torch.uint8)
 
     # -- measured --------------------------------------------------------------------------
 
@@ -189,10 +216,7 @@ class InpaintingLDM(ImageConditionedLDM):
         and, with ``init_from``, inpainting by that text run without training."""
         images, labels = self.test_examples(n)
         baseline = self.text_run(next(model.parameters()).device)
-        generator = torch.Generator().manual_seed(0)
-        kinds = {"boxes": box_masks(n, generator), "strokes": stroke_masks(n, generator),
-                 "halves": torch.where(torch.arange(n)[:, None, None] % 2 == 0, fixed_masks("left", n),
-                                       fixed_masks("right", n))}
+        kinds = evaluation_masks(n)
         judge = cached_judge()
         reference = reference_stats(judge)
         roundtrip = self.measured_latent_space().reconstruct(images)
@@ -214,6 +238,15 @@ class InpaintingLDM(ImageConditionedLDM):
         return report
 
 
+def evaluation_masks(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The masks ``evaluate`` paints, bool n x 28 x 28 of each kind: boxes, strokes, and the left
+    half of every other image and the right half of the rest."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"boxes": box_masks(n, generator), "strokes": stroke_masks(n, generator),
+            "halves": torch.where(torch.arange(n)[:, None, None] % 2 == 0, fixed_masks("left", n),
+                                  fixed_masks("right", n))}
+
+
 def known_psnr(out: torch.Tensor, images: torch.Tensor, known: torch.Tensor) -> float:
     """Mean PSNR (dB, 0..1 scale) over the pixels outside the mask: uint8 N x 28 x 28 images, bool
     N x 28 x 28 ``known``."""
@@ -228,7 +261,8 @@ def inpaint_without_training(stage: TextConditionedLDM, model, images: torch.Ten
                              progress: bool = False) -> torch.Tensor:
     """Inpainting with a plain text run (4-channel UNet): sample with each image's class prompt and
     after every step replace the latents outside the mask by the known image's, noised to the
-    next step's level (the mask on the latent grid covers every cell a masked pixel touches).
+    next step's level (the mask on the latent grid covers every cell a masked pixel touches, as the
+    trained model's does).
     uint8 N x 28 x 28."""
     s = stage.config.sample
     guidance = s.guidance if guidance is None else guidance
@@ -244,7 +278,7 @@ def inpaint_without_training(stage: TextConditionedLDM, model, images: torch.Ten
         noise = torch.randn((len(index), *stage.sample_shape), generator=generator, device=device)
         m = padded(masks[index].to(device))
         known = space.encode_unscaled(images[index].to(device)) * space.scaling_factor
-        paint = F.max_pool2d(m, m.shape[-1] // noise.shape[-1])  # 1 where any pixel of the cell is masked
+        paint = latent_cells(m, noise.shape[-1])
         sampler = make_sampler(scheduler or s.scheduler, stage.scheduler)
 
         def put_back(step: int, z: torch.Tensor) -> torch.Tensor:

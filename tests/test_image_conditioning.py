@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import train
-from conditioning.inpaint import MaskConfig, draw_masks, fixed_masks, padded
+from conditioning.inpaint import (MaskConfig, draw_masks, fixed_masks, latent_cells, mark_cells, masked, padded,
+                                  stroke_masks)
 from conditioning.structure import structure_maps, to_latent_grid
 from conditioning.upscale import PIPELINE_SCALING_FACTOR, fold_scaling_factor, low_res_of
 from ddpm.data import to_model_space, to_pixels
@@ -68,6 +70,28 @@ def test_training_masks_are_seeded_and_of_every_kind():
     # a mask is mirrored with its image: padded(mask, flip) is the mirror of padded(mask)
     flip = torch.tensor([True, False])
     assert torch.equal(padded(a[:2], flip)[0], padded(a[:1])[0].flip(-1))
+
+
+def test_the_mask_channel_and_the_masked_picture_agree_cell_for_cell(image_runs, fashion_mnist):
+    stage = load_for_sampling(image_runs["inpaint"])[0]
+    size = stage.sample_shape[-1]
+    masks = torch.cat([fixed_masks("left", 1), stroke_masks(3, torch.Generator().manual_seed(0))])
+    m = padded(masks)
+    cells = latent_cells(m, size)
+    # sampled nearest, as diffusers samples it, the grid misses cells that masked pixels touch
+    # (the padded left half's first column of cells, most cells of a thin stroke)
+    assert (F.interpolate(m, size=(size, size)) < cells).any()
+    x = to_model_space(fashion_mnist.images[:4])
+    concat = stage.network_image(x, m, torch.Generator().manual_seed(0))
+    assert torch.equal(concat[:, :1], cells), "every cell a masked pixel touches is painted"
+    marked = stage.pipeline_mask(masks)
+    assert torch.equal(F.interpolate(marked, size=(size, size)), cells), "which the pipeline's nearest keeps"
+    # the marks add one pixel per painted cell, inside it: the known pixels of a painted cell stay in the picture
+    added = marked - m
+    assert (added >= 0).all() and added.sum() <= cells.sum() and torch.equal(mark_cells(marked, size), marked)
+    assert (F.max_pool2d(added, 32 // size) <= cells).all()
+    kept = (masked(x, marked) != 0) & (F.interpolate(cells, size=32) > 0)
+    assert kept.any(), "known pixels of painted cells are not greyed"
 
 
 def test_structure_maps_follow_edges_and_a_blank_map_is_no_nan():
@@ -137,7 +161,7 @@ def test_exported_folders_load_in_diffusers_pipelines_and_sample_the_same(image_
     masks = fixed_masks("left", 2)
     ours = stage.generate_prompts(model, prompts, inputs={"image": images, "mask": masks}, **same)
     pipe = pipeline(StableDiffusionInpaintPipeline, "inpaint", safety_checker=None)
-    assert _close(ours, call(pipe, image=(to_model_space(images) + 1) / 2, mask_image=padded(masks)))
+    assert _close(ours, call(pipe, image=(to_model_space(images) + 1) / 2, mask_image=stage.pipeline_mask(masks)))
 
     # structure-to-image, loaded without a depth estimator; the pipeline is img2img, so is the comparison
     stage, model, _ = load_for_sampling(image_runs["structure"])
