@@ -12,9 +12,11 @@ posterior). A latent cell is 4 x 4 pixels, and every cell a masked pixel touches
 shrinks a mask by taking each cell's top-left pixel (nearest), which misses most cells of a 2-4 pixel
 stroke and the first column of the padded left half; ``mark_cells`` masks that pixel of every
 touched cell too, so the pipeline's shrinking gives the same grid. The picture keeps the known
-pixels of a painted cell: its latents still say what is there. Each training image gets a fresh mask from the step's seeded generator: a box,
-brush strokes, a half of the image, or, for ``masks.full`` of them, everything, so the model
-stays a text-to-image model too. The mask is drawn on the image as the model sees it, mirrored
+pixels of a painted cell: its latents still say what is there.
+
+Each training image gets a fresh mask from the step's seeded generator: a box, brush strokes, a
+half of the image, or, for ``masks.full`` of them, everything, so the model stays a text-to-image
+model too. The mask is drawn on the image as the model sees it, mirrored
 with it, so mask and picture always agree (train them apart and the model learns to ignore the
 mask).
 
