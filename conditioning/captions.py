@@ -46,6 +46,10 @@ TEMPLATES = [
     "{} on a black background",
     "an image showing {}",
 ]
+# the templates that name no attribute (not "a small grayscale image of {}", whose "small" would)
+PLAIN_TEMPLATES = [t for t in TEMPLATES if not ATTRIBUTE_WORDS & set(t.split())]
+# those templates with no garment in them ("a photo of", ""): captions that describe any image
+NAMELESS = [" ".join(t.format("").split()) for t in PLAIN_TEMPLATES]
 UNSEEN = {
     "T-shirt/top": ["a catalogue shot of a plain crew-neck tshirt", "a simple top with short sleeves"],
     "Trouser": ["a catalogue shot of long denim trousers", "some long pants for men"],
@@ -185,8 +189,7 @@ class AttributeCaptionTable(CaptionTable):
         self.config = config
         self.attributes = [list(ATTRIBUTES).index(a) for a in config.attributes]  # columns of measure()
         choices = self.word_choices()
-        templates = [t for t in TEMPLATES if not ATTRIBUTE_WORDS & set(t.split())]  # not "a small grayscale image"
-        self.hold([[t.format(with_article(with_attributes(n, chosen))) for t in templates for n in NAMES[c]
+        self.hold([[t.format(with_article(with_attributes(n, chosen))) for t in PLAIN_TEMPLATES for n in NAMES[c]
                     for chosen in choices] for c in class_names], first)
         self.n_choices = len(choices)
         # allowed[c, k, b]: may class c's captions name word b of the k-th listed attribute?

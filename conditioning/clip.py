@@ -26,7 +26,10 @@ Our 320 captions hold some 60 words, so a text tower trained on them alone knows
 Two options (both on in the quick preset) let it read unseen phrasings: ``model.word_embeddings:
 minilm`` starts every token at all-MiniLM-L6-v2's embedding of its text and freezes it there
 (``pretrained_word_embeddings``), and ``captions.word_dropout`` drops caption words other than the
-garment's noun. Everything else is trained from scratch.
+garment's noun. Everything else is trained from scratch. A third, ``captions.p_nameless``, swaps a
+share of the captions for a bare template ("a photo of"), which describes every image: a tower that
+has only ever read captions naming a garment names one for any text, and reads a word it cannot
+place ("par ka") as some garment; one that has read nameless captions can also say "none".
 
 The trained model is saved with ``save_pretrained`` beside its tokenizer: ``CLIPModel``,
 ``CLIPTextModel`` and ``CLIPTokenizer`` all load ``runs/NAME/final``, and a text run takes its
@@ -60,7 +63,7 @@ from ddpm.plots import save_grid
 from ddpm.runs import load_for_sampling
 
 from .attributes import ATTRIBUTES, bins_for
-from .captions import (NAMES, CaptionConfig, attribute_prompt, caption_table, class_prompt, named_bins,
+from .captions import (NAMELESS, NAMES, CaptionConfig, attribute_prompt, caption_table, class_prompt, named_bins,
                        phrasings_of, prompts_for)
 from .text_encoder import MAX_LENGTH, MINILM_PACKAGE, FrozenTextEncoder
 
@@ -125,11 +128,16 @@ class ClipCaptionConfig(CaptionConfig):
     # ("a photo of a pair of jeans" -> "photo a jeans"), so that the noun, not the whole string,
     # has to say which garment it is
     word_dropout: float = 0.0
+    # replace a training caption with a template that names no garment ("a photo of", "") with this
+    # probability; such a caption describes every image of the batch, so the text tower learns
+    # that words it cannot place say nothing about the class, rather than pick one
+    p_nameless: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.word_dropout < 1:
-            raise UserError(f"captions.word_dropout must be in [0, 1), got {self.word_dropout}")
+        for name in ("word_dropout", "p_nameless"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"captions.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -141,7 +149,7 @@ class ClipStageConfig:
 
 def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, labels: torch.Tensor,
                      logit_scale: torch.Tensor, max_logit_scale: float = 100.0, named: torch.Tensor | None = None,
-                     bins: torch.Tensor | None = None) -> torch.Tensor:
+                     bins: torch.Tensor | None = None, caption_labels: torch.Tensor | None = None) -> torch.Tensor:
     """CLIP's symmetric cross-entropy with multi-positive targets, over the global batch.
 
     image_embeds, text_embeds: float b x D, unit length, this process's pairs; labels: int64 b;
@@ -149,31 +157,48 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, labe
     and, with attribute captions, when image j is in every bin caption i names (``named``: int64
     b x 3, the bin each caption names or -1; ``bins``: int64 b x 3, each image's bins). Each row of
     the target is uniform over its positives, so a pair is never pushed away from another that
-    its caption describes as well. With several processes every process scores its own b pairs
-    against all B of the batch (gathered with their gradients), and the mean over processes, which
-    DDP takes of the gradients, is exactly the loss of one process holding the whole batch.
+    its caption describes as well.
+
+    A caption that names no garment (``caption_labels``, int64 b: the class each caption names,
+    -1 for none; default ``labels``) describes every image: its row's target is uniform over the
+    whole batch. It is no answer to "which caption is this image's?", so it is left out of the
+    images' rows (were it a positive there, every image would be pulled towards it and all would
+    share one direction); an image whose class no caption of the batch names has no row.
+
+    With several processes every process scores its own b pairs against all B of the batch
+    (gathered with their gradients), and the mean over processes, which DDP takes of the
+    gradients, is exactly the loss of one process holding the whole batch.
     """
+    caption_labels = labels if caption_labels is None else caption_labels
     all_images, all_texts, all_labels = gather(image_embeds), gather(text_embeds), gather(labels)
+    all_caption_labels = all_labels if caption_labels is labels else gather(caption_labels)
+    all_named, all_bins = (None, None) if named is None else (gather(named), gather(bins))
     scale = logit_scale.clamp(max=math.log(max_logit_scale)).exp()
-    if named is None:
-        mine_describe = theirs_describe = (labels[:, None] == all_labels[None, :]).float()  # b x B
-    else:
-        all_named, all_bins = gather(named), gather(bins)
-        mine_describe = describes(labels, named, all_labels, all_bins).float()  # my captions, every image
-        theirs_describe = describes(all_labels, all_named, labels, bins).T.float()  # my images, every caption
-    image_to_text = F.cross_entropy(scale * image_embeds @ all_texts.T,
-                                    theirs_describe / theirs_describe.sum(1, keepdim=True))
+
+    mine_describe = describes(caption_labels, named, all_labels, all_bins).float()  # my captions, every image
     text_to_image = F.cross_entropy(scale * text_embeds @ all_images.T,
                                     mine_describe / mine_describe.sum(1, keepdim=True))
+
+    answers = all_caption_labels >= 0  # the captions that name a garment
+    theirs_describe = describes(all_caption_labels, all_named, labels, bins).T.float() * answers  # my images
+    image_logits = (scale * image_embeds @ all_texts.T).masked_fill(~answers, -1e4)  # |other logits| <= 100
+    rows = theirs_describe.sum(1) > 0
+    summed = F.cross_entropy(image_logits[rows], theirs_describe[rows] / theirs_describe[rows].sum(1, keepdim=True),
+                             reduction="sum")
+    rows_per_process = gather(rows.sum()[None])
+    image_to_text = summed * len(rows_per_process) / rows_per_process.sum()  # the mean over the global batch's rows
     return (image_to_text + text_to_image) / 2
 
 
-def describes(caption_labels: torch.Tensor, named: torch.Tensor, image_labels: torch.Tensor, bins: torch.Tensor
-              ) -> torch.Tensor:
-    """bool captions x images: the caption's class is the image's, and each bin it names is the image's."""
-    same_class = caption_labels[:, None] == image_labels[None, :]
+def describes(caption_labels: torch.Tensor, named: torch.Tensor | None, image_labels: torch.Tensor,
+              bins: torch.Tensor | None) -> torch.Tensor:
+    """bool captions x images: the caption names the image's class or none (-1), and each bin it
+    names (``named``, with attribute captions) is the image's."""
+    fits = (caption_labels[:, None] == image_labels[None, :]) | (caption_labels[:, None] < 0)
+    if named is None:
+        return fits
     agree = (named[:, None, :] < 0) | (named[:, None, :] == bins[None, :, :])
-    return same_class & agree.all(-1)
+    return fits & agree.all(-1)
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
@@ -238,12 +263,14 @@ class ClipStage(Stage):
         captions = self.captions.draw(labels, generator, raw.get("attributes"))
         self._caption_ids = self._caption_ids.to(labels.device)
         batch = {"pixel_values": to_clip_space(images, flip), "labels": labels}
-        if self.config.captions.word_dropout > 0:
-            texts = self.drop_words(captions, generator)
+        texts = (self.drop_words(captions, generator) if self.config.captions.word_dropout > 0
+                 else [self.captions.prompts[i] for i in captions.tolist()])
+        if self.config.captions.p_nameless > 0:
+            texts, batch["caption_labels"] = self.nameless(texts, labels, generator)
+        if self.config.captions.word_dropout > 0 or self.config.captions.p_nameless > 0:
             batch["input_ids"] = self.tokenizer()(texts, padding="max_length", max_length=self._caption_ids.shape[1],
                                                   return_tensors="pt").input_ids.to(labels.device)
         else:
-            texts = [self.captions.prompts[i] for i in captions.tolist()]
             batch["input_ids"] = self._caption_ids[captions]
         if "attributes" in raw:
             batch["attributes"] = raw["attributes"]
@@ -259,6 +286,15 @@ class ClipStage(Stage):
         dropped = (dropped < self.config.captions.word_dropout).tolist()
         return [" ".join(w for j, w in enumerate(caption) if j == noun or not flags[j])
                 for caption, noun, flags in zip(words, nouns, dropped)]
+
+    def nameless(self, texts: list[str], labels: torch.Tensor, generator: torch.Generator
+                 ) -> tuple[list[str], torch.Tensor]:
+        """Each caption replaced, with probability ``captions.p_nameless``, by a random template
+        that names no garment; and the class each caption names (int64 B, -1 for none)."""
+        replaced = torch.rand(len(texts), generator=generator, device=labels.device) < self.config.captions.p_nameless
+        which = (torch.rand(len(texts), generator=generator, device=labels.device) * len(NAMELESS)).long()
+        texts = [NAMELESS[k] if r else text for text, r, k in zip(texts, replaced.tolist(), which.tolist())]
+        return texts, torch.where(replaced, -1, labels)
 
     def build_model(self) -> CLIPModel:
         c, tokenizer = self.config.model, self.tokenizer()
@@ -280,7 +316,8 @@ class ClipStage(Stage):
         out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
         logit_scale = getattr(model, "module", model).logit_scale  # under DDP, the wrapped model's
         return contrastive_loss(out.image_embeds, out.text_embeds, batch["labels"], logit_scale,
-                                self.config.model.max_logit_scale, batch.get("named"), batch.get("attributes"))
+                                self.config.model.max_logit_scale, batch.get("named"), batch.get("attributes"),
+                                batch.get("caption_labels"))
 
     # -- looking at it ----------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 import train
-from conditioning.captions import CaptionTable, class_captions, prompts_for
+from conditioning.captions import NAMELESS, CaptionTable, class_captions, prompts_for
 from conditioning.clip import (SPARE_TOKENS, ClipScorer, ClipStage, build_tokenizer, contrastive_loss, describes,
                                pretrained_word_embeddings)
 from ddpm.checkpoint import save_tensors
@@ -97,6 +97,43 @@ def test_a_caption_naming_an_attribute_is_positive_only_for_images_in_that_bin()
                               contrastive_loss(embeds, embeds, labels, scale))
 
 
+def test_a_caption_that_names_no_garment_describes_every_image():
+    """Caption label -1 ("a photo of") describes every image (within the bins it names), and its
+    gradient pulls it from one class towards all of them. It answers no image: an image whose class
+    no caption of the batch names has no image-to-text row, and the loss stays finite."""
+    labels = torch.tensor([0, 0, 1, 2])
+    caption_labels = torch.tensor([0, -1, 1, 2])
+    assert describes(caption_labels, None, labels, None).tolist() == [
+        [True, True, False, False], [True, True, True, True], [False, False, True, False], [False, False, False, True]]
+    bins = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 0, 0], [1, 0, 0]])
+    named = torch.tensor([[-1, -1, -1], [1, -1, -1], [-1, -1, -1], [-1, -1, -1]])  # "a photo of a light one"
+    assert describes(caption_labels, named, labels, bins)[1].tolist() == [False, True, False, True]
+    images = torch.eye(3)[labels]
+    texts = torch.eye(3)[[0, 0, 1, 2]].requires_grad_()  # the nameless caption starts on class 0
+    scale = torch.tensor(math.log(20.0))
+    loss = contrastive_loss(images, texts, labels, scale, caption_labels=caption_labels)
+    loss.backward()
+    towards_all = F.normalize(torch.ones(3), dim=0) - texts[1].detach()
+    assert (-texts.grad[1] @ towards_all).item() > 0.1
+    assert loss.item() != pytest.approx(contrastive_loss(images, texts, labels, scale).item(), abs=1e-3)
+    no_answer = contrastive_loss(images, texts, labels, scale, caption_labels=torch.tensor([0, -1, 1, -1]))
+    assert torch.isfinite(no_answer)  # image 3, class 2: no caption names it
+
+
+def test_nameless_captions_replace_a_share_of_captions_with_a_bare_template(fashion_mnist):
+    stage = tiny_stage(TINY_CLIP, "captions.p_nameless=0.3", "captions.word_dropout=0.3")
+    raw = stage.load_data()
+    batch = stage.make_batch({k: v[:200] for k, v in raw.items()}, torch.Generator().manual_seed(0))
+    texts = stage.tokenizer().batch_decode(batch["input_ids"], skip_special_tokens=True)
+    nameless = batch["caption_labels"] < 0
+    assert 30 < nameless.sum() < 90
+    assert all((text.strip() in NAMELESS) == none for text, none in zip(texts, nameless.tolist()))
+    assert torch.equal(batch["caption_labels"][~nameless], batch["labels"][~nameless])
+    plain = tiny_stage(TINY_CLIP)  # off by default: the batch of before, no caption labels
+    plain.load_data()
+    assert "caption_labels" not in plain.make_batch({k: v[:200] for k, v in raw.items()}, torch.Generator())
+
+
 def test_temperature_starts_at_1_over_0_07_is_clamped_at_100_and_never_decayed():
     stage = tiny_stage()
     model = stage.build_model()
@@ -173,8 +210,9 @@ def test_resume_continues_the_same_clip_run_exactly(trained_tiny_clip, tmp_path)
 
 def test_two_processes_train_clip_like_one(tmp_path, fashion_mnist):
     """Each process scores its pairs against the whole gathered batch, so two processes give the
-    loss and the weights of one."""
-    assert_two_processes_train_like_one(tmp_path, TINY_CLIP)
+    loss and the weights of one; also with captions that name no garment, whose images' rows are
+    averaged over the whole batch."""
+    assert_two_processes_train_like_one(tmp_path, TINY_CLIP, "captions.p_nameless=0.3")
 
 
 def test_clip_on_the_command_line(trained_tiny_clip, trained_tiny_run, tmp_path):
