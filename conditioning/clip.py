@@ -257,7 +257,8 @@ class ClipStage(Stage):
                    ) -> dict[str, torch.Tensor]:
         """pixel_values: B x 1 x 28 x 28 in [-1, 1]; input_ids: B x L, a random caption of each
         image's class; labels: B, which decide the positives; with attribute captions also
-        attributes (B x 3, the images' bins) and named (B x 3, the bin each caption names or -1)."""
+        attributes (B x 3, the images' bins) and named (B x 3, the bin each caption names or -1);
+        with ``captions.p_nameless`` also caption_labels (B, the class each caption names, -1 for none)."""
         images, labels = raw["images"], raw["labels"]
         flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5 if self.config.data.flip else None
         captions = self.captions.draw(labels, generator, raw.get("attributes"))
