@@ -102,6 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a super-resolution run: noise added to --low-res (default: upscale.noise_level)")
     parser.add_argument("--mask", default=None, metavar="PNG",
                         help="an inpainting run: 28 x 28, white where the --init-image is to be painted")
+    parser.add_argument("--no-keep-known", action="store_true",
+                        help="an inpainting run: do not put the known region back after every step (as diffusers' "
+                             "pipeline with a 9-channel UNet)")
     parser.add_argument("--structure", default=None, metavar="PNG",
                         help="a structure run: make garments with this image's edges")
     parser.add_argument("--web", action="store_true",
@@ -228,6 +231,10 @@ def apply_sampling_options(stage, args) -> None:
     if args.no_clip_denoised:
         changes["clip_denoised"] = False
     stage.config.sample = dataclasses.replace(stage.config.sample, **changes)  # checked like the config
+    if args.no_keep_known:
+        if not hasattr(stage.config, "inpaint"):
+            raise UserError(f"--no-keep-known is for an 'inpaint' run; {args.run} is a '{stage.name}' run")
+        stage.config.inpaint = dataclasses.replace(stage.config.inpaint, keep_known=False)
 
 
 def classes_asked(args, stage) -> list[int]:

@@ -23,6 +23,12 @@ mask).
 What it is measured against: inpainting with the plain text run and no training at all,
 which after every sampler step puts back the known region, noised to the step's level
 (``inpaint_without_training``, what diffusers' inpainting pipeline does with a 4-channel UNet).
+The trained model takes the same step too (``inpaint.keep_known``, ``put_back_known``): its
+masked picture's latents say what the known region is, but the known cells it redraws from them
+stray further from the picture than the autoencoder's own latents of it, and FD pays for that
+under every kind of mask (README). Diffusers' pipeline takes that step only with a 4-channel
+UNet: ``pipeline_callback`` adds it there, and keep_known false (``sample.py --no-keep-known``)
+gives the plain pipeline's pixels.
 """
 
 from __future__ import annotations
@@ -62,8 +68,16 @@ class MaskConfig:
 
 
 @dataclasses.dataclass
+class InpaintConfig:
+    # after every sampler step put the known latent cells back, noised to the step's level, as the
+    # baseline does; diffusers' pipeline does it only for a 4-channel UNet (false: its pixels exactly)
+    keep_known: bool = True
+
+
+@dataclasses.dataclass
 class InpaintDDPMConfig(ImageConditionedConfig):
     masks: MaskConfig = dataclasses.field(default_factory=MaskConfig)
+    inpaint: InpaintConfig = dataclasses.field(default_factory=InpaintConfig)
 
 
 # -- masks: bool B x 28 x 28, True where the picture is to be painted -------------------------------
@@ -198,6 +212,31 @@ class InpaintingLDM(ImageConditionedLDM):
         network = {"concat": self.network_image(condition["image"], condition["mask"], generator).to(noise.device)}
         return noise, init, *self.with_network_inputs(condition, null, ("image", "mask"), network)
 
+    def after_step(self, condition, noise, sampler):
+        """With ``inpaint.keep_known``, the known region put back after every step (``put_back_known``)."""
+        if not self.config.inpaint.keep_known:
+            return None
+        return put_back_known(sampler, noise, *self.known_region(condition, noise))
+
+    def known_region(self, condition, noise) -> tuple[torch.Tensor, torch.Tensor]:
+        """From a sampling condition (``input_condition``'s): the picture's latents, the posterior
+        mean (B x C x h x w, like ``noise``), and the painted cells (B x 1 x h x w in {0, 1})."""
+        known = self.measured_latent_space().sample_latents(condition["image"], None).to(noise.device)
+        return known, latent_cells(condition["mask"].to(noise.device), noise.shape[-1])
+
+    def pipeline_callback(self, images: torch.Tensor, masks: torch.Tensor, noise: torch.Tensor):
+        """``inpaint.keep_known`` for ``StableDiffusionInpaintPipeline``, which puts the known region back
+        only for a 4-channel UNet: its ``callback_on_step_end``. images uint8 N x 28 x 28, masks bool
+        N x 28 x 28, noise the pipeline's starting latents (its generator's first draw, N x C x h x w)."""
+        known, paint = self.known_region(self.input_condition({"image": images, "mask": masks}, len(images)), noise)
+
+        def callback(pipe, i, t, tensors):
+            timesteps = pipe.scheduler.timesteps
+            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
+            return {"latents": put_back_known(pipe.scheduler, noise, known, paint)(t_next, tensors["latents"])}
+
+        return callback
+
     def inputs_from(self, images, masks: torch.Tensor | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         """A real image, and a mask drawn like the training masks (seeded) unless given."""
         if masks is None:
@@ -278,18 +317,21 @@ def inpaint_without_training(stage: TextConditionedLDM, model, images: torch.Ten
         condition, null = ({k: v.to(device) for k, v in c.items()} for c in (condition, null))
         generator = torch.Generator(device).manual_seed(seed + i)
         noise = torch.randn((len(index), *stage.sample_shape), generator=generator, device=device)
-        m = padded(masks[index].to(device))
-        known = space.encode_unscaled(images[index].to(device)) * space.scaling_factor
-        paint = latent_cells(m, noise.shape[-1])
+        known = space.encode(images[index].to(device))
+        paint = latent_cells(padded(masks[index].to(device)), noise.shape[-1])
         sampler = make_sampler(scheduler or s.scheduler, stage.scheduler)
-
-        def put_back(step: int, z: torch.Tensor) -> torch.Tensor:
-            if step + 1 < len(sampler.timesteps):
-                level = sampler.timesteps[step + 1].repeat(len(z))
-                return paint * z + (1 - paint) * sampler.add_noise(known, noise, level)
-            return paint * z + (1 - paint) * known
-
         z = sample_loop(lambda z, t: stage.predict(model, z, t, condition, null, guidance), sampler, noise, steps,
-                        generator, progress=progress, after_step=put_back)
+                        generator, progress=progress, after_step=put_back_known(sampler, noise, known, paint))
         out.append(stage.to_images(z).cpu())
     return torch.cat(out)
+
+
+def put_back_known(sampler, noise: torch.Tensor, known: torch.Tensor, paint: torch.Tensor):
+    """``sample_loop``'s after_step for inpainting: outside the painted cells (``paint``, B x 1 x h x w
+    in {0, 1}) the sample becomes the known image's latents (``known``, B x C x h x w), noised with
+    the starting ``noise`` to the level the sample is now at, and clean after the last step."""
+    def put_back(t_next: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+        target = known if t_next is None else sampler.add_noise(known, noise, t_next.repeat(len(z)))
+        return paint * z + (1 - paint) * target
+
+    return put_back

@@ -154,7 +154,8 @@ def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
                 noise: torch.Tensor, steps: int, generator: torch.Generator | None = None,
                 progress: bool = False, init: torch.Tensor | None = None, strength: float = 1.0,
                 on_step: Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-                after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                after_step: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
     """Run a scheduler from noise to x0.
 
     predict(x_t, t) -> the (guided) network output, same shape as x_t.
@@ -164,8 +165,8 @@ def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
     starts from pure noise (text-to-image), strength 0 returns ``init`` unchanged.
     on_step(i, n, t, x_t, output), after the network's output at step i of the n that run: to
     watch the sample form (x_t is what the network saw, the variance-preserving noisy sample).
-    after_step(i, x) replaces the sample after step i (inpainting without training puts the known
-    region back there).
+    after_step(t_next, x) replaces the sample x after each step; t_next is the timestep x is now at,
+    None after the last step (inpainting puts the known region back, noised to t_next).
     """
     scheduler.set_timesteps(steps, device=noise.device)
     skipped = steps - round(steps * strength) if init is not None else 0
@@ -185,5 +186,5 @@ def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
             on_step(i, len(timesteps), t, model_input, output)
         x = scheduler.step(output, t, x, generator=generator).prev_sample
         if after_step is not None:
-            x = after_step(i, x)
+            x = after_step(timesteps[i + 1] if i + 1 < len(timesteps) else None, x)
     return x

@@ -244,13 +244,13 @@ class DiffusionStage(Stage):
             uncond = rows(null)
             generator = torch.Generator(device).manual_seed(seed + i)
             init = init_images[index].to(device) if init_images is not None else None
-            noise, init, cond, uncond = self.sampling_inputs(cond, uncond, init, generator)
+            noise, init, net_cond, net_uncond = self.sampling_inputs(cond, uncond, init, generator)
             watch = None if on_step is None else (
                 lambda i, n, t, x_t, out: on_step(i, n, t, x_t, predicted_x0(self.scheduler, out, x_t, t)))
             with _autocast(device):
-                x0 = sample_loop(lambda x, t: self.predict(model, x, t, cond, uncond, guidance, weights), sampler,
-                                 noise, steps, generator, progress=progress, init=init, strength=strength,
-                                 on_step=watch)
+                x0 = sample_loop(lambda x, t: self.predict(model, x, t, net_cond, net_uncond, guidance, weights),
+                                 sampler, noise, steps, generator, progress=progress, init=init, strength=strength,
+                                 on_step=watch, after_step=self.after_step(cond, noise, sampler))
             out.append(self.to_images(x0).cpu())
         return torch.cat(out)
 
@@ -264,6 +264,13 @@ class DiffusionStage(Stage):
                             device=generator.device)
         init = self.from_images(init_images) if init_images is not None else None
         return noise, init, condition, null
+
+    def after_step(self, condition: Condition | list[Condition], noise: torch.Tensor, sampler
+                   ) -> Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None:
+        """What replaces a batch's sample after every sampler step (``sample_loop``'s ``after_step``),
+        from its condition (as ``sample`` was given it) and starting noise; None: nothing does.
+        Inpainting puts the known region back."""
+        return None
 
     def generate(self, model, labels: torch.Tensor, *, phrasings: str = "train", negative_prompt: str = "",
                  **settings) -> torch.Tensor:

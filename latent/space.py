@@ -98,13 +98,16 @@ class LatentSpace:
         return out.latents, None
 
     @torch.no_grad()
-    def sample_latents(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def sample_latents(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """float B x 1 x 32 x 32 in [-1, 1] -> scaled latents drawn from the posterior, mean + std *
-        noise, the noise from ``generator`` (as diffusers' pipelines encode an input image)."""
+        noise, the noise from ``generator`` (as diffusers' pipelines encode an input image); with no
+        generator, the posterior mean."""
         out = self.vae.encode(self.padded_to_vae_input(x))
         if not hasattr(out, "latent_dist"):
             return out.latents * self._factor()
         mean, std = out.latent_dist.mean, out.latent_dist.std
+        if generator is None:
+            return mean * self._factor()
         noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
         return (mean + std * noise) * self._factor()
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 import train
 from conditioning.inpaint import (MaskConfig, draw_masks, fixed_masks, latent_cells, mark_cells, masked, padded,
-                                  stroke_masks)
+                                  put_back_known, stroke_masks)
 from conditioning.structure import structure_maps, to_latent_grid
 from conditioning.upscale import PIPELINE_SCALING_FACTOR, fold_scaling_factor, low_res_of
 from ddpm.data import to_model_space, to_pixels
@@ -94,6 +94,24 @@ def test_the_mask_channel_and_the_masked_picture_agree_cell_for_cell(image_runs,
     assert kept.any(), "known pixels of painted cells are not greyed"
 
 
+def test_the_known_region_is_put_back_at_the_noise_level_of_the_sample():
+    from diffusers import DDPMScheduler
+
+    sampler = make_sampler("dpm++", DDPMScheduler(num_train_timesteps=1000))
+    sampler.set_timesteps(5)
+    known, noise, z = torch.randn(3, 2, 4, 8, 8).unbind(0)
+    paint = latent_cells(padded(fixed_masks("left", 2)), 8)
+    put_back = put_back_known(sampler, noise, known, paint)
+    painted = paint.bool().expand_as(z)
+    assert painted.any() and not painted.all()
+    t = sampler.timesteps[2]
+    abar = sampler.alphas_cumprod[t]
+    noised = put_back(t, z)
+    assert torch.equal(noised[painted], z[painted]), "the painted cells are the sampler's"
+    assert torch.allclose(noised[~painted], (abar.sqrt() * known + (1 - abar).sqrt() * noise)[~painted], atol=1e-5)
+    assert torch.equal(put_back(None, z)[~painted], known[~painted]), "after the last step, the clean latents"
+
+
 def test_structure_maps_follow_edges_and_a_blank_map_is_no_nan():
     images = torch.zeros(2, 28, 28, dtype=torch.uint8)
     images[0, 8:20, 8:20] = 255
@@ -155,13 +173,20 @@ def test_exported_folders_load_in_diffusers_pipelines_and_sample_the_same(image_
     assert pipe.vae.config.scaling_factor == PIPELINE_SCALING_FACTOR
     assert _close(ours, call(pipe, image=(low + 1) / 2, noise_level=20))
 
-    # inpainting: exactly 9 input channels; white = paint
+    # inpainting: exactly 9 input channels; white = paint. The pipeline puts the known region back
+    # only for a 4-channel UNet: with inpaint.keep_known it takes the same step as a callback
     stage, model, _ = load_for_sampling(image_runs["inpaint"])
-    assert model.config.in_channels == 9
+    assert model.config.in_channels == 9 and stage.config.inpaint.keep_known
     masks = fixed_masks("left", 2)
-    ours = stage.generate_prompts(model, prompts, inputs={"image": images, "mask": masks}, **same)
     pipe = pipeline(StableDiffusionInpaintPipeline, "inpaint", safety_checker=None)
-    assert _close(ours, call(pipe, image=(to_model_space(images) + 1) / 2, mask_image=stage.pipeline_mask(masks)))
+    picture, mask_image = (to_model_space(images) + 1) / 2, stage.pipeline_mask(masks)
+    noise = torch.randn((2, *stage.sample_shape), generator=torch.Generator().manual_seed(0))  # its first draw
+    keep_known = stage.pipeline_callback(images, masks, noise)
+    ours = stage.generate_prompts(model, prompts, inputs={"image": images, "mask": masks}, **same)
+    assert _close(ours, call(pipe, image=picture, mask_image=mask_image, callback_on_step_end=keep_known))
+    stage.config.inpaint.keep_known = False
+    plain = stage.generate_prompts(model, prompts, inputs={"image": images, "mask": masks}, **same)
+    assert _close(plain, call(pipe, image=picture, mask_image=mask_image)) and not _close(plain, ours)
 
     # structure-to-image, loaded without a depth estimator; the pipeline is img2img, so is the comparison
     stage, model, _ = load_for_sampling(image_runs["structure"])
@@ -181,6 +206,7 @@ def test_sampling_from_input_images_on_the_command_line(image_runs, trained_tiny
     grid = str(tmp_path / "grid.png")
     for name, flags in (("upscale", ["--low-res", str(small)]), ("upscale", ["--low-res", str(picture)]),
                         ("inpaint", ["--init-image", str(picture), "--mask", str(mask)]),
+                        ("inpaint", ["--init-image", str(picture), "--mask", str(mask), "--no-keep-known"]),
                         ("structure", ["--structure", str(picture)])):
         result = run("sample.py", str(image_runs[name]), *flags, "--prompt", "a shirt", "--n", "2", "--out", grid)
         assert result.returncode == 0, result.stderr
@@ -202,7 +228,8 @@ def test_sampling_from_input_images_on_the_command_line(image_runs, trained_tiny
             (upscale, ["--low-res", str(big)], "must be 8 x 8 or 28 x 28"),
             (upscale, ["--low-res", str(small), "--noise-level", "101"], "--noise-level must be in 0..100"),
             (str(trained_tiny_text_run), ["--structure", str(picture)], "is for a 'structure' run"),
-            (upscale, ["--init-image", str(picture), "--mask", str(mask)], "is for a 'inpaint' run")):
+            (upscale, ["--init-image", str(picture), "--mask", str(mask)], "is for a 'inpaint' run"),
+            (upscale, ["--low-res", str(small), "--no-keep-known"], "--no-keep-known is for an 'inpaint' run")):
         one_line_error(run("sample.py", run_dir, *flags, "--prompt", "a shirt", "--out", grid), fragment)
 
 
