@@ -232,7 +232,7 @@ def apply_sampling_options(stage, args) -> None:
         changes["clip_denoised"] = False
     stage.config.sample = dataclasses.replace(stage.config.sample, **changes)  # checked like the config
     if args.no_keep_known:
-        if not hasattr(stage.config, "inpaint"):
+        if "mask" not in stage.capabilities.conditions:
             raise UserError(f"--no-keep-known is for an 'inpaint' run; {args.run} is a '{stage.name}' run")
         stage.config.inpaint = dataclasses.replace(stage.config.inpaint, keep_known=False)
 
