@@ -216,19 +216,14 @@ class InpaintingLDM(ImageConditionedLDM):
         """With ``inpaint.keep_known``, the known region put back after every step (``put_back_known``)."""
         if not self.config.inpaint.keep_known:
             return None
-        return put_back_known(sampler, noise, *self.known_region(condition, noise))
-
-    def known_region(self, condition, noise) -> tuple[torch.Tensor, torch.Tensor]:
-        """From a sampling condition (``input_condition``'s): the picture's latents, the posterior
-        mean (B x C x h x w, like ``noise``), and the painted cells (B x 1 x h x w in {0, 1})."""
-        known = self.measured_latent_space().sample_latents(condition["image"], None).to(noise.device)
-        return known, latent_cells(condition["mask"].to(noise.device), noise.shape[-1])
+        known, paint = known_region(self.measured_latent_space(), condition["image"], condition["mask"], noise)
+        return put_back_known(sampler, noise, known, paint)
 
     def pipeline_callback(self, images: torch.Tensor, masks: torch.Tensor, noise: torch.Tensor):
         """``inpaint.keep_known`` for ``StableDiffusionInpaintPipeline``, which puts the known region back
         only for a 4-channel UNet: its ``callback_on_step_end``. images uint8 N x 28 x 28, masks bool
         N x 28 x 28, noise the pipeline's starting latents (its generator's first draw, N x C x h x w)."""
-        known, paint = self.known_region(self.input_condition({"image": images, "mask": masks}, len(images)), noise)
+        known, paint = known_region(self.measured_latent_space(), to_model_space(images), padded(masks), noise)
 
         def callback(pipe, i, t, tensors):
             timesteps = pipe.scheduler.timesteps
@@ -317,13 +312,22 @@ def inpaint_without_training(stage: TextConditionedLDM, model, images: torch.Ten
         condition, null = ({k: v.to(device) for k, v in c.items()} for c in (condition, null))
         generator = torch.Generator(device).manual_seed(seed + i)
         noise = torch.randn((len(index), *stage.sample_shape), generator=generator, device=device)
-        known = space.encode(images[index].to(device))
-        paint = latent_cells(padded(masks[index].to(device)), noise.shape[-1])
+        known, paint = known_region(space, to_model_space(images[index].to(device)), padded(masks[index].to(device)),
+                                    noise)
         sampler = make_sampler(scheduler or s.scheduler, stage.scheduler)
         z = sample_loop(lambda z, t: stage.predict(model, z, t, condition, null, guidance), sampler, noise, steps,
                         generator, progress=progress, after_step=put_back_known(sampler, noise, known, paint))
         out.append(stage.to_images(z).cpu())
     return torch.cat(out)
+
+
+def known_region(space, image: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What inpainting puts back, for the trained model and the baseline alike: from the picture
+    (float B x 1 x 32 x 32 in [-1, 1]) and its padded mask (``padded``), the picture's latents, the
+    posterior mean (B x C x h x w, like ``noise``), and the painted cells (B x 1 x h x w in {0, 1})."""
+    known = space.sample_latents(image, None).to(noise.device)
+    return known, latent_cells(mask.to(noise.device), noise.shape[-1])
 
 
 def put_back_known(sampler, noise: torch.Tensor, known: torch.Tensor, paint: torch.Tensor):
