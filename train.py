@@ -18,6 +18,7 @@ and N processes draw the same global batch and each trains on its own slice of i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -30,13 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpm.checkpoint import (
+    checkpoint_name,
     latest_good_checkpoint,
     load_tensors,
     load_torch_state,
@@ -48,6 +50,7 @@ from ddpm.checkpoint import (
 from ddpm.config import TrainConfig, apply_overrides, read_yaml
 from ddpm.ema import EMA
 from ddpm.errors import UserError, cli_errors
+from ddpm.preemption import EXIT_PREEMPTED, Preempted, StopSignals, ignore_stop_signals
 from ddpm.plots import append_metrics, plot_metrics, read_metrics
 from ddpm.runs import load_config
 
@@ -157,64 +160,77 @@ def train(raw_config: dict) -> Path:
     running: dict[str, torch.Tensor] = {}  # the loss (and any named parts of it) summed over the window
     window_steps, window_start = 0, time.perf_counter()
     clock_start = window_start - _elapsed_before(metrics_path, start_step)
+    stopping = False
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not is_main,
                desc="train", dynamic_ncols=True)
-    for step in bar:
-        generator.manual_seed(step_seed(cfg.seed, "step", step))
-        batch = stage.make_batch({k: v[order.indices(step)] for k, v in data.items()}, generator, step)
-        mine = {k: v[my_slice] for k, v in batch.items()}
-        model.train()
-        for m in range(cfg.grad_accum_steps):
-            micro_batch = {k: v[m * micro : (m + 1) * micro] for k, v in mine.items()}
-            with accelerator.accumulate(model):
-                parts = stage.loss(model, micro_batch)
-                parts = parts if isinstance(parts, dict) else {"loss": parts}
-                loss = parts["loss"]
-                accelerator.backward(loss)  # divides by grad_accum_steps; syncs on the last micro-batch
-                if accelerator.sync_gradients and cfg.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for name, value in parts.items():
-                running[name] = running.get(name, 0) + value.detach() / cfg.grad_accum_steps
-        lr_schedule.step()
-        ema.update(accelerator.unwrap_model(model))
-        window_steps += 1
-        done = step + 1
-        checkpoint_due = done == total_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+    with StopSignals(world) as stop, _out_of_memory_hint(cfg, micro, world, checkpoints_dir):
+        for step in bar:
+            generator.manual_seed(step_seed(cfg.seed, "step", step))
+            batch = stage.make_batch({k: v[order.indices(step)] for k, v in data.items()}, generator, step)
+            mine = {k: v[my_slice] for k, v in batch.items()}
+            model.train()
+            for m in range(cfg.grad_accum_steps):
+                micro_batch = {k: v[m * micro : (m + 1) * micro] for k, v in mine.items()}
+                with accelerator.accumulate(model):
+                    parts = stage.loss(model, micro_batch)
+                    parts = parts if isinstance(parts, dict) else {"loss": parts}
+                    loss = parts["loss"]
+                    accelerator.backward(loss)  # divides by grad_accum_steps; syncs on the last micro-batch
+                    if accelerator.sync_gradients and cfg.grad_clip:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for name, value in parts.items():
+                    running[name] = running.get(name, 0) + value.detach() / cfg.grad_accum_steps
+            lr_schedule.step()
+            ema.update(accelerator.unwrap_model(model))
+            window_steps += 1
+            done = step + 1
+            stopping = stop.requested() and done < total_steps  # a stop signal: checkpoint and leave
+            checkpoint_due = (stopping or done == total_steps
+                              or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0))
 
-        if done % cfg.log_every == 0 or checkpoint_due:  # the only place the host waits for the GPU
-            means = {k: accelerator.reduce(v, reduction="mean").item() / window_steps for k, v in running.items()}
-            mean_loss = means["loss"]
-            if not math.isfinite(mean_loss):
-                raise UserError(f"loss became {mean_loss} at step {done} (in steps {done - window_steps + 1}.."
-                                f"{done}); the last good checkpoint is kept in {checkpoints_dir}; lower "
-                                f"train.lr or set train.grad_clip, then resume with train.resume=latest")
-            elapsed = time.perf_counter() - window_start
-            record = {"step": done, "epoch": round(done / order.steps_per_epoch, 4), **means,
-                      "lr": lr_schedule.get_last_lr()[0], "images_per_s": window_steps * cfg.batch_size / elapsed,
-                      "elapsed_s": round(time.perf_counter() - clock_start, 2)}
-            if device.type == "cuda":
-                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            _log(accelerator, metrics_path, record)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
-            running.clear()
-            window_steps = 0
+            if done % cfg.log_every == 0 or checkpoint_due:  # the only place the host waits for the GPU
+                means = {k: accelerator.reduce(v, reduction="mean").item() / window_steps for k, v in running.items()}
+                mean_loss = means["loss"]
+                if not math.isfinite(mean_loss):
+                    raise UserError(f"loss became {mean_loss} at step {done} (in steps {done - window_steps + 1}.."
+                                    f"{done}); the last good checkpoint is kept in {checkpoints_dir}; lower "
+                                    f"train.lr or set train.grad_clip, then resume with train.resume=latest")
+                elapsed = time.perf_counter() - window_start
+                record = {"step": done, "epoch": round(done / order.steps_per_epoch, 4), **means,
+                          "lr": lr_schedule.get_last_lr()[0], "images_per_s": window_steps * cfg.batch_size / elapsed,
+                          "elapsed_s": round(time.perf_counter() - clock_start, 2)}
+                if device.type == "cuda":
+                    record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                _log(accelerator, metrics_path, record)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                running.clear()
+                window_steps = 0
 
-        if cfg.sample_every and done % cfg.sample_every == 0 and is_main:
-            grid = stage.preview(ema.model, run_dir / "samples" / f"step-{done:08d}.png", title=f"EMA, step {done}")
-            _log_grid(accelerator, grid, done)
-        if cfg.eval_every and done % cfg.eval_every == 0 and stage.capabilities.evaluates:
-            if is_main:
-                _log(accelerator, metrics_path, {"step": done, **stage.evaluate(ema.model, cfg.eval_n)})
-            accelerator.wait_for_everyone()
-        if checkpoint_due:
-            if is_main:
-                save_checkpoint(checkpoints_dir, done, lambda folder: _write_checkpoint(
-                    folder, stage.name, done, accelerator, model, ema, optimizer, lr_schedule), cfg.keep_last)
-            accelerator.wait_for_everyone()
-        if window_steps == 0:  # a window starts after logging, previews, evaluation and checkpoints
-            window_start = time.perf_counter()
+            if checkpoint_due:
+                if is_main:
+                    save_checkpoint(checkpoints_dir, done, lambda folder: _write_checkpoint(
+                        folder, stage.name, done, accelerator, model, ema, optimizer, lr_schedule), cfg.keep_last)
+                accelerator.wait_for_everyone()
+            if stopping:
+                break
+            if cfg.sample_every and done % cfg.sample_every == 0 and is_main:
+                grid = stage.preview(ema.model, run_dir / "samples" / f"step-{done:08d}.png", title=f"EMA, step {done}")
+                _log_grid(accelerator, grid, done)
+            if cfg.eval_every and done % cfg.eval_every == 0 and stage.capabilities.evaluates:
+                if is_main:
+                    _log(accelerator, metrics_path, {"step": done, **stage.evaluate(ema.model, cfg.eval_n)})
+                accelerator.wait_for_everyone()
+            if window_steps == 0:  # a window starts after logging, previews, evaluation and checkpoints
+                window_start = time.perf_counter()
+
+        if stopping:  # inside the with: a further signal is only acknowledged while the trackers close
+            accelerator.end_training()
+            launcher = f"accelerate launch --num_processes {world}" if world > 1 else "python"
+            raise Preempted(f"stopped by {stop.received or 'a signal to another process'} after step {done} of "
+                            f"{total_steps}: checkpoint {checkpoints_dir / checkpoint_name(done)}; continue with "
+                            f"{launcher} train.py {run_dir / 'config.yaml'} train.resume=latest")
 
     if is_main:
         final = run_dir / "final"
@@ -230,6 +246,18 @@ def train(raw_config: dict) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+@contextlib.contextmanager
+def _out_of_memory_hint(cfg: TrainConfig, micro: int, world: int, checkpoints_dir: Path):
+    """Out of GPU memory in the loop: one line that names the batch and the keys that shrink it."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of GPU memory with train.batch_size={cfg.batch_size} (micro-batches of {micro} on "
+                        f"each of {world} process(es)); lower train.batch_size or raise train.grad_accum_steps "
+                        f"(now {cfg.grad_accum_steps}), then resume with train.resume=latest from the last good "
+                        f"checkpoint in {checkpoints_dir}") from None
 
 
 def _resume_point(cfg: TrainConfig, run_dir: Path, checkpoints_dir: Path, say) -> Path | None:
@@ -329,7 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         train(apply_overrides(read_yaml(argv[0]), argv[1:]))
-    except KeyboardInterrupt:
+    except Preempted as stopped:
+        ignore_stop_signals()  # while the interpreter exits: the checkpoint is whole, say nothing more
+        if PartialState().is_main_process:
+            print(stopped, file=sys.stderr)
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # before the first step: there is nothing to save yet
         print("interrupted; continue with train.resume=latest", file=sys.stderr)
         return 130
     return 0

@@ -120,8 +120,9 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path), device=str(device))
+    device = torch.device(device)
+    try:  # safetensors takes "cuda:1" but not "cpu:0" (Accelerate's device on several CPU processes)
+        return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e})") from None
 
