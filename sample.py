@@ -49,7 +49,7 @@ from ddpm.errors import UserError, cli_errors
 from ddpm.judge import accuracy
 from ddpm.plots import append_metrics, rows_of, save_grid
 from ddpm.runs import load_for_sampling, model_step, run_dir_of
-from ddpm.web import serve
+from ddpm.web import MAX_IMAGE_STEPS, MAX_UPLOAD_MB, MAX_WAITING, serve
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -111,6 +111,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="serve a page to explore the run in a browser (pip install -e '.[web]')")
     parser.add_argument("--host", default="127.0.0.1", help="--web: the address to serve on")
     parser.add_argument("--port", type=int, default=7860, help="--web: the port to serve on")
+    parser.add_argument("--max-waiting", type=int, default=MAX_WAITING,
+                        help="--web: requests that may wait behind the one being answered; more are told it is busy")
+    parser.add_argument("--max-image-steps", type=int, default=MAX_IMAGE_STEPS,
+                        help="--web: the most images x steps one request may ask for")
+    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="--web: the largest upload")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     args.n = args.n or (1000 if args.evaluate or args.sweep else 8)
@@ -121,7 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.web:
-        return serve(args.run, args.device, args.host, args.port)
+        return serve(args.run, args.device, args.host, args.port, max_waiting=args.max_waiting,
+                     max_image_steps=args.max_image_steps, max_upload_mb=args.max_upload_mb)
     if args.n <= 0 or (args.steps is not None and args.steps <= 0):
         raise UserError("--n and --steps must be positive")
     if not 0 <= args.strength <= 1:

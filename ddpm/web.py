@@ -9,16 +9,23 @@ x0_hat the network predicts from it, every few steps.
 Its controls follow what the stage declares (``stage.capabilities``), never its name: a class
 list for "class", a prompt and a negative prompt for "prompt", img2img for every stage that
 generates. ``Explorer`` does the work and is plain Python (tested in-process); ``build_page``
-only lays Gradio components around ``Explorer.generate``.
+only lays Gradio components around ``Explorer.answer``.
+
+Many browsers at once: the model answers one request at a time, first come first served
+(``Line``); at most ``max_waiting`` more wait their turn, each shown how many are ahead of it,
+and any more are told at once that the page is busy. A request asks for at most
+``max_image_steps`` images x steps, and an upload is at most ``max_upload_mb``. A request that
+is stopped (the Stop button) or whose page is closed leaves the line, or stops generating at
+its next denoising step.
 """
 
-from __future__ import annotations
-
+import contextlib
 import dataclasses
 import hashlib
 import math
 import os
 import shlex
+import threading
 import time
 import traceback
 import warnings
@@ -38,6 +45,86 @@ from .runs import load_for_sampling, run_dir_of
 MAX_IMAGES = 64
 MAX_GUIDANCE = 20.0
 SNAPSHOTS = 8  # trajectory pictures per generation (plus the last step)
+# Limits for a page that many may use (sample.py --web --max-waiting ... overrides them)
+MAX_WAITING = 8  # requests waiting behind the one being answered; more are told the page is busy
+MAX_IMAGE_STEPS = 1600  # images x denoising steps of one request: 8 images of 200 steps, 64 of 25
+MAX_UPLOAD_MB = 5.0  # an img2img image is made 28 x 28: a photo is a few MB
+
+
+class Busy(UserError):
+    """The line is full: come back in a moment."""
+
+
+class Cancelled(Exception):
+    """The request was stopped, or its page closed, before its images were made."""
+
+
+class Ticket:
+    """One request's place in the ``Line``, and the flag that cancels it from another thread."""
+
+    def __init__(self, session: str = ""):
+        self.session = session  # the browser tab that asked (Gradio's session hash)
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def check(self) -> None:
+        """Raise ``Cancelled`` once the request has been cancelled (called between denoising steps)."""
+        if self._cancelled.is_set():
+            raise Cancelled
+
+
+class Line:
+    """Requests take turns at the model, first come first served: one is answered, at most
+    ``max_waiting`` wait behind it, a request past them is refused with ``Busy``."""
+
+    def __init__(self, max_waiting: int = MAX_WAITING):
+        self.max_waiting = max_waiting
+        self._tickets: list[Ticket] = []  # in order of arrival; the first one is being answered
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def turn(self, ticket: Ticket, on_wait: Callable[[int], None] | None = None):
+        """Wait for ``ticket``'s turn, then hold it for the ``with`` block. ``on_wait(ahead)`` whenever
+        the number of requests ahead of it changes; ``Cancelled`` if it is cancelled while waiting."""
+        with self._changed:
+            if len(self._tickets) > self.max_waiting:
+                raise Busy(f"busy: {len(self._tickets)} requests ahead of yours, as many as this page lets wait; "
+                           f"try again in a moment")
+            self._tickets.append(ticket)
+            try:
+                said = None
+                while (ahead := self._tickets.index(ticket)) > 0:
+                    ticket.check()
+                    if ahead != said and on_wait is not None:
+                        on_wait(ahead)
+                        said = ahead
+                    self._changed.wait(timeout=0.25)  # also looks at the ticket's flag
+                ticket.check()
+            except BaseException:
+                self._leave(ticket)
+                raise
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._leave(ticket)
+
+    def _leave(self, ticket: Ticket) -> None:
+        self._tickets.remove(ticket)
+        self._changed.notify_all()
+
+    def cancel_session(self, session: str) -> None:
+        """Cancel every request of a browser tab (it was closed)."""
+        with self._changed:
+            for ticket in self._tickets:
+                if ticket.session == session:
+                    ticket.cancel()
+            self._changed.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._tickets)
 
 
 @dataclasses.dataclass
@@ -71,8 +158,11 @@ class Result:
 class Explorer:
     """One run's model, loaded once, and the requests the page sends it."""
 
-    def __init__(self, run: str | Path, device: str = "cpu"):
+    def __init__(self, run: str | Path, device: str = "cpu", max_waiting: int = MAX_WAITING,
+                 max_image_steps: int = MAX_IMAGE_STEPS, max_upload_mb: float = MAX_UPLOAD_MB):
         self.run = str(run)
+        self.line = Line(max_waiting)
+        self.max_image_steps, self.max_upload_mb = max_image_steps, max_upload_mb
         self.stage, self.model, self.folder = load_for_sampling(run, device)
         if not self.stage.capabilities.generates:
             raise UserError(f"{run} is a '{self.stage.name}' run, which makes no new images; the page "
@@ -112,6 +202,27 @@ class Explorer:
             raise UserError(f"guidance must be from 0 to {MAX_GUIDANCE:g}, got {r.guidance}")
         if r.strength is None or not 0 <= r.strength <= 1:
             raise UserError(f"strength must be from 0 to 1, got {r.strength}")
+        if r.n * r.steps > self.max_image_steps:
+            raise UserError(f"{int(r.n)} images x {int(r.steps)} steps is more than this page makes for one request "
+                            f"({self.max_image_steps}): ask for fewer images or steps, or use the command")
+        size_mb = os.path.getsize(r.init_image) / 2**20 if r.init_image and os.path.isfile(r.init_image) else 0
+        if size_mb > self.max_upload_mb:
+            raise UserError(f"the img2img image is {size_mb:.1f} MB, more than this page takes "
+                            f"({self.max_upload_mb:g} MB): upload a smaller image")
+
+    def answer(self, r: Request, ticket: Ticket, on_wait: Callable[[int], None] | None = None,
+               on_progress: Callable[[int, int], None] | None = None) -> Result:
+        """``generate`` when the request's turn comes in the line; ``Cancelled`` (between two steps)
+        once its ticket is cancelled. A bad request is refused before it waits."""
+        self.check(r)
+
+        def on_step(done, total):
+            ticket.check()
+            if on_progress is not None:
+                on_progress(done, total)
+
+        with self.line.turn(ticket, on_wait):
+            return self.generate(r, on_progress=on_step)
 
     def generate(self, r: Request, on_progress: Callable[[int, int], None] | None = None) -> Result:
         """The images, their grid, the trajectory, the time and the ``sample.py`` command of a request.
@@ -179,6 +290,8 @@ class Explorer:
 def build_page(explorer: Explorer):
     """The Gradio page: controls on the left, the grid, the trajectory and the command on the right."""
     gr = import_gradio()
+    import anyio  # Gradio's own async library
+
     d = explorer.defaults()
     asks_prompts = "prompt" in explorer.conditions
     with gr.Blocks(title=f"sdsteps: {explorer.run}") as page:
@@ -200,7 +313,9 @@ def build_page(explorer: Explorer):
                 with gr.Accordion("img2img", open=False):
                     init_image = gr.Image(type="filepath", sources=["upload"], label="Start from this image")
                     strength = gr.Slider(0, 1, value=d.strength, step=0.05, label="Strength (1 ignores the image)")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Row():
+                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", elem_id="stop")
             with gr.Column(scale=2):
                 grid = gr.Image(show_label=False, format="png", image_mode="L", interactive=False, elem_id="grid")
                 timing = gr.Markdown(elem_id="timing")
@@ -210,15 +325,31 @@ def build_page(explorer: Explorer):
                                       elem_id="trajectory")
                 trajectory_steps = gr.Markdown(elem_id="trajectory-steps")
 
-        def generate(*values, progress=gr.Progress()):
-            request = Request(*values)
+        def answer(request: Request, ticket: Ticket, progress) -> Result:
             try:
-                result = explorer.generate(request, on_progress=lambda i, total: progress((i, total), desc="denoising"))
+                return explorer.answer(
+                    request, ticket, on_wait=lambda ahead: progress(0, desc=f"in the queue: {ahead} ahead of you"),
+                    on_progress=lambda i, total: progress((i, total), desc="denoising"))
             except UserError as e:
                 raise gr.Error(str(e), print_exception=False) from None
+            except Cancelled:
+                raise gr.Error("stopped", print_exception=False) from None
             except Exception as e:  # the page shows a line; the server's console keeps the traceback
                 traceback.print_exc()
                 raise gr.Error(f"{type(e).__name__}: {e}", print_exception=False) from None
+
+        async def generate(condition, class_name, prompt, negative_prompt, guidance, scheduler, steps, seed, n,
+                           init_image, strength, request: gr.Request, progress=gr.Progress()):
+            """Gradio runs as many of these at once as ask (the line orders them): each waits for its turn
+            and generates in a worker thread. Stop, or a client that cancels, cancels this coroutine; the
+            thread is left to stop at its next step, and leaves the line."""
+            r = Request(condition, class_name, prompt, negative_prompt, guidance, scheduler, steps, seed, n,
+                        init_image, strength)
+            ticket = Ticket(request.session_hash)
+            try:
+                result = await anyio.to_thread.run_sync(answer, r, ticket, progress, abandon_on_cancel=True)
+            finally:
+                ticket.cancel()  # nothing to stop once the answer is made
             for message in result.warnings:
                 gr.Warning(message)
             shown = ", ".join(f"{i} (t = {t})" for i, t in result.trajectory_steps)
@@ -226,8 +357,14 @@ def build_page(explorer: Explorer):
                     result.trajectory, f"Denoising the first image: x_t (top) and the clean image predicted "
                                        f"from it (bottom) after steps {shown} of {result.trajectory_steps[-1][0]}")
 
+        def closed(request: gr.Request):
+            explorer.line.cancel_session(request.session_hash)
+
         inputs = [condition, class_name, prompt, negative, guidance, scheduler, steps, seed, n, init_image, strength]
-        button.click(generate, inputs, [grid, timing, command, trajectory, trajectory_steps])
+        generating = button.click(generate, inputs, [grid, timing, command, trajectory, trajectory_steps],
+                                  api_name="generate", concurrency_limit=None)  # the line limits them
+        stop.click(None, cancels=[generating])
+        page.unload(closed)
     return page
 
 
@@ -240,19 +377,21 @@ def import_gradio():
     return gradio
 
 
-def serve(run: str | Path, device: str = "cpu", host: str = "127.0.0.1", port: int = 7860) -> None:
-    """``sample.py RUN --web``: serve the page for ``run`` at http://host:port until interrupted."""
+def serve(run: str | Path, device: str = "cpu", host: str = "127.0.0.1", port: int = 7860, **limits) -> None:
+    """``sample.py RUN --web``: serve the page for ``run`` at http://host:port until interrupted;
+    ``limits``: ``Explorer``'s ``max_waiting``, ``max_image_steps``, ``max_upload_mb``."""
     import_gradio()  # before loading the model: say at once that Gradio is missing
-    launch(Explorer(run, device), host, port, block=True)
+    launch(Explorer(run, device, **limits), host, port, block=True)
 
 
 def launch(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860, block: bool = False):
     """Serve ``explorer``'s page; returns the Gradio app (``block=False``: at once; ``close()`` stops it)."""
     page = build_page(explorer)
-    page.queue(default_concurrency_limit=1)  # one generation at a time: the model is shared
+    page.queue(max_size=None)  # every request reaches explorer.line, which orders and bounds them
     try:
         page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, ssr_mode=False,
-                    inbrowser=False, show_error=False, quiet=not block)
+                    inbrowser=False, show_error=False, quiet=not block,
+                    max_file_size=f"{explorer.max_upload_mb:g}mb")
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port} ({e.strerror or 'in use'}): choose another --port") from None
     return page

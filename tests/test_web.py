@@ -1,4 +1,5 @@
-"""The web page (``sample.py RUN --web``): its functions in-process, and the page in a real browser.
+"""The web page (``sample.py RUN --web``): its functions in-process, the page in a real browser, and
+the served page under load: many clients at once, limits, cancelled requests, memory.
 
 The browser test needs Debian's ``chromium`` and Playwright; it is skipped without them, except
 where ``SDSTEPS_REQUIRE_BROWSER=1`` (CI sets it, and installs both) makes that a failure.
@@ -6,21 +7,25 @@ where ``SDSTEPS_REQUIRE_BROWSER=1`` (CI sets it, and installs both) makes that a
 
 import dataclasses
 import importlib.util
+import io
 import os
 import re
 import shlex
+import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from benchmarks.web_page import CHROMIUM, PageDriver, chromium, served
+from benchmarks.web_page import CHROMIUM, PageDriver, chromium, free_port, served
 from ddpm.errors import UserError
-from ddpm.web import Explorer, Request
+from ddpm.web import Busy, Cancelled, Explorer, Line, Request, Ticket
 
-from .conftest import one_line_error, run, same_as_command
+from .conftest import ROOT, one_line_error, run, same_as_command
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +73,7 @@ def test_img2img_input_is_kept_in_the_run_for_the_command(explorer, tmp_path):
     ({"negative_prompt": "a shoe"}, "a negative prompt needs a text run"),
     ({"scheduler": "heun"}, "unknown scheduler 'heun'"),
     ({"init_image": __file__}, "is not an image file"),
+    ({"n": 64, "steps": 26}, "64 images x 26 steps is more than this page makes for one request (1600)"),
 ])
 def test_bad_requests_get_one_line_saying_what_to_change(explorer, change, says):
     with pytest.raises(UserError, match=re.escape(says)):
@@ -119,3 +125,195 @@ def test_the_page_in_a_real_browser(explorer, browser):
         driver.set_number("Seed", 1)
         pixels, _ = driver.generate()
         assert np.array_equal(pixels, explorer.generate(Request(class_name="Bag", guidance=2.0, steps=4, seed=1)).grid)
+
+
+# -- many users at once ----------------------------------------------------------------------
+
+
+def test_the_line_answers_in_order_tells_the_waiting_their_place_and_refuses_past_its_size():
+    line, order, places = Line(max_waiting=2), [], {}
+    first, second, third = Ticket(), Ticket(), Ticket()
+    with line.turn(first):
+        def wait(name, ticket):
+            with line.turn(ticket, on_wait=lambda ahead: places.setdefault(name, []).append(ahead)):
+                order.append(name)
+                deadline = time.time() + 10
+                while name == "second" and len(places["third"]) < 2 and time.time() < deadline:
+                    time.sleep(0.01)  # until the third has seen its place change
+
+        waiting = [threading.Thread(target=wait, args=("second", second))]
+        waiting[0].start()
+        while len(line) < 2:
+            time.sleep(0.01)
+        waiting.append(threading.Thread(target=wait, args=("third", third)))
+        waiting[1].start()
+        while len(line) < 3:
+            time.sleep(0.01)
+        with pytest.raises(Busy, match="busy: 3 requests ahead of yours"):
+            with line.turn(Ticket()):
+                pass
+    for thread in waiting:
+        thread.join(timeout=10)
+    assert order == ["second", "third"]
+    assert places == {"second": [1], "third": [2, 1]}
+    assert len(line) == 0
+
+
+def test_a_cancelled_request_leaves_the_line_or_stops_between_steps(explorer):
+    line, waiting = explorer.line, Ticket("tab-1")
+    with line.turn(Ticket()):
+        thread_error = []
+        thread = threading.Thread(target=lambda: thread_error.append(
+            pytest.raises(Cancelled, explorer.answer, Request(class_name="Bag", steps=4, n=1), waiting)))
+        thread.start()
+        while len(line) < 2:
+            time.sleep(0.01)
+        line.cancel_session("tab-1")  # the tab was closed while it waited
+        thread.join(timeout=10)
+        assert thread_error and len(line) == 1
+    generating, steps = Ticket(), []
+
+    def cancel_after_two(i, n):
+        steps.append(i)
+        if i == 2:
+            generating.cancel()  # Stop pressed while it generates
+
+    with pytest.raises(Cancelled):
+        explorer.answer(Request(class_name="Bag", steps=10, n=1), generating, on_progress=cancel_after_two)
+    assert steps == [1, 2] and len(line) == 0
+
+
+@pytest.fixture(scope="module")
+def server(trained_tiny_run):
+    """``sample.py RUN --web`` in its own process, with the torch threads of this one (the same sums, so
+    the same pixels as the in-process explorer); yields its URL and process id."""
+    pytest.importorskip("gradio_client")
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "sample.py", str(trained_tiny_run), "--web", "--port", str(port),
+                             "--max-waiting", "3"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    import httpx
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()
+    yield url, proc.pid
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def ask(client, seed: int = 0, steps: int = 4, n: int = 8, init_image=None, **kwargs):
+    """The page's Generate, through Gradio's own client (the page's API)."""
+    return client.predict("class", "Bag", "", "", 2.0, "dpm++", steps, seed, n, init_image, 0.6,
+                          api_name="/generate", **kwargs)
+
+
+def grid_pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L"))
+
+
+def test_twenty_clients_at_once_get_their_images_or_busy(server, explorer):
+    from gradio_client import Client
+
+    url, _ = server
+    clients = [None] * 20
+    threads = [threading.Thread(target=lambda i=i: clients.__setitem__(i, Client(url, verbose=False)))
+               for i in range(20)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    answers, start = [None] * 20, threading.Barrier(20)
+
+    def one_client(i):
+        start.wait()
+        try:
+            answers[i] = ask(clients[i], seed=i, steps=40)
+        except Exception as e:  # gradio_client's AppError: the page's message
+            answers[i] = str(e)
+
+    threads = [threading.Thread(target=one_client, args=(i,)) for i in range(20)]
+    [t.start() for t in threads]
+    [t.join(timeout=300) for t in threads]
+    busy = [i for i, a in enumerate(answers) if isinstance(a, str)]
+    answered = [i for i, a in enumerate(answers) if not isinstance(a, str)]
+    assert all(re.fullmatch(r"busy: [1-4] requests ahead of yours, as many as this page lets wait; try again "
+                            r"in a moment", answers[i]) for i in busy), [answers[i] for i in busy]
+    assert len(answered) >= 4 and busy, "the line of 1 + 3 fills: some are answered, the rest told it is busy"
+    for i in answered:
+        expected = explorer.generate(Request(class_name="Bag", guidance=2.0, steps=40, seed=i))
+        assert np.array_equal(grid_pixels(answers[i][0]), expected.grid), f"client {i} got other pixels"
+        assert f"--seed {i}" in answers[i][2]
+    assert ask(clients[0], seed=99, n=1)[1].startswith("1 images in ")  # and the page still answers
+
+
+def test_over_the_limits_one_line_each(server, tmp_path):
+    from gradio_client import Client
+    import httpx
+
+    url, _ = server
+    big = tmp_path / "big.png"
+    big.write_bytes(os.urandom(50 * 2**20))
+    with open(big, "rb") as f:
+        refused = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.png", f, "image/png")}, timeout=60)
+    assert refused.status_code == 413 and refused.text == "File size exceeded maximum allowed size of 5242880 bytes."
+    client = Client(url, verbose=False)
+    with pytest.raises(Exception, match=r"^8 images x 1000 steps is more than this page makes for one request "
+                                        r"\(1600\): ask for fewer images or steps, or use the command$"):
+        ask(client, steps=1000)
+    assert ask(client, n=1)[1].startswith("1 images in ")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_waiting_request_sees_its_place_and_cancelled_requests_stop_their_work(server):
+    from gradio_client import Client
+
+    url, pid = server
+    long_one, waiting = Client(url, verbose=False), Client(url, verbose=False)
+    deadline = time.time() + 60
+
+    def progress(job):
+        status = job.status()
+        return status.progress_data[0] if status.progress_data else None
+
+    generating = long_one.submit("class", "Bag", "", "", 2.0, "dpm++", 200, 0, 8, None, 0.6, api_name="/generate")
+    while time.time() < deadline and not progress(generating):
+        time.sleep(0.05)
+    place = waiting.submit("class", "Bag", "", "", 2.0, "dpm++", 4, 0, 1, None, 0.6, api_name="/generate")
+    while time.time() < deadline and not progress(place):
+        time.sleep(0.05)
+    assert progress(place).desc == "in the queue: 1 ahead of you"
+    assert progress(generating).desc == "denoising" and progress(generating).index < 200
+    place.cancel()
+    generating.cancel()
+    time.sleep(1)  # the generating thread stops at its next step
+    before = cpu_seconds(pid)
+    time.sleep(2)
+    assert cpu_seconds(pid) - before < 0.5, "a cancelled request went on generating"
+    assert ask(Client(url, verbose=False), n=1)[1].startswith("1 images in ")
+
+
+def test_the_servers_memory_does_not_grow_with_requests(server):
+    from gradio_client import Client
+
+    url, pid = server
+    client = Client(url, verbose=False)
+
+    def resident_mb():
+        return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")) / 1024
+
+    for seed in range(10):
+        ask(client, seed=seed, steps=2, n=1)
+    after_10 = resident_mb()
+    for seed in range(10, 100):
+        ask(client, seed=seed, steps=2, n=1)
+    assert resident_mb() < 1.1 * after_10
