@@ -1,7 +1,9 @@
-"""How fast the web page answers, measured in a real browser, and the README's screenshot.
+"""How fast the web page answers, measured in a real browser, and the README's screenshot; and how
+it answers many clients at once.
 
     python benchmarks/web_page.py runs/ddpm_fashion_quick                # 8 images, 20 steps
     python benchmarks/web_page.py runs/ddpm_fashion_quick --screenshot benchmarks/web_page.png
+    python benchmarks/web_page.py runs/ddpm_fashion_quick --clients 1 4 16   # concurrent clients
 
 Serves ``sample.py RUN --web``'s page on a free port, opens it in headless Chromium (Debian's
 ``chromium``, driven by Playwright: ``pip install -e '.[web,dev]'``, ``apt-get install chromium``),
@@ -10,7 +12,15 @@ until the grid's image has arrived in the browser: what a user waits. The first 
 warm-up (not counted); then ``--repeats`` answers give the median, beside the time the
 generation itself took (the page's own figure). Prints Markdown, for benchmarks/RESULTS.md.
 
-The browser helpers (``chromium``, ``PageDriver``) are also what ``tests/test_web.py`` drives.
+With ``--clients``: ``sample.py RUN --web`` is served by its own process (as a user runs it), and
+for each number of clients, that many Gradio clients (``gradio_client``, the page's API) each send
+``--repeats`` requests one after another, all starting at once, every request its own seed. A
+request is answered, or told at once that the page is busy (the line holds one generation and
+``--max-waiting`` more); the table gives the median and 95th percentile of the time from sending a
+request to having its grid, over the answered ones, and the images made per second in all.
+
+The browser helpers (``chromium``, ``PageDriver``) and the served command (``serving``) are also
+what ``tests/test_web.py`` drives.
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ import platform
 import shlex
 import socket
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ddpm.errors import UserError, cli_errors  # noqa: E402
-from ddpm.web import Explorer, launch  # noqa: E402
+from ddpm.web import MAX_WAITING, Explorer, launch  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # headless, and quiet on a machine without a network: no background connections at all
@@ -58,6 +70,72 @@ def served(explorer: Explorer):
         yield f"http://127.0.0.1:{port}/"
     finally:
         page.close()
+
+
+@contextlib.contextmanager
+def serving(run, *flags: str, threads: int | None = None):
+    """``sample.py RUN --web`` on a free local port in a process of its own, for the ``with`` block:
+    yields (its URL, its process). ``threads``: its torch threads (default: as many as this process has)."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads or torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "sample.py", str(run), "--web", "--port", str(port), *flags], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        if proc.poll() is not None or time.time() >= deadline:
+            raise UserError(f"sample.py {run} --web did not serve: {proc.stderr.read()[-2000:] if proc.poll() else ''}")
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def generate_request(client, seed: int, class_name: str, n: int, steps: int, guidance: float, scheduler: str,
+                     init_image=None, **submit):
+    """The page's Generate through Gradio's client: ``client.submit(...)`` returns the job (its result:
+    grid PNG path, timing line, command, trajectory PNG, trajectory caption)."""
+    return client.submit("class", class_name, "", "", guidance, scheduler, steps, seed, n, init_image, 0.6,
+                         api_name="/generate", **submit)
+
+
+def concurrent_clients(url: str, clients: int, repeats: int, **request) -> dict:
+    """``clients`` Gradio clients, each sending ``repeats`` requests in turn, all starting together:
+    seconds per answered request, how many were answered and told busy, and the wall time."""
+    from gradio_client import Client
+
+    connected = [Client(url, verbose=False) for _ in range(clients)]
+    seconds, busy, start = [], [], threading.Barrier(clients)
+
+    def one_client(i):
+        start.wait()
+        for r in range(repeats):
+            began = time.perf_counter()
+            try:
+                generate_request(connected[i], seed=i * repeats + r, **request).result()
+                seconds.append(time.perf_counter() - began)
+            except Exception as e:  # the page's one line: busy, or what went wrong
+                if not str(e).startswith("busy: "):
+                    raise
+                busy.append(i)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=one_client, args=(i,)) for i in range(clients)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return {"seconds": seconds, "busy": len(busy), "wall": time.perf_counter() - began}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
 
 
 @contextlib.contextmanager
@@ -130,12 +208,47 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--screenshot", default=None, metavar="PNG", help="save the page after the last answer")
+    parser.add_argument("--clients", type=int, nargs="+", default=None, metavar="C",
+                        help="instead of the browser: C Gradio clients at once, for each C given")
+    parser.add_argument("--max-waiting", type=int, default=MAX_WAITING, help="--clients: the served page's line")
     return parser.parse_args(argv)
+
+
+def main_clients(args, command: str) -> int:
+    import gradio
+
+    explorer = Explorer(args.run)  # its sampling settings, and a check that the run is there
+    s = explorer.stage.config.sample
+    request = dict(class_name=args.class_name, n=args.n, steps=args.steps, guidance=s.guidance, scheduler=s.scheduler)
+    rows = []
+    with serving(args.run, "--max-waiting", str(args.max_waiting)) as (url, _):
+        concurrent_clients(url, 1, 1, **request)  # warm-up
+        for clients in args.clients:
+            print(f"{clients} client(s)...", file=sys.stderr)
+            rows.append((clients, concurrent_clients(url, clients, args.repeats, **request)))
+    print(f"### The web page under load: `python benchmarks/web_page.py {command}`\n")
+    print(f"{datetime.date.today()}, {platform.machine()} CPU, the server with {torch.get_num_threads()} torch threads "
+          f"and the clients in one more process, torch {torch.__version__}, gradio {gradio.__version__}\n")
+    print(f"Each client sends {args.repeats} requests in turn (all clients starting at once): {args.n} images of "
+          f"class {args.class_name!r}, {s.scheduler} {args.steps} steps, guidance {s.guidance:g}. The page answers one "
+          f"at a time and lets {args.max_waiting} more wait; past them a request is told at once that it is busy. "
+          f"Times: from sending a request to having its grid, answered requests only.\n")
+    print("| clients | requests | answered | busy | p50 time to image | p95 time to image | images/s in all |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for clients, r in rows:
+        answered = len(r["seconds"])
+        print(f"| {clients} | {clients * args.repeats} | {answered} | {r['busy']} | "
+              f"{percentile(r['seconds'], 50):.2f} s | {percentile(r['seconds'], 95):.2f} s | "
+              f"{answered * args.n / r['wall']:.1f} |")
+    return 0
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    command = shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.clients:
+        return main_clients(args, command)
     explorer = Explorer(args.run)
     with served(explorer) as url, chromium() as browser:
         browser_version = browser.version
@@ -156,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     import gradio
 
     s = explorer.stage.config.sample
-    command = shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"### The web page: `python benchmarks/web_page.py {command}`\n")
     print(f"{datetime.date.today()}, {platform.machine()} CPU, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, gradio {gradio.__version__}, headless Chromium {browser_version}\n")

@@ -116,7 +116,7 @@ class Line:
         self._changed.notify_all()
 
     def cancel_session(self, session: str) -> None:
-        """Cancel every request of a browser tab (it was closed)."""
+        """Cancel every request of a browser tab (Stop, or the tab was closed)."""
         with self._changed:
             for ticket in self._tickets:
                 if ticket.session == session:
@@ -161,6 +161,9 @@ class Explorer:
     def __init__(self, run: str | Path, device: str = "cpu", max_waiting: int = MAX_WAITING,
                  max_image_steps: int = MAX_IMAGE_STEPS, max_upload_mb: float = MAX_UPLOAD_MB):
         self.run = str(run)
+        if max_waiting < 0 or max_image_steps < 1 or max_upload_mb <= 0:
+            raise UserError(f"the page's limits must be positive (--max-waiting may be 0): got --max-waiting "
+                            f"{max_waiting}, --max-image-steps {max_image_steps}, --max-upload-mb {max_upload_mb:g}")
         self.line = Line(max_waiting)
         self.max_image_steps, self.max_upload_mb = max_image_steps, max_upload_mb
         self.stage, self.model, self.folder = load_for_sampling(run, device)
@@ -325,7 +328,8 @@ def build_page(explorer: Explorer):
                                       elem_id="trajectory")
                 trajectory_steps = gr.Markdown(elem_id="trajectory-steps")
 
-        def answer(request: Request, ticket: Ticket, progress) -> Result:
+        def answer(request: Request, ticket: Ticket, progress) -> Result | None:
+            """``explorer.answer`` in a worker thread; None if it was stopped."""
             try:
                 return explorer.answer(
                     request, ticket, on_wait=lambda ahead: progress(0, desc=f"in the queue: {ahead} ahead of you"),
@@ -333,7 +337,7 @@ def build_page(explorer: Explorer):
             except UserError as e:
                 raise gr.Error(str(e), print_exception=False) from None
             except Cancelled:
-                raise gr.Error("stopped", print_exception=False) from None
+                return None
             except Exception as e:  # the page shows a line; the server's console keeps the traceback
                 traceback.print_exc()
                 raise gr.Error(f"{type(e).__name__}: {e}", print_exception=False) from None
@@ -341,8 +345,8 @@ def build_page(explorer: Explorer):
         async def generate(condition, class_name, prompt, negative_prompt, guidance, scheduler, steps, seed, n,
                            init_image, strength, request: gr.Request, progress=gr.Progress()):
             """Gradio runs as many of these at once as ask (the line orders them): each waits for its turn
-            and generates in a worker thread. Stop, or a client that cancels, cancels this coroutine; the
-            thread is left to stop at its next step, and leaves the line."""
+            and generates in a worker thread. A client that cancels (Gradio's client) cancels this
+            coroutine; the thread is left to stop at its next step, and leaves the line."""
             r = Request(condition, class_name, prompt, negative_prompt, guidance, scheduler, steps, seed, n,
                         init_image, strength)
             ticket = Ticket(request.session_hash)
@@ -350,6 +354,8 @@ def build_page(explorer: Explorer):
                 result = await anyio.to_thread.run_sync(answer, r, ticket, progress, abandon_on_cancel=True)
             finally:
                 ticket.cancel()  # nothing to stop once the answer is made
+            if result is None:  # stopped: the last images stay
+                return gr.skip(), "stopped", gr.skip(), gr.skip(), gr.skip()
             for message in result.warnings:
                 gr.Warning(message)
             shown = ", ".join(f"{i} (t = {t})" for i, t in result.trajectory_steps)
@@ -357,14 +363,15 @@ def build_page(explorer: Explorer):
                     result.trajectory, f"Denoising the first image: x_t (top) and the clean image predicted "
                                        f"from it (bottom) after steps {shown} of {result.trajectory_steps[-1][0]}")
 
-        def closed(request: gr.Request):
+        def stop_tab(request: gr.Request):
+            """Stop, or the tab was closed: its request leaves the line, or stops at its next step."""
             explorer.line.cancel_session(request.session_hash)
 
         inputs = [condition, class_name, prompt, negative, guidance, scheduler, steps, seed, n, init_image, strength]
-        generating = button.click(generate, inputs, [grid, timing, command, trajectory, trajectory_steps],
-                                  api_name="generate", concurrency_limit=None)  # the line limits them
-        stop.click(None, cancels=[generating])
-        page.unload(closed)
+        button.click(generate, inputs, [grid, timing, command, trajectory, trajectory_steps], api_name="generate",
+                     concurrency_limit=None, show_progress_on=grid)  # explorer.line orders and bounds them
+        stop.click(stop_tab, queue=False)
+        page.unload(stop_tab)
     return page
 
 

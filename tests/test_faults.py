@@ -1,7 +1,6 @@
 """Fault injection: kill -9 mid-run and mid-save; stop signals (preemption) mid-run and mid-save, in one
 process and in two; a loss that turns NaN; running out of GPU memory."""
 
-import os
 import signal
 import subprocess
 import sys

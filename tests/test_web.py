@@ -7,11 +7,9 @@ where ``SDSTEPS_REQUIRE_BROWSER=1`` (CI sets it, and installs both) makes that a
 
 import dataclasses
 import importlib.util
-import io
 import os
 import re
 import shlex
-import subprocess
 import sys
 import threading
 import time
@@ -21,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.web_page import CHROMIUM, PageDriver, chromium, free_port, served
+from benchmarks.web_page import CHROMIUM, PageDriver, chromium, generate_request, served, serving
 from ddpm.errors import UserError
 from ddpm.web import Busy, Cancelled, Explorer, Line, Request, Ticket
 
-from .conftest import ROOT, one_line_error, run, same_as_command
+from .conftest import one_line_error, run, same_as_command
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +78,11 @@ def test_bad_requests_get_one_line_saying_what_to_change(explorer, change, says)
         explorer.generate(dataclasses.replace(explorer.defaults(), **{"steps": 4, **change}))
 
 
+def test_the_page_refuses_limits_that_cannot_serve(trained_tiny_run):
+    one_line_error(run("sample.py", str(trained_tiny_run), "--web", "--max-image-steps", "0"),
+                   "the page's limits must be positive", "--max-image-steps 0")
+
+
 def test_web_without_gradio_says_how_to_install_it(trained_tiny_run, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
     one_line_error(run("sample.py", str(trained_tiny_run), "--web"), "pip install -e '.[web]'")
@@ -125,6 +128,16 @@ def test_the_page_in_a_real_browser(explorer, browser):
         driver.set_number("Seed", 1)
         pixels, _ = driver.generate()
         assert np.array_equal(pixels, explorer.generate(Request(class_name="Bag", guidance=2.0, steps=4, seed=1)).grid)
+
+        # Stop while it generates: the line is free at once, the last images stay
+        shown = driver.page.locator("#grid img").get_attribute("src")
+        driver.set_number("Steps (1-1000)", 1000)
+        driver.set_number("number input for Images", 1)
+        driver.page.get_by_role("button", name="Generate").click()
+        driver.page.get_by_text("denoising").first.wait_for()
+        driver.page.get_by_role("button", name="Stop").click()
+        driver.page.locator("#timing").get_by_text("stopped").wait_for(timeout=20_000)
+        assert len(explorer.line) == 0 and driver.page.locator("#grid img").get_attribute("src") == shown
 
 
 # -- many users at once ----------------------------------------------------------------------
@@ -185,34 +198,16 @@ def test_a_cancelled_request_leaves_the_line_or_stops_between_steps(explorer):
 
 @pytest.fixture(scope="module")
 def server(trained_tiny_run):
-    """``sample.py RUN --web`` in its own process, with the torch threads of this one (the same sums, so
-    the same pixels as the in-process explorer); yields its URL and process id."""
+    """``sample.py RUN --web --max-waiting 3`` in its own process, with the torch threads of this one
+    (the same sums, so the same pixels as the in-process explorer): (URL, process id)."""
     pytest.importorskip("gradio_client")
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "sample.py", str(trained_tiny_run), "--web", "--port", str(port),
-                             "--max-waiting", "3"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    import httpx
-
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read()
-    yield url, proc.pid
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(trained_tiny_run, "--max-waiting", "3") as (url, proc):
+        yield url, proc.pid
 
 
-def ask(client, seed: int = 0, steps: int = 4, n: int = 8, init_image=None, **kwargs):
-    """The page's Generate, through Gradio's own client (the page's API)."""
-    return client.predict("class", "Bag", "", "", 2.0, "dpm++", steps, seed, n, init_image, 0.6,
-                          api_name="/generate", **kwargs)
+def ask(client, seed: int = 0, steps: int = 4, n: int = 8, init_image=None):
+    """Generate on the served page, as ``explorer`` is asked in these tests: its grid PNG, timing, command..."""
+    return generate_request(client, seed, "Bag", n, steps, 2.0, "dpm++", init_image).result()
 
 
 def grid_pixels(path) -> np.ndarray:
@@ -285,10 +280,10 @@ def test_a_waiting_request_sees_its_place_and_cancelled_requests_stop_their_work
         status = job.status()
         return status.progress_data[0] if status.progress_data else None
 
-    generating = long_one.submit("class", "Bag", "", "", 2.0, "dpm++", 200, 0, 8, None, 0.6, api_name="/generate")
+    generating = generate_request(long_one, 0, "Bag", 8, 200, 2.0, "dpm++")
     while time.time() < deadline and not progress(generating):
         time.sleep(0.05)
-    place = waiting.submit("class", "Bag", "", "", 2.0, "dpm++", 4, 0, 1, None, 0.6, api_name="/generate")
+    place = generate_request(waiting, 0, "Bag", 1, 4, 2.0, "dpm++")
     while time.time() < deadline and not progress(place):
         time.sleep(0.05)
     assert progress(place).desc == "in the queue: 1 ahead of you"
