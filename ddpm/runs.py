@@ -105,3 +105,19 @@ def model_step(folder: Path) -> int:
     if folder.name != "final":
         return json.loads((folder / "trainer_state.json").read_text())["step"]
     return max((r["step"] for r in read_metrics(folder.parent / "metrics.jsonl")), default=0)
+
+
+def is_local_path(source: str) -> bool:
+    """Does ``source`` name a folder on this machine rather than a Hub repository ("owner/name")?
+    Yes when it starts with . / ~, or its first part is ``runs`` (where train.py writes) or a folder here."""
+    first = Path(source).parts[0] if source else ""
+    return source.startswith((".", "/", "~")) or first == "runs" or (first != source and Path(first).is_dir())
+
+
+def missing_folder(source: str, what: str) -> UserError:
+    """The one line for a run or folder that is not there (and is not looked up on the Hub): train it
+    first, with its preset when one is named like it (``runs/NAME`` <- ``configs/NAME.yaml``)."""
+    preset = Path("configs") / f"{Path(source).name}.yaml"
+    how = (f"train it first: python train.py {preset}" if (Path(__file__).parents[1] / preset).is_file()
+           else "train it first, or check the path")
+    return UserError(f"{what} {source} does not exist (a path here, so not looked up on the Hub); {how}")

@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 
 from ddpm.data import PADDED_SIZE, to_model_space, to_pixels
 from ddpm.errors import UserError
+from ddpm.runs import is_local_path, missing_folder
 
 AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
 MIN_LATENT_SIZE = 8
@@ -163,9 +164,8 @@ def load_autoencoder(source: str, subfolder: str | None = None) -> AutoencoderKL
         if not (path / "config.json").is_file():
             raise UserError(f"{source} has no final/vae yet; finish training it (train.resume=latest)")
     local = path.is_dir()
-    if not local and (source.startswith((".", "/", "~")) or path.suffix):
-        raise UserError(f"autoencoder folder {source} does not exist; train one with "
-                        f"`python train.py configs/autoencoder_fashion_quick.yaml` or give a Hub name")
+    if not local and (is_local_path(source) or path.suffix):
+        raise missing_folder(source, "autoencoder run or folder")
     where = str(path) if local else source
     try:
         config = AutoencoderKL.load_config(where, subfolder=subfolder, local_files_only=local)

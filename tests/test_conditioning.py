@@ -35,9 +35,13 @@ def test_overlong_prompts_are_truncated_with_a_warning(tiny_clip_folder):
     assert states.shape == (1, 77, 32)
 
 
-def test_missing_text_encoder_is_one_clear_error(tmp_path):
+def test_missing_text_encoder_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where no run has been trained
     with pytest.raises(UserError, match="does not exist"):
         FrozenTextEncoder.from_pretrained(str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="runs/clip_fashion_quick does not exist .* python train.py "
+                                        "configs/clip_fashion_quick.yaml"):
+        FrozenTextEncoder.from_pretrained("runs/clip_fashion_quick")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="cannot load the text encoder"):
         FrozenTextEncoder.from_pretrained(str(tmp_path / "empty"))

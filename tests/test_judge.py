@@ -1,5 +1,6 @@
 """The shipped judge: accurate enough to score samples, and loaded safely."""
 
+import importlib
 import pickle
 from pathlib import Path
 
@@ -98,3 +99,13 @@ def test_features_ignore_left_right_orientation():
 def test_untrained_judge_has_documented_shapes():
     feats = Judge().eval().features(torch.zeros(3, 28, 28, dtype=torch.uint8))
     assert feats.shape == (3, FEATURE_DIM)
+
+
+@pytest.mark.parametrize("command", ["ddpm.judge", "conditioning.subject"])
+def test_tools_that_write_shipped_files_need_an_explicit_out(command, capsys):
+    """``python -m ddpm.judge`` and ``python -m conditioning.subject`` write what the package ships
+    (the judge's weights, the DreamBooth subject) only when told where."""
+    main = importlib.import_module(command).main
+    with pytest.raises(SystemExit) as stopped:
+        main([])
+    assert stopped.value.code == 2 and "the following arguments are required: --out" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 and latent diffusion trained and sampled like stage 1."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -118,9 +119,17 @@ def test_pretrained_rgb_autoencoder_folder(tmp_path, kind):
     assert torch.equal(decoded, space.reconstruct(images))
 
 
-def test_missing_or_wrong_autoencoder_is_one_clear_error(tmp_path):
+def test_missing_or_wrong_autoencoder_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where no run has been trained
     with pytest.raises(UserError, match="does not exist"):
         load_autoencoder(str(tmp_path / "nowhere"))
+    # runs/NAME looks like a Hub name ("owner/name"): it is a run not trained yet, and its preset is named
+    with pytest.raises(UserError, match=re.escape("autoencoder run or folder runs/autoencoder_fashion_unheard_of "
+                                                  "does not exist (a path here, so not looked up on the Hub); "
+                                                  "train it first, or check the path")):
+        load_autoencoder("runs/autoencoder_fashion_unheard_of")
+    with pytest.raises(UserError, match=re.escape("train it first: python train.py configs/autoencoder_fashion.yaml")):
+        load_autoencoder("runs/autoencoder_fashion")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="cannot read the autoencoder config"):
         load_autoencoder(str(tmp_path / "empty"))

@@ -1,6 +1,7 @@
 """The shared trainer on stage 1: learning, determinism, exact resume, safe checkpoints."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -134,6 +135,16 @@ def test_bad_config_values_are_one_line_errors(tmp_path, override, message):
     with pytest.raises(UserError, match=message) as e:
         load_config(raw)
     assert "\n" not in str(e.value)
+
+
+def test_tensorboard_without_its_package_says_which_extra_installs_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "tensorboard" else find_spec(name, *args))
+    with pytest.raises(UserError, match=re.escape("needs TensorBoard: pip install -e '.[trackers]'")):
+        load_config(tiny_config(tmp_path, train={"trackers": ["tensorboard"]}))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU")
