@@ -3,7 +3,7 @@
     python sample.py runs/ddpm_fashion_quick --class 9            # 8 ankle boots
     python sample.py runs/ddpm_fashion_quick --class "ankle boot" --n 16 --guidance 5
     python sample.py runs/ddpm_fashion_quick --class all --steps 50 --scheduler ddim
-    python sample.py runs/ddpm_fashion_quick/checkpoints/step-00001000 --class all
+    python sample.py runs/ddpm_fashion_quick/checkpoints/step-00001500 --class all
     python sample.py runs/ddpm_fashion_quick --evaluate --n 1000       # judge's metrics
     python sample.py runs/ddpm_fashion_quick --sweep 0 1 2 3 5 8       # guidance sweep
     python sample.py runs/latent_fashion_quick --class all              # a latent run: the same

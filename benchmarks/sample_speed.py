@@ -133,8 +133,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a run directory (its final model) or a checkpoint folder")
     parser.add_argument("--n", type=int, default=1000, help="images per sampler, balanced over the classes")
-    parser.add_argument("--samplers", nargs="+", default=DEFAULT_SAMPLERS, metavar="NAME[-STEPS]",
-                        help=f"default: {' '.join(DEFAULT_SAMPLERS)}")
+    parser.add_argument("--samplers", nargs="+", default=None, metavar="NAME[-STEPS]",
+                        help=f"default: {' '.join(DEFAULT_SAMPLERS)} (on a CPU without ddpm-1000: hours)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per generate batch")
     parser.add_argument("--no-score", action="store_true", help="time only; skip the judge")
@@ -144,6 +144,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--n must be >= 2 (FD needs two samples) and --batch-size > 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no GPU")
+    if args.samplers is None:
+        args.samplers = [s for s in DEFAULT_SAMPLERS if args.device == "cuda" or s != "ddpm-1000"]
     return args
 
 

@@ -94,6 +94,11 @@ def test_sample_speed_scores_as_evaluate_model_does(trained_tiny_run, monkeypatc
         assert row[key] == pytest.approx(report[key], abs=1e-9), key
 
 
+def test_sample_speed_leaves_ddpm_1000_out_on_a_cpu_unless_asked():
+    assert "ddpm-1000" not in sample_speed.parse_args(["RUN", "--device", "cpu"]).samplers
+    assert sample_speed.parse_args(["RUN", "--device", "cpu", "--samplers", "ddpm-1000"]).samplers == ["ddpm-1000"]
+
+
 def test_sample_speed_rejects_an_unknown_sampler():
     with pytest.raises(UserError, match="unknown sampler"):
         sample_speed.parse_sampler("plms")
