@@ -48,7 +48,8 @@ TINY_LATENT = ROOT / "configs" / "latent_fashion_tiny.yaml"
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
 TINY_CLIP = ROOT / "configs" / "clip_fashion_tiny.yaml"
 SHARED_MODELS = ROOT.parent / "shared" / "models"
-SLOWEST_FIRST = ("test_notebook_runs", "test_two_processes_train", "test_kill_9_mid_run")  # the longest, 30 s to 3 min
+SLOWEST_FIRST = ("test_notebook_runs", "test_two_processes_train", "test_the_book_trains",  # the longest, 30 s
+                 "test_kill_9_mid_run", "test_sigterm_to_accelerate_launch")  # to 3 min
 
 
 def pytest_collection_modifyitems(items):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks import pixel_vs_latent, sample_speed, train_speed
+from benchmarks import book, pixel_vs_latent, sample_speed, train_speed
 from ddpm import evaluate
 from ddpm.data import to_model_space
 from ddpm.errors import UserError
@@ -119,3 +119,25 @@ def test_pixel_vs_latent_compares_two_runs(trained_tiny_run, trained_tiny_latent
     assert pixel_vs_latent.main(argv) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "| 1x32x32 |" in line)
     assert row.endswith("| - | - | - | - | - |") and "| 32 x 16 |" in row
+
+
+def test_the_book_trains_every_stage_in_order_on_the_tiny_configs(tmp_path, fashion_mnist, capsys):
+    """benchmarks/book.py --tiny: the whole chain, each run on the ones before it, and one table."""
+    out = tmp_path / "book"
+    assert book.main(["--tiny", "--n", "20", "--out-dir", str(out)]) == 0
+    table = capsys.readouterr().out
+    for name, _, needs in book.CHAIN:
+        assert (out / name / "final").is_dir(), name
+        assert f"| `{name}` |" in table
+        resolved = yaml.safe_load((out / name / "config.yaml").read_text())
+        for key, run in needs.items():
+            section, _, field = key.partition(".")
+            given = resolved[section][field] if field else resolved[section]
+            assert given == str(out / run), f"{name}'s {key} is not the chain's {run}"
+    assert "PSNR" in table and "zero-shot" in table and "FD boxes" in table and "subject likeness" in table
+    assert yaml.safe_load((out / "dreambooth_fashion_lora" / "config.yaml").read_text())["lora"]["rank"] == 4
+
+
+def test_the_book_asks_for_the_runs_a_step_needs(tmp_path, capsys):
+    assert book.main(["--tiny", "--only", "latent_fashion", "--out-dir", str(tmp_path)]) == 2
+    assert "latent_fashion needs the finished run(s) autoencoder_fashion in" in capsys.readouterr().err
