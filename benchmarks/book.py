@@ -8,7 +8,7 @@ measured, as one Markdown table for benchmarks/RESULTS.md.
 The chain: stage 1 (pixels); our autoencoder -> latent diffusion on it; our CLIP -> the text stage
 on its text tower (offline; the Hub's CLIP stays an override of text_fashion.yaml) -> the three
 image-conditioned stages and the two DreamBooth fine-tunes, each starting from that text run. Every
-step trains its config with train.py's own ``train``, its inputs (``autoencoder.source``,
+step trains its config with ``python train.py`` (a process of its own), its inputs (``autoencoder.source``,
 ``text_encoder.source``, ``init_from``) pointed at the runs made before it in ``--out-dir``, prints
 its training minutes (from the run's metrics.jsonl) and measures the result with the stage's own
 ``evaluate`` at the run's sampling settings (DreamBooth: ``conditioning.dreambooth``'s report,
@@ -22,6 +22,7 @@ import argparse
 import datetime
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,8 +33,7 @@ sys.path.insert(0, str(ROOT))  # so that the project imports when run as a scrip
 import diffusers  # noqa: E402
 import torch  # noqa: E402
 
-import train  # noqa: E402
-from ddpm.config import apply_overrides, read_yaml  # noqa: E402
+from ddpm.config import read_yaml  # noqa: E402
 from ddpm.errors import UserError, cli_errors  # noqa: E402
 from ddpm.evaluate import markdown_table  # noqa: E402
 from ddpm.plots import read_metrics  # noqa: E402
@@ -67,27 +67,28 @@ HEADLINE = [("accuracy", "judge accuracy {:.3f},"), ("fd", "FD {:.2f}"), ("fd_fl
             ("edge_f1/ours, own class", "edge F1 {:.3f},"), ("judge_accuracy/ours, own class", "judge accuracy {:.3f}")]
 
 
-def step_config(name: str, out_dir: Path, tiny: bool) -> dict:
-    """The config of one step: its preset (or tiny config), written into ``out_dir/name``, its
-    inputs pointed at the chain's earlier runs there."""
-    needs = dict(next(n for step, _, n in CHAIN if step == name))
+def step_command(name: str, out_dir: Path, tiny: bool) -> list[str]:
+    """train.py's arguments for one step: its preset (or tiny config) into ``out_dir/name``, its
+    inputs the chain's earlier runs there; continuing the run if it was stopped."""
     config, extra = TINY[name] if tiny else (name, [])
-    overrides = [f"train.output_dir={out_dir / name}", *extra,
-                 *(f"{key}={out_dir / run}" for key, run in needs.items() if key != "init_from")]
-    raw = apply_overrides(read_yaml(ROOT / "configs" / f"{config}.yaml"), overrides)
-    if "init_from" in needs:  # a top-level key, not section.key
-        raw["init_from"] = str(out_dir / needs["init_from"])
-    return raw
+    needs = next(n for step, _, n in CHAIN if step == name)
+    return ["train.py", f"configs/{config}.yaml", f"train.output_dir={out_dir / name}", *extra,
+            *(f"{key}={out_dir / run}" for key, run in needs.items()), "train.resume=latest"]
 
 
-def train_step(raw: dict) -> Path:
-    """Train a step, or continue it; a finished run is left as it is."""
-    run = Path(raw["train"]["output_dir"])
+def train_step(name: str, out_dir: Path, tiny: bool) -> Path:
+    """Train a step with train.py, in a process of its own; a finished run is left as it is."""
+    run = out_dir / name
     if (run / "final").is_dir():
         print(f"{run}: finished already, measured as it is", file=sys.stderr)
         return run
-    raw["train"]["resume"] = "latest"
-    return train.train(raw)
+    command = step_command(name, out_dir, tiny)
+    print(f"python {shlex.join(command)}", file=sys.stderr)
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    print(done.stdout, file=sys.stderr, end="")  # its lines; its progress bar went to stderr
+    if done.returncode:
+        raise UserError(f"training {name} failed (train.py exit code {done.returncode}; its output is above)")
+    return run
 
 
 def measure(run: Path, out_dir: Path, n: int) -> dict:
@@ -134,6 +135,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    args.out_dir = args.out_dir.resolve()  # train.py runs from the repository root
     rows, started = [], time.perf_counter()
     for name, adds, needs in CHAIN:
         if args.only and name not in args.only:
@@ -143,14 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise UserError(f"{name} needs the finished run(s) {', '.join(missing)} in {args.out_dir}: "
                             f"leave out --only, or add them to it")
-        raw = step_config(name, args.out_dir, args.tiny)
         print(f"== {name}: {adds}", file=sys.stderr)
-        run = train_step(raw)
+        run = train_step(name, args.out_dir, args.tiny)
         began = time.perf_counter()
         report = measure(run, args.out_dir, args.n)
         minutes = training_minutes(run)
         print(f"{name}: trained in {minutes:.2f} min; {summary(report)}", file=sys.stderr)
-        cfg = raw["train"]
+        cfg = read_yaml(run / "config.yaml")["train"]
         budget = f"{cfg.get('max_steps') or str(cfg.get('epochs')) + ' epochs'} x {cfg['batch_size']}"
         rows.append([f"`{name}`", adds, budget, f"{minutes:.2f}", f"{(time.perf_counter() - began) / 60:.2f}",
                      summary(report)])

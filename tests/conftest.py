@@ -16,6 +16,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -235,10 +236,19 @@ TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 ONE_THREAD = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
+def launch_arguments(processes: int = 2) -> list[str]:
+    """``-m accelerate.commands.launch`` on the CPU with ``processes`` processes (a gloo group) and a free
+    port for their rendezvous, so that two tests can launch at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines",
+            "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 def accelerate_launch(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
     """``accelerate launch`` on the CPU with ``processes`` processes (a gloo group) of one thread each."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    cmd = [sys.executable, *launch_arguments(processes), *args]
     result = subprocess.run(cmd, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -17,7 +17,7 @@ from ddpm.stage import ClassConditionedDDPM
 
 from ddpm.preemption import EXIT_PREEMPTED
 
-from .conftest import ONE_THREAD, ROOT, TINY, checkpoint_weights, tiny_config
+from .conftest import ONE_THREAD, ROOT, TINY, checkpoint_weights, launch_arguments, tiny_config
 
 SIXTEEN_STEPS = ["train.max_steps=16", "train.checkpoint_every=4", "train.keep_last=5"]
 
@@ -71,7 +71,9 @@ def resume_as_told(stderr: str) -> tuple[int, str]:
     assert line.startswith("stopped by SIG") and " train.py " in line, stderr[-2000:]
     step = int(line.split(" after step ")[1].split(" ")[0])
     command = line.split("; continue with ")[1].split()
-    launcher = ["-m", "accelerate.commands.launch", *LAUNCH[2:]] if command[0] == "accelerate" else []
+    launcher = []
+    if command[0] == "accelerate":
+        launcher = launch_arguments(int(command[command.index("--num_processes") + 1]))
     subprocess.run([sys.executable, *launcher, *command[command.index("train.py"):]], cwd=ROOT, env=ONE_THREAD,
                    check=True, capture_output=True)
     return step, line
@@ -127,15 +129,11 @@ def test_stop_signals_while_saving_neither_cut_the_checkpoint_short_nor_lose_the
     assert_ends_like(stopped, straight)
 
 
-LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
 def test_sigterm_to_accelerate_launch_stops_both_processes_after_one_step(tmp_path, straight):
     """The launcher passes SIGTERM on to its processes: both finish the same step, the main one saves,
     both leave; resumed with two processes, the run ends as one process trains it, to rounding."""
     stopped = tmp_path / "stopped"
-    proc = start_training(stopped, *LAUNCH, "train.py")
+    proc = start_training(stopped, *launch_arguments(2), "train.py")
     wait_for_steps(stopped, 5, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
