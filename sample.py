@@ -14,9 +14,11 @@
     python sample.py runs/ddpm_fashion_quick --web                      # a page at http://127.0.0.1:7860
     python sample.py runs/text_fashion_clip_quick --lora runs/dreambooth_fashion_lora_quick/final \
         --prompt "a photo of a <|spare_0|> bag"                         # a text run with LoRA adapters
-    python sample.py runs/upscale_fashion_quick --low-res small.png --prompt "a sneaker"   # x4 super-resolution
-    python sample.py runs/inpaint_fashion_quick --init-image shirt.png --mask hole.png --prompt "a shirt"
-    python sample.py runs/structure_fashion_quick --structure shirt.png --prompt "a dress"
+    python sample.py runs/upscale_fashion_quick --low-res conditioning/examples/small.png \
+        --prompt "a sneaker"                                            # x4 super-resolution
+    python sample.py runs/inpaint_fashion_quick --init-image conditioning/examples/shirt.png \
+        --mask conditioning/examples/hole.png --prompt "a shirt"
+    python sample.py runs/structure_fashion_quick --structure conditioning/examples/shirt.png --prompt "a dress"
     python sample.py runs/inpaint_fashion_quick --evaluate --n 1000     # an image-conditioned run's measures
 
 RUN is a run directory (its final model, or else its newest good checkpoint) or one
