@@ -8,7 +8,8 @@ The loop knows nothing about images or UNets: the config's ``stage`` names a cla
 stage contract (``ddpm/contract.py``) says. The trainer
 adds what every stage needs: processes and devices, mixed precision, gradient accumulation,
 AdamW with warm-up and decay, gradient clipping, an EMA of the weights, logging,
-checkpoints and exact resume.
+checkpoints and exact resume, and a clean stop on SIGTERM, SIGINT or SIGUSR1: the step is
+finished and checkpointed, and the command exits 75 (``ddpm/preemption.py``).
 
 Randomness: the data order of epoch e is a permutation seeded by (seed, e), and everything
 random in the batch of step s (augmentation, condition dropout, timesteps, noise) comes from
@@ -50,8 +51,8 @@ from ddpm.checkpoint import (
 from ddpm.config import TrainConfig, apply_overrides, read_yaml
 from ddpm.ema import EMA
 from ddpm.errors import UserError, cli_errors
-from ddpm.preemption import EXIT_PREEMPTED, Preempted, StopSignals, ignore_stop_signals
 from ddpm.plots import append_metrics, plot_metrics, read_metrics
+from ddpm.preemption import EXIT_PREEMPTED, Preempted, StopSignals, ignore_stop_signals
 from ddpm.runs import load_config
 
 def step_seed(seed: int, *keys) -> int:

@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--class", dest="class_name", default="Bag")
     parser.add_argument("--k", type=int, default=4, help="pictures of the subject (3-5)")
-    parser.add_argument("--out", required=True,
-                        help=f"the folder to write (the shipped subject, on purpose: {shipped_subjects() / DEFAULT_SUBJECT})")
+    parser.add_argument("--out", required=True, help=f"the folder to write (the shipped subject, on purpose: "
+                                                      f"{shipped_subjects() / DEFAULT_SUBJECT})")
     args = parser.parse_args(argv)
     if not 2 <= args.k <= 10:
         raise UserError(f"--k must be between 2 and 10, got {args.k}")
