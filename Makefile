@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN := runs/ddpm_fashion_quick
 
-.PHONY: demo test data browser install clean
+.PHONY: demo test book data browser install clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ demo: install data
 	@for c in 0 1 2 3 4 5 6 7 8 9; do \
 		$(PY) sample.py $(RUN) --class $$c --n 16 --out $(RUN)/samples/class-$$c.png | grep wrote || exit 1; \
 	done
+
+# every stage's GPU preset in dependency order, measured, one table (benchmarks/book.py; for a GPU)
+book: install data
+	$(PY) benchmarks/book.py
 
 test: install data browser
 	$(PY) -m pytest -q -n auto --maxschedchunk 1 --durations=15
