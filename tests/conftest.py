@@ -48,6 +48,7 @@ TINY_AUTOENCODER = ROOT / "configs" / "autoencoder_fashion_tiny.yaml"
 TINY_LATENT = ROOT / "configs" / "latent_fashion_tiny.yaml"
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
 TINY_CLIP = ROOT / "configs" / "clip_fashion_tiny.yaml"
+TINY_DREAMBOOTH = ROOT / "configs" / "dreambooth_fashion_tiny.yaml"
 SHARED_MODELS = ROOT.parent / "shared" / "models"
 SLOWEST_FIRST = ("test_notebook_runs", "test_two_processes_train", "test_the_book_trains",  # the longest, 30 s
                  "test_kill_9_mid_run", "test_sigterm_to_accelerate_launch")  # to 3 min
@@ -120,6 +121,29 @@ def trained_tiny_text_run(tmp_path_factory, tiny_clip_folder, trained_tiny_autoe
     return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "text", TINY_TEXT,
                                    autoencoder={"source": str(trained_tiny_autoencoder)},
                                    text_encoder={"source": str(tiny_clip_folder)}))
+
+
+@pytest.fixture(scope="session")
+def image_runs(tmp_path_factory, trained_tiny_text_run):
+    """A finished tiny run of each image-conditioned stage, started from the tiny text run."""
+    root = tmp_path_factory.mktemp("image_runs")
+    return {name: train.train({**tiny_config(root / name, ROOT / "configs" / f"{name}_fashion_tiny.yaml"),
+                               "init_from": str(trained_tiny_text_run)})
+            for name in ("upscale", "inpaint", "structure")}
+
+
+def dreambooth_config(output_dir, init_from, **sections) -> dict:
+    raw = tiny_config(output_dir, TINY_DREAMBOOTH, **sections)
+    raw["init_from"] = str(init_from)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def tiny_dreambooth_runs(tmp_path_factory, trained_tiny_text_run):
+    """Finished tiny DreamBooth fine-tunes of the tiny text run: the whole UNet ("full") and LoRA ("lora")."""
+    root = tmp_path_factory.mktemp("dreambooth")
+    return {"full": train.train(dreambooth_config(root / "full", trained_tiny_text_run)),
+            "lora": train.train(dreambooth_config(root / "lora", trained_tiny_text_run, lora={"rank": 2}))}
 
 
 @pytest.fixture(scope="session")

@@ -18,26 +18,18 @@ from ddpm.errors import UserError
 from ddpm.plots import read_metrics
 from ddpm.runs import load_config, load_for_sampling
 
-from .conftest import ROOT, assert_resume_is_exact, command, one_line_error, run, tiny_config
-
-TINY_DREAMBOOTH = ROOT / "configs" / "dreambooth_fashion_tiny.yaml"
-
-
-def dreambooth_config(output_dir, init_from, **sections) -> dict:
-    raw = tiny_config(output_dir, TINY_DREAMBOOTH, **sections)
-    raw["init_from"] = str(init_from)
-    return raw
+from .conftest import (ROOT, TINY_DREAMBOOTH, assert_resume_is_exact, command, dreambooth_config, one_line_error,
+                       run)
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, trained_tiny_text_run):
-    return train.train(dreambooth_config(tmp_path_factory.mktemp("runs") / "lora", trained_tiny_text_run,
-                                         lora={"rank": 2}))
+def lora_run(tiny_dreambooth_runs):
+    return tiny_dreambooth_runs["lora"]
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, trained_tiny_text_run):
-    return train.train(dreambooth_config(tmp_path_factory.mktemp("runs") / "full", trained_tiny_text_run))
+def full_run(tiny_dreambooth_runs):
+    return tiny_dreambooth_runs["full"]
 
 
 def test_the_identifier_is_one_spare_token(trained_tiny_text_run, tmp_path):

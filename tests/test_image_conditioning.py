@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
-from pathlib import Path
-
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import sample
-import train
 from conditioning.inpaint import (MaskConfig, draw_masks, fixed_masks, latent_cells, mark_cells, masked, padded,
                                   put_back_known, stroke_masks)
 from conditioning.structure import structure_maps, to_latent_grid
@@ -21,17 +15,7 @@ from ddpm.data import to_model_space, to_pixels
 from ddpm.diffusion import make_sampler
 from ddpm.runs import load_for_sampling
 
-from .conftest import ROOT, assert_resume_is_exact, one_line_error, run, tiny_config
-
-TINY = {name: ROOT / "configs" / f"{name}_fashion_tiny.yaml" for name in ("upscale", "inpaint", "structure")}
-
-
-@pytest.fixture(scope="session")
-def image_runs(tmp_path_factory, trained_tiny_text_run):
-    """A finished tiny run of each image-conditioned stage, started from the tiny text run."""
-    root = tmp_path_factory.mktemp("image_runs")
-    return {name: train.train({**tiny_config(root / name, preset), "init_from": str(trained_tiny_text_run)})
-            for name, preset in TINY.items()}
+from .conftest import assert_resume_is_exact, one_line_error, run
 
 
 def test_widened_unet_starts_as_the_text_run_computes(image_runs, trained_tiny_text_run):
@@ -242,19 +226,3 @@ def test_image_runs_are_measured(image_runs):
         result = run("sample.py", str(image_runs[name]), "--evaluate", "--n", "20", "--steps", "2")
         assert result.returncode == 0, result.stderr
         assert "| ours" in result.stdout or "ours" in result.stdout, result.stdout
-
-
-def test_the_documented_commands_on_the_shipped_example_images_run(image_runs, trained_tiny_text_run, tmp_path):
-    """Every sample.py command of README.md and of sample.py's help that reads conditioning/examples/ runs as
-    written, on the tiny runs: runs/NAME_quick becomes the tiny run of its stage, and --n 2."""
-    tiny = {"text_fashion_minilm_quick": trained_tiny_text_run,
-            **{f"{stage}_fashion_quick": run_dir for stage, run_dir in image_runs.items()}}
-    text = ((ROOT / "README.md").read_text() + sample.__doc__).replace("\\\n", " ")
-    commands = [line.split("python sample.py", 1)[1] for line in text.splitlines()
-                if "python sample.py" in line and "conditioning/examples/" in line]
-    assert len(commands) >= 7
-    for command in commands:
-        args = shlex.split(command, comments=True)
-        args[0] = str(tiny[Path(args[0]).name])
-        result = run("sample.py", *args, "--n", "2", "--out", str(tmp_path / "grid.png"))
-        assert result.returncode == 0, (command, result.stderr)
