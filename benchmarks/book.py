@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from ddpm.config import read_yaml  # noqa: E402
 from ddpm.errors import UserError, cli_errors  # noqa: E402
 from ddpm.evaluate import markdown_table  # noqa: E402
-from ddpm.plots import read_metrics  # noqa: E402
+from ddpm.plots import training_minutes  # noqa: E402
 from ddpm.runs import load_for_sampling  # noqa: E402
 
 # (run name = its GPU preset in configs/, what the step adds, {config key: the earlier run it needs})
@@ -112,10 +112,6 @@ def summary(report: dict) -> str:
     keys = {k.removeprefix("eval_"): v for k, v in report.items()}
     said = [fmt.format(keys[k]) for k, fmt in HEADLINE if isinstance(keys.get(k), (int, float))]
     return " ".join(said).rstrip(",")
-
-
-def training_minutes(run: Path) -> float:
-    return max((r.get("elapsed_s", 0) for r in read_metrics(run / "metrics.jsonl")), default=0) / 60
 
 
 def parse_args(argv):

@@ -57,7 +57,7 @@ from ddpm.data import class_index, load_fashion_mnist, read_image
 from ddpm.errors import UserError, cli_errors
 from ddpm.evaluate import cached_judge, evaluate_model, markdown_table
 from ddpm.metrics import diversity, embed
-from ddpm.plots import read_metrics
+from ddpm.plots import training_minutes
 from ddpm.runs import load_for_sampling
 
 from .captions import NAMES, TEMPLATES, CaptionTable, class_prompt, with_article
@@ -402,8 +402,8 @@ def training_cost(run_dir: Path, model) -> dict[str, float]:
     lora = (final / WEIGHTS_NAME)
     saved = lora if lora.is_file() else weights_file(final / "unet")
     trainable = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name or not lora.is_file())
-    minutes = max((r.get("elapsed_s", 0) for r in read_metrics(run_dir / "metrics.jsonl")), default=0) / 60
-    return {"trainable_parameters": trainable, "minutes": minutes, "saved_mb": saved.stat().st_size / 2**20}
+    return {"trainable_parameters": trainable, "minutes": training_minutes(run_dir),
+            "saved_mb": saved.stat().st_size / 2**20}
 
 
 @cli_errors

@@ -113,6 +113,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def training_minutes(run_dir: str | Path) -> float:
+    """The minutes a run has trained, from the last ``elapsed_s`` of its metrics.jsonl (0 before any)."""
+    return max((r.get("elapsed_s", 0) for r in read_metrics(Path(run_dir) / "metrics.jsonl")), default=0) / 60
+
+
 def append_metrics(path: str | Path, record: dict) -> None:
     """Add one JSON record as a line of a metrics.jsonl file."""
     with open(path, "a") as f:

@@ -16,7 +16,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -33,6 +32,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import sample  # noqa: E402
+from benchmarks.web_page import free_port  # noqa: E402
 import train  # noqa: E402
 from ddpm.config import read_yaml  # noqa: E402
 from ddpm.data import load_fashion_mnist  # noqa: E402
@@ -152,6 +152,11 @@ def trained_tiny_clip(tmp_path_factory, fashion_mnist):
     return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "clip", TINY_CLIP))
 
 
+def losses(run_dir: Path) -> list[float]:
+    """The training loss of every logged window of a run, in order (evaluation records apart)."""
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
 def checkpoint_weights(checkpoint: Path) -> dict:
     """The model and EMA tensors of one checkpoint folder, EMA keys prefixed ``ema.``."""
     from safetensors.torch import load_file
@@ -247,8 +252,7 @@ def assert_resume_is_exact(straight, resumed):
     raw = read_yaml(straight / "config.yaml")
     raw["train"].update(output_dir=str(resumed), resume="latest")
     train.train(raw)
-    loss = lambda run: [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]  # noqa: E731
-    assert loss(resumed) == loss(straight)[3:]
+    assert losses(resumed) == losses(straight)[3:]
     a, b = (checkpoint_weights(run / "checkpoints" / "step-00000006") for run in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -263,11 +267,8 @@ ONE_THREAD = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 def launch_arguments(processes: int = 2) -> list[str]:
     """``-m accelerate.commands.launch`` on the CPU with ``processes`` processes (a gloo group) and a free
     port for their rendezvous, so that two tests can launch at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     return ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines",
-            "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
+            "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def accelerate_launch(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
@@ -281,7 +282,7 @@ def accelerate_launch(*args: str, processes: int = 2) -> subprocess.CompletedPro
 def assert_same_training(a: Path, b: Path) -> None:
     """Two runs of one config logged the same losses and ended with the same weights and EMA,
     within TOLERANCE; one metrics line per step in each (only a main process writes)."""
-    la, lb = ([r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] for run in (a, b))
+    la, lb = losses(a), losses(b)
     steps = load_run(a)[1].max_steps
     assert len(la) == len(lb) == steps, "one metrics line per step: only the main process writes"
     torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), **TOLERANCE)

@@ -17,7 +17,7 @@ from ddpm.stage import ClassConditionedDDPM
 
 from ddpm.preemption import EXIT_PREEMPTED
 
-from .conftest import ONE_THREAD, ROOT, TINY, checkpoint_weights, launch_arguments, tiny_config
+from .conftest import ONE_THREAD, ROOT, TINY, checkpoint_weights, launch_arguments, losses, tiny_config
 
 SIXTEEN_STEPS = ["train.max_steps=16", "train.checkpoint_every=4", "train.keep_last=5"]
 
@@ -35,10 +35,6 @@ def wait_for_steps(run, n: int, proc: subprocess.Popen) -> None:
     deadline = time.time() + 300
     while time.time() < deadline and len(read_metrics(run / "metrics.jsonl")) < n and proc.poll() is None:
         time.sleep(0.02)
-
-
-def losses(run) -> list[float]:
-    return [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
 
 
 @pytest.fixture(scope="module")

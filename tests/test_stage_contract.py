@@ -22,18 +22,13 @@ import torch
 import train
 from ddpm.contract import CONDITIONS, Capabilities, Stage
 from ddpm.diffusion_stage import DiffusionStage
-from ddpm.plots import read_metrics
 from ddpm.runs import STAGES, stage_class
 
-from .conftest import ROOT, TINY, TINY_AUTOENCODER, TINY_LATENT, tiny_config
+from .conftest import ROOT, TINY, TINY_AUTOENCODER, TINY_LATENT, losses, tiny_config
 
 REFERENCE = ROOT / "tests" / "data" / "reference_losses.json"
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"  # the offline MiniLM encoder, as shipped
 TINY_CLIP = ROOT / "configs" / "clip_fashion_tiny.yaml"
-
-
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
 def train_tiny_runs(root) -> dict[str, list[float]]:

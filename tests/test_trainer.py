@@ -14,11 +14,7 @@ from ddpm.errors import UserError
 from ddpm.plots import read_metrics
 from ddpm.runs import load_config
 
-from .conftest import checkpoint_weights, tiny_config
-
-
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+from .conftest import checkpoint_weights, losses, tiny_config
 
 
 def test_loss_falls_on_real_fashion_mnist(tmp_path, fashion_mnist):
