@@ -50,6 +50,7 @@ from ddpm.diffusion import SAMPLERS
 from ddpm.errors import UserError, cli_errors
 from ddpm.judge import accuracy
 from ddpm.plots import append_metrics, rows_of, save_grid
+from ddpm.provenance import provenance
 from ddpm.runs import load_for_sampling, model_step, run_dir_of
 from ddpm.web import MAX_IMAGE_STEPS, MAX_UPLOAD_MB, MAX_WAITING, serve
 
@@ -121,6 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     args.n = args.n or (1000 if args.evaluate or args.sweep else 8)
+    args.command = ["python", "sample.py", *(sys.argv[1:] if argv is None else argv)]
     return args
 
 
@@ -226,6 +228,7 @@ def evaluate_image_run(stage, model, folder: Path, args, inputs: dict) -> None:
         raise UserError("--evaluate takes its inputs from the test set; leave out --low-res, --mask and --structure")
     report = stage.evaluate(model, args.n, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                             seed=args.seed, **inputs)
+    print(provenance(args.command, args.device))
     print(f"{folder} (n = {args.n} test images)")
     print(stage.report_table(report))
     append_metrics(run_dir_of(folder) / "metrics.jsonl", {"step": model_step(folder), **report})
@@ -353,6 +356,7 @@ def inspect_run(stage, model, folder: Path, args) -> None:
     finds)."""
     if args.evaluate:
         report = stage.evaluate(model, args.n)
+        print(provenance(args.command, args.device))
         print(f"{folder}: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" if isinstance(v, float)
                                         else f"{k.removeprefix('eval_')} {v}" for k, v in report.items()))
         append_metrics(run_dir_of(folder) / "metrics.jsonl", {"step": model_step(folder), **report})
@@ -371,6 +375,7 @@ def evaluate(stage, model, folder: Path, args, clip=None) -> None:
     scales = args.sweep or [args.guidance]
     reports = [ev.evaluate_model(stage, model, args.n, guidance=w, progress=True, clip=clip, **settings)
                for w in scales]
+    print(provenance(args.command, args.device))
     print(f"{folder} (n = {args.n}; FD floor = real train vs real test at the same n)")
     print(ev.format_table(reports))
     if args.attributes:

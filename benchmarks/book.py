@@ -19,8 +19,6 @@ with the chain's CLIP). A run already finished in ``--out-dir`` is measured, not
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import shlex
 import subprocess
 import sys
@@ -30,13 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so that the project imports when run as a script
 
-import diffusers  # noqa: E402
 import torch  # noqa: E402
 
 from ddpm.config import read_yaml  # noqa: E402
 from ddpm.errors import UserError, cli_errors  # noqa: E402
 from ddpm.evaluate import markdown_table  # noqa: E402
 from ddpm.plots import training_minutes  # noqa: E402
+from ddpm.provenance import provenance  # noqa: E402
 from ddpm.runs import load_for_sampling  # noqa: E402
 
 # (run name = its GPU preset in configs/, what the step adds, {config key: the earlier run it needs})
@@ -151,10 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         budget = f"{cfg.get('max_steps') or str(cfg.get('epochs')) + ' epochs'} x {cfg['batch_size']}"
         rows.append([f"`{name}`", adds, budget, f"{minutes:.2f}", f"{(time.perf_counter() - began) / 60:.2f}",
                      summary(report)])
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
-    print(f"### The whole book: `python benchmarks/book.py {shlex.join(argv)}`\n")
-    print(f"{datetime.date.today()}, {device}, torch {torch.__version__}, diffusers {diffusers.__version__}; "
-          f"runs in {args.out_dir}; measures at n = {args.n}, each run's own sampling settings\n")
+    print(f"### The whole book\n\n{provenance(['python', 'benchmarks/book.py', *argv])}")
+    print(f"runs in {args.out_dir}; measures at n = {args.n}, each run's own sampling settings\n")
     print(markdown_table(["run", "adds", "steps x batch", "train min", "measure min", "measured"], rows))
     total = sum(float(r[3]) for r in rows)
     print(f"\n{total:.2f} minutes of training in all; {(time.perf_counter() - started) / 60:.1f} minutes for the "

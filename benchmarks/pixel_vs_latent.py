@@ -24,9 +24,6 @@ The output is Markdown, to paste into benchmarks/RESULTS.md as it is.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -41,6 +38,7 @@ from ddpm.config import read_yaml  # noqa: E402
 from ddpm.errors import cli_errors  # noqa: E402
 from ddpm.flops import training_flops  # noqa: E402
 from ddpm.plots import read_metrics  # noqa: E402
+from ddpm.provenance import provenance  # noqa: E402
 from ddpm.runs import load_config, load_for_sampling, load_run  # noqa: E402
 
 
@@ -101,10 +99,8 @@ def measure(run_dir: Path, n: int, guidance: float) -> dict:
 
 
 def format_report(argv: list[str], rows: list[dict], timed_steps: int) -> str:
-    lines = [f"### Pixel vs latent: `python benchmarks/pixel_vs_latent.py {shlex.join(argv)}`", "",
-             f"{datetime.date.today()}, {platform.processor() or platform.machine()} CPU, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}; images/s from {timed_steps} "
-             f"alternating training steps per model in this run", "",
+    lines = ["### Pixel vs latent", "", provenance(["python", "benchmarks/pixel_vs_latent.py", *argv]),
+             f"images/s from {timed_steps} alternating training steps per model in this run", "",
              "| run | denoises | params | GFLOPs / train image | train images/s | steps x batch | "
              "min at these images/s | run's own train min | + autoencoder min | accuracy | FD (floor) | "
              "sampling s / 1000 |",

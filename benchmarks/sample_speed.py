@@ -17,8 +17,6 @@ A sampler is ``NAME`` (ddpm, ddim, dpm++, euler: the step count from the table b
 from __future__ import annotations
 
 import argparse
-import datetime
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,13 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so that `ddpm` imports when run as a script
 
-import diffusers  # noqa: E402
 import torch  # noqa: E402
 
 from ddpm.diffusion import SAMPLERS  # noqa: E402
 from ddpm.errors import UserError, cli_errors  # noqa: E402
 from ddpm.evaluate import balanced_labels, cached_judge  # noqa: E402
 from ddpm.metrics import judge_report, real_floor, reference_stats  # noqa: E402
+from ddpm.provenance import provenance  # noqa: E402
 from ddpm.runs import load_for_sampling  # noqa: E402
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20, "euler": 50}
@@ -105,17 +103,12 @@ def benchmark(stage, model, samplers: list[tuple[str, int]], n: int, guidance: f
 
 def format_report(argv: list[str], folder: Path, args, guidance: float, rows: list[dict]) -> str:
     """The header (command, date, device, versions, settings) and a Markdown table."""
-    device = (torch.cuda.get_device_name(args.device) if args.device == "cuda"
-              else f"CPU ({torch.get_num_threads()} threads)")
     precision = "bf16 autocast" if args.device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/sample_speed.py", *argv])
     lines = [
         f"### sample_speed: {folder}",
         "",
-        f"command: `{command}`  ",
-        f"date: {datetime.datetime.now().isoformat(timespec='seconds')}  ",
-        f"device: {device}; {precision}  ",
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}  ",
+        provenance(["python", "benchmarks/sample_speed.py", *argv], args.device),
+        f"precision: {precision}  ",
         f"n = {args.n} per sampler, guidance {guidance:g}, batches of {args.batch_size} "
         f"(x2 through the network with CFG); time = generation only, judge scoring not timed",
         "",

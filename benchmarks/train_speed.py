@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import gc
 import math
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -44,8 +42,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so that `ddpm` imports when run as a script
 
-import accelerate  # noqa: E402
-import diffusers  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
@@ -60,6 +56,7 @@ from ddpm.config import apply_overrides, read_yaml  # noqa: E402
 from ddpm.errors import UserError, cli_errors  # noqa: E402
 from ddpm.flops import training_flops  # noqa: E402
 from ddpm.plots import read_metrics  # noqa: E402
+from ddpm.provenance import provenance  # noqa: E402
 from ddpm.runs import load_config  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, matched against torch.cuda.get_device_name()
@@ -253,17 +250,6 @@ def table_row(name: str, precision: str, images_per_s: float, flops_per_image: f
     return f"| {name} | {precision} | {images_per_s:,.1f} | {achieved / 1e12:.3f} | {mfu} | {memory} |"
 
 
-def header(argv: list[str], device: torch.device) -> list[str]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/train_speed.py", *argv])
-    return [
-        f"command: `{command}`  ",
-        f"date: {datetime.datetime.now().isoformat(timespec='seconds')}  ",
-        f"device: {name}  ",
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}, accelerate {accelerate.__version__}  ",
-    ]
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="a YAML config, e.g. configs/ddpm_fashion.yaml")
@@ -307,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"### train_speed: {args.config}",
         "",
-        *header(argv, device),
+        provenance(["python", "benchmarks/train_speed.py", *argv], device),
         f"model: {n_params / 1e6:.2f}M parameters; global batch {cfg.batch_size}; {args.warmup} warm-up + "
         f"{args.steps} timed steps per loop (ours logs every {log_every})  ",
         f"training FLOPs/image (forward + backward, FlopCounterMode): {flops / 1e9:.3f} GFLOP  ",

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import os
-import platform
 import shlex
 import socket
 import statistics
@@ -47,6 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ddpm.errors import UserError, cli_errors  # noqa: E402
+from ddpm.provenance import provenance  # noqa: E402
 from ddpm.web import MAX_WAITING, Explorer, launch  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -214,8 +213,12 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def measured(command: str) -> str:
+    """The provenance lines of this script's tables, for its arguments ``command``."""
+    return provenance(["python", "benchmarks/web_page.py", *shlex.split(command)], extra=("gradio",))
+
+
 def main_clients(args, command: str) -> int:
-    import gradio
 
     explorer = Explorer(args.run)  # its sampling settings, and a check that the run is there
     s = explorer.stage.config.sample
@@ -226,9 +229,8 @@ def main_clients(args, command: str) -> int:
         for clients in args.clients:
             print(f"{clients} client(s)...", file=sys.stderr)
             rows.append((clients, concurrent_clients(url, clients, args.repeats, **request)))
-    print(f"### The web page under load: `python benchmarks/web_page.py {command}`\n")
-    print(f"{datetime.date.today()}, {platform.machine()} CPU, the server with {torch.get_num_threads()} torch threads "
-          f"and the clients in one more process, torch {torch.__version__}, gradio {gradio.__version__}\n")
+    print(f"### The web page under load\n\n{measured(command)}")
+    print("The server in a process of its own with the threads above, the clients in one more process.\n")
     print(f"Each client sends {args.repeats} requests in turn (all clients starting at once): {args.n} images of "
           f"class {args.class_name!r}, {s.scheduler} {args.steps} steps, guidance {s.guidance:g}. The page answers one "
           f"at a time and lets {args.max_waiting} more wait; past them a request is told at once that it is busy. "
@@ -266,12 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.screenshot:
             page.wait_for_timeout(1000)  # the page's fade-in after an answer
             page.screenshot(path=args.screenshot, full_page=True)
-    import gradio
 
     s = explorer.stage.config.sample
-    print(f"### The web page: `python benchmarks/web_page.py {command}`\n")
-    print(f"{datetime.date.today()}, {platform.machine()} CPU, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, gradio {gradio.__version__}, headless Chromium {browser_version}\n")
+    print(f"### The web page\n\n{measured(command)}")
+    print(f"browser: headless Chromium {browser_version}\n")
     print(f"{args.n} images of class {args.class_name!r} per answer, {s.scheduler} {args.steps} steps, guidance "
           f"{s.guidance:g}; median of {args.repeats} answers (seeds 1..{args.repeats}) after a warm-up\n")
     print("| click to image in the browser | generation alone (the page's figure) |")

@@ -7,6 +7,7 @@ its penultimate-layer features feed the Fréchet distance and diversity in ``ddp
 The weights ship with the package as ``ddpm/judge.safetensors``. To retrain them:
 
     python -m ddpm.judge --out PATH [--epochs N] [--seed S]    # PATH: ddpm/judge.safetensors to replace it
+    python -m ddpm.judge --score ddpm/judge.safetensors        # its accuracy on the 10,000 test images
 """
 
 from __future__ import annotations
@@ -186,11 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=TRAIN_COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=10, help="passes over the 60k training images")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True,
-                        help=f"weights file to write (the shipped one, on purpose: {default_weights_path()})")
+    todo = parser.add_mutually_exclusive_group(required=True)
+    todo.add_argument("--out", type=Path,
+                      help=f"train, and write the weights here (the shipped file, on purpose: {default_weights_path()})")
+    todo.add_argument("--score", type=Path, metavar="WEIGHTS", help="print these weights' accuracy on the test set")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
+    if args.score:
+        print(f"{args.score}: test accuracy {accuracy(load_judge(args.score), load_fashion_mnist('test')):.4f}")
+        return 0
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     start = time.time()
     judge = train_judge(train, args.epochs, args.seed)

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import gzip
+import importlib.util
 import io
 import json
 import os
@@ -222,6 +223,22 @@ def run(script: str, *args: str, env: dict | None = None) -> Result:
         os.environ.clear()
         os.environ.update(saved_env)
     return Result(code, out.getvalue(), err.getvalue())
+
+
+def needs_browser() -> None:
+    """Skip the test without Playwright and Debian's chromium, or fail where ``SDSTEPS_REQUIRE_BROWSER=1``
+    (CI sets it, and installs both)."""
+    from benchmarks.web_page import CHROMIUM
+
+    missing = None
+    if importlib.util.find_spec("playwright") is None:
+        missing = "Playwright (pip install -e '.[web,dev]')"
+    if not os.path.isfile(CHROMIUM):
+        missing = f"Chromium at {CHROMIUM} (apt-get install chromium)"
+    if missing:
+        if os.environ.get("SDSTEPS_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"the browser test needs {missing}")
+        pytest.skip(f"the browser test needs {missing}")
 
 
 def one_line_error(result, *fragments):

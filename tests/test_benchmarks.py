@@ -19,6 +19,7 @@ from ddpm.judge import Judge
 from ddpm.runs import load_config, load_for_sampling
 
 from .conftest import TINY, tiny_config
+from .test_commands import book_command_arguments
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_pixel_vs_latent_compares_two_runs(trained_tiny_run, trained_tiny_latent
 def test_the_book_trains_every_stage_in_order_on_the_tiny_configs(tmp_path, fashion_mnist, capsys):
     """benchmarks/book.py --tiny: the whole chain, each run on the ones before it, and one table."""
     out = tmp_path / "book"
-    assert book.main(["--tiny", "--n", "20", "--out-dir", str(out)]) == 0
+    assert book.main(book_command_arguments(out)) == 0  # benchmarks/README.md's command
     table = capsys.readouterr().out
     for name, _, needs in book.CHAIN:
         assert (out / name / "final").is_dir(), name

@@ -6,7 +6,6 @@ where ``SDSTEPS_REQUIRE_BROWSER=1`` (CI sets it, and installs both) makes that a
 """
 
 import dataclasses
-import importlib.util
 import os
 import re
 import shlex
@@ -19,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.web_page import CHROMIUM, PageDriver, chromium, generate_request, served, serving
+from benchmarks.web_page import PageDriver, chromium, generate_request, served, serving
 from ddpm.errors import UserError
 from ddpm.web import Busy, Cancelled, Explorer, Line, Request, Ticket
 
-from .conftest import one_line_error, run, same_as_command
+from .conftest import needs_browser, one_line_error, run, same_as_command
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +89,7 @@ def test_web_without_gradio_says_how_to_install_it(trained_tiny_run, monkeypatch
 
 @pytest.fixture(scope="module")
 def browser():
-    missing = None
-    if importlib.util.find_spec("playwright") is None:
-        missing = "Playwright (pip install -e '.[web,dev]')"
-    if not os.path.isfile(CHROMIUM):
-        missing = f"Chromium at {CHROMIUM} (apt-get install chromium)"
-    if missing:
-        if os.environ.get("SDSTEPS_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"the browser test needs {missing}")
-        pytest.skip(f"the browser test needs {missing}")
+    needs_browser()
     with chromium() as b:
         yield b
 
