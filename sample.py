@@ -28,7 +28,6 @@ checkpoint folder inside it; the EMA weights are used.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -58,6 +57,10 @@ from ddpm.web import MAX_IMAGE_STEPS, MAX_UPLOAD_MB, MAX_WAITING, serve
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run directory or checkpoint folder")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="change how the run samples, as train.py takes them (right after RUN): "
+                             "sample.guidance_interval=null, sample.clip_denoised=false, upscale.noise_level=50, "
+                             "inpaint.keep_known=false")
     parser.add_argument("--class", dest="classes", action="append", default=None,
                         help='class index or name ("9", "ankle boot"), or "all"; repeat for several')
     parser.add_argument("--n", type=int, default=None,
@@ -65,11 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's config)")
     parser.add_argument("--scheduler", choices=list(SAMPLERS), default=None)
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale w: 0 unconditional, 1 conditional")
-    parser.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                        help="guide only at timesteps LO..HI (default: the run's sample.guidance_interval)")
-    parser.add_argument("--guide-everywhere", action="store_true", help="guide at every step (no interval)")
-    parser.add_argument("--no-clip-denoised", action="store_true",
-                        help="let the clean-sample estimate leave the pixel range while sampling")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="PNG path (default: RUN/samples/sample.png)")
     parser.add_argument("--save-array", default=None, metavar="PATH.npy",
@@ -101,13 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="img2img: 0 returns the image (through the autoencoder), 1 ignores it")
     parser.add_argument("--low-res", default=None, metavar="PNG",
                         help="a super-resolution run: the 8 x 8 image to upscale (a 28 x 28 one is shrunk first)")
-    parser.add_argument("--noise-level", type=int, default=None,
-                        help="a super-resolution run: noise added to --low-res (default: upscale.noise_level)")
     parser.add_argument("--mask", default=None, metavar="PNG",
                         help="an inpainting run: 28 x 28, white where the --init-image is to be painted")
-    parser.add_argument("--no-keep-known", action="store_true",
-                        help="an inpainting run: do not put the known region back after every step (as diffusers' "
-                             "pipeline with a 9-channel UNet)")
     parser.add_argument("--structure", default=None, metavar="PNG",
                         help="a structure run: make garments with this image's edges")
     parser.add_argument("--web", action="store_true",
@@ -120,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="--web: the most images x steps one request may ask for")
     parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="--web: the largest upload")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     args.n = args.n or (1000 if args.evaluate or args.sweep else 8)
     args.command = ["python", "sample.py", *(sys.argv[1:] if argv is None else argv)]
     return args
@@ -141,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = read_inputs(args)  # fail before loading models
     init_images = read_image(args.init_image) if args.init_image and not args.mask else None
     clip = ClipScorer.from_run(args.clip) if args.clip else None
-    stage, model, folder = load_for_sampling(args.run, args.device)
+    stage, model, folder = load_for_sampling(args.run, args.device, args.overrides)
     can = stage.capabilities
     if args.lora:
         if "prompt" not in can.conditions:
@@ -149,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         load_lora(model, args.lora)
     if not can.generates:  # an autoencoder or a CLIP run: its numbers or its preview grid
         return inspect_run(stage, model, folder, args)
-    apply_sampling_options(stage, args)
     takes_images = check_inputs(stage, inputs, args)
     if (args.prompts or args.negative_prompt) and "prompt" not in can.conditions:
         raise UserError(f"--prompt and --negative-prompt need a text run; {args.run} is a "
@@ -187,8 +179,6 @@ def read_inputs(args) -> dict[str, torch.Tensor | int]:
     if args.low_res:
         image = read_image(args.low_res, "--low-res", sizes=(LOW_RES, IMAGE_SIZE))
         inputs["low_res"] = image[None].float() / 127.5 - 1 if image.shape[-1] == LOW_RES else low_res_of(image)
-    if args.noise_level is not None:
-        inputs["noise_level"] = args.noise_level
     if args.mask:
         if not args.init_image:
             raise UserError("--mask needs --init-image, the picture to paint into")
@@ -206,7 +196,7 @@ def read_inputs(args) -> dict[str, torch.Tensor | int]:
 
 def check_inputs(stage, inputs: dict, args) -> bool:
     """Whether the run takes input images; a clear error for an input it does not take."""
-    needs = {"low_res": ("low_res", "upscale"), "noise_level": ("low_res", "upscale"), "mask": ("mask", "inpaint"),
+    needs = {"low_res": ("low_res", "upscale"), "mask": ("mask", "inpaint"),
              "image": ("mask", "inpaint"),
              "structure": ("structure", "structure")}
     for key in inputs:
@@ -219,12 +209,12 @@ def check_inputs(stage, inputs: dict, args) -> bool:
 
 def evaluate_image_run(stage, model, folder: Path, args, inputs: dict) -> None:
     """--evaluate on an image-conditioned run: its measures on --n test images (``stage.evaluate``;
-    the test images are the inputs, so of the input flags only --noise-level applies), as a table,
+    the test images are the inputs), as a table,
     appended to the run's metrics.jsonl."""
     if args.sweep:
         raise UserError(f"--sweep is for runs that sample from prompts alone; a '{stage.name}' run is measured "
                         f"with --evaluate")
-    if set(inputs) - {"noise_level"}:
+    if inputs:
         raise UserError("--evaluate takes its inputs from the test set; leave out --low-res, --mask and --structure")
     report = stage.evaluate(model, args.n, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
                             seed=args.seed, **inputs)
@@ -232,20 +222,6 @@ def evaluate_image_run(stage, model, folder: Path, args, inputs: dict) -> None:
     print(f"{folder} (n = {args.n} test images)")
     print(stage.report_table(report))
     append_metrics(run_dir_of(folder) / "metrics.jsonl", {"step": model_step(folder), **report})
-
-
-def apply_sampling_options(stage, args) -> None:
-    """The run's ``sample`` settings, with those given on the command line."""
-    changes = {}
-    if args.guidance_interval or args.guide_everywhere:
-        changes["guidance_interval"] = None if args.guide_everywhere else tuple(args.guidance_interval)
-    if args.no_clip_denoised:
-        changes["clip_denoised"] = False
-    stage.config.sample = dataclasses.replace(stage.config.sample, **changes)  # checked like the config
-    if args.no_keep_known:
-        if "mask" not in stage.capabilities.conditions:
-            raise UserError(f"--no-keep-known is for an 'inpaint' run; {args.run} is a '{stage.name}' run")
-        stage.config.inpaint = dataclasses.replace(stage.config.inpaint, keep_known=False)
 
 
 def classes_asked(args, stage) -> list[int]:
@@ -300,9 +276,8 @@ def rank_candidates(clip, images: torch.Tensor, labels: torch.Tensor, prompts: l
 def write_samples(stage, folder: Path, args, images: torch.Tensor, labels: torch.Tensor, rows: list[str]) -> None:
     """The grid PNG (and, with --save-array, the images and their labels as .npy)."""
     out = Path(args.out) if args.out else run_dir_of(folder) / "samples" / f"sample-{folder.name}.png"
-    s = stage.config.sample
-    title = (f"{folder}: {args.scheduler or s.scheduler}, {args.steps or s.steps} steps, "
-             f"guidance {s.guidance if args.guidance is None else args.guidance:g}, seed {args.seed}")
+    s = stage.sampling_settings(guidance=args.guidance, scheduler=args.scheduler, steps=args.steps, seed=args.seed)
+    title = f"{folder}: {s['scheduler']}, {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']}"
     if args.negative_prompt:
         title += f", negative prompt {args.negative_prompt!r}"
     if args.init_image:
@@ -323,14 +298,14 @@ def evaluate_attributes(stage, model, scales: list[float | None], out_dir: Path,
     of every pair of words at the run's guidance (or --guidance); eval/attributes.json; and one
     contrast grid per attribute ("a dark coat" beside "a light coat", the same seeds)."""
     settings = dict(scheduler=args.scheduler, steps=args.steps, seed=args.seed)
-    rows = [{"guidance": stage.config.sample.guidance if w is None else w,
+    rows = [{"guidance": stage.sampling_settings(guidance=w)["guidance"],
              **adherence_report(stage, model, guidance=w, progress=True, **settings)} for w in scales]
     print("attribute adherence: the share of samples in the asked bin (chance 0.5), and the judge's class "
           "accuracy on the same samples")
     print(ev.markdown_table(["w", "class accuracy", *ATTRIBUTES, "held-out pairs"],
                             [[f"{r['guidance']:g}", *(f"{r[k]:.3f}" for k in ["accuracy", *ATTRIBUTES, "held_out"])]
                              for r in rows]))
-    w = stage.config.sample.guidance if args.guidance is None else args.guidance
+    w = stage.sampling_settings(guidance=args.guidance)["guidance"]
     pairs = composition_table(stage, model, guidance=w, **settings)
     counts = sorted({p["n_per_way"] for p in pairs})
     print(f"composition at w = {w:g}: the share of samples with both words, each prompt alone, the two composed "

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     samplers = [parse_sampler(s) for s in args.samplers]
     stage, model, folder = load_for_sampling(args.run, args.device)
-    guidance = stage.config.sample.guidance if args.guidance is None else args.guidance
+    guidance = stage.sampling_settings(guidance=args.guidance)["guidance"]
     if not args.no_score:
         load_judge_now()
     rows = benchmark(stage, model, samplers, args.n, guidance, args.batch_size, scored=not args.no_score)

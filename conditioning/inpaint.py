@@ -27,7 +27,7 @@ The trained model takes the same step too (``inpaint.keep_known``, ``put_back_kn
 masked picture's latents say what the known region is, but the known cells it redraws from them
 stray further from the picture than the autoencoder's own latents of it, and FD pays for that
 under every kind of mask (README). Diffusers' pipeline takes that step only with a 4-channel
-UNet: ``pipeline_callback`` adds it there, and keep_known false (``sample.py --no-keep-known``)
+UNet: ``pipeline_callback`` adds it there, and keep_known false (``sample.py RUN inpaint.keep_known=false``)
 gives the plain pipeline's pixels.
 """
 
@@ -300,9 +300,8 @@ def inpaint_without_training(stage: TextConditionedLDM, model, images: torch.Ten
     next step's level (the mask on the latent grid covers every cell a masked pixel touches, as the
     trained model's does).
     uint8 N x 28 x 28."""
-    s = stage.config.sample
-    guidance = s.guidance if guidance is None else guidance
-    steps = steps or s.steps
+    settings = stage.sampling_settings(guidance=guidance, scheduler=scheduler, steps=steps)
+    guidance, steps = settings["guidance"], settings["steps"]
     device = next(model.parameters()).device
     space = stage.measured_latent_space().to(device)
     out = []
@@ -314,7 +313,7 @@ def inpaint_without_training(stage: TextConditionedLDM, model, images: torch.Ten
         noise = torch.randn((len(index), *stage.sample_shape), generator=generator, device=device)
         known, paint = known_region(space, to_model_space(images[index].to(device)), padded(masks[index].to(device)),
                                     noise)
-        sampler = make_sampler(scheduler or s.scheduler, stage.scheduler)
+        sampler = make_sampler(settings["scheduler"], stage.scheduler)
         z = sample_loop(lambda z, t: stage.predict(model, z, t, condition, null, guidance), sampler, noise, steps,
                         generator, progress=progress, after_step=put_back_known(sampler, noise, known, paint))
         out.append(stage.to_images(z).cpu())

@@ -2,7 +2,7 @@
 
     python train.py configs/upscale_fashion_quick.yaml
     python sample.py runs/upscale_fashion_quick --low-res small.png --prompt "a sneaker"
-    python sample.py runs/upscale_fashion_quick --low-res small.png --prompt "a sneaker" --noise-level 100
+    python sample.py runs/upscale_fashion_quick upscale.noise_level=100 --low-res small.png --prompt "a sneaker"
     python sample.py runs/upscale_fashion_quick --evaluate --n 1000     # PSNR, SSIM, judge: bicubic vs ours
 
 The low-resolution image is 8 x 8, the autoencoder's latent grid (the padded 32 x 32 image
@@ -11,7 +11,7 @@ channel: x4 in each direction, like SD's upscaler. Training pairs each image wit
 low-resolution copy, *noised* to a random level 0..``max_noise_level`` of a second, fixed
 noise schedule (the ``low_res_scheduler``); the level is the UNet's class label. So the model
 learns not to trust the input's fine detail (a real small image is never exactly the average
-of the large one), and at sampling time ``--noise-level`` chooses how much to trust it: 0 keeps
+of the large one), and at sampling time ``upscale.noise_level`` chooses how much to trust it: 0 keeps
 closest to the input, larger levels let the model invent more.
 
 diffusers' ``StableDiffusionUpscalePipeline`` sets every VAE's ``scaling_factor`` to 0.08333.
@@ -48,7 +48,7 @@ PIPELINE_SCALING_FACTOR = 0.08333  # what StableDiffusionUpscalePipeline sets ev
 @dataclasses.dataclass
 class UpscaleConfig:
     max_noise_level: int = 350  # training noises the low-res image to a level in 0..this (SD's upscaler: 350)
-    noise_level: int = 20  # the level sample.py uses unless --noise-level says otherwise (the pipeline's default)
+    noise_level: int = 20  # the level sample.py uses (the pipeline's default); sample.py RUN upscale.noise_level=N
 
     def __post_init__(self):
         if not 0 <= self.noise_level <= self.max_noise_level < 1000:
@@ -131,7 +131,7 @@ class SuperResolutionLDM(ImageConditionedLDM):
         level = inputs.get("noise_level")
         level = self.config.upscale.noise_level if level is None else level
         if not 0 <= level <= self.config.upscale.max_noise_level:
-            raise UserError(f"--noise-level must be in 0..{self.config.upscale.max_noise_level} (this run's "
+            raise UserError(f"the noise level must be in 0..{self.config.upscale.max_noise_level} (this run's "
                             f"upscale.max_noise_level), got {level}")
         if tuple(low.shape[1:]) != (1, LOW_RES, LOW_RES):
             raise UserError(f"the low-resolution image must be {LOW_RES} x {LOW_RES}, got {list(low.shape[2:])}")

@@ -223,12 +223,8 @@ class DiffusionStage(Stage):
         the noisy sample and the clean sample the network predicts from it (B x ``sample_shape``;
         ``to_images`` shows them).
         """
-        s = self.config.sample
-        scheduler, steps = scheduler or s.scheduler, steps or s.steps
-        guidance = s.guidance if guidance is None else guidance
-        seed = s.seed if seed is None else seed
-        if scheduler not in SAMPLERS:
-            raise UserError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SAMPLERS)}")
+        settings = self.sampling_settings(guidance=guidance, scheduler=scheduler, steps=steps, seed=seed)
+        guidance, scheduler, steps, seed = (settings[k] for k in ("guidance", "scheduler", "steps", "seed"))
         if not 0 <= strength <= 1:
             raise UserError(f"strength must be in [0, 1], got {strength}")
         device = next(model.parameters()).device
@@ -253,6 +249,20 @@ class DiffusionStage(Stage):
                                  on_step=watch, after_step=self.after_step(cond, noise, sampler))
             out.append(self.to_images(x0).cpu())
         return torch.cat(out)
+
+    def sampling_settings(self, *, guidance: float | None = None, scheduler: str | None = None,
+                          steps: int | None = None, seed: int | None = None) -> dict:
+        """The one place a sampling call's settings are resolved: those given, else the ``sample``
+        config's (with a run's sampling overrides, ``sample.guidance=5``), checked."""
+        s = self.config.sample
+        settings = {"guidance": s.guidance if guidance is None else guidance, "scheduler": scheduler or s.scheduler,
+                    "steps": steps or s.steps, "seed": s.seed if seed is None else seed}
+        if settings["scheduler"] not in SAMPLERS:
+            raise UserError(f"unknown scheduler {settings['scheduler']!r}; valid: {', '.join(SAMPLERS)}")
+        if settings["steps"] < 1 or settings["guidance"] < 0:
+            raise UserError(f"steps must be at least 1 and guidance at least 0, got {settings['steps']} and "
+                            f"{settings['guidance']:g}")
+        return settings
 
     def sampling_inputs(self, condition: Condition | list[Condition], null: Condition, init_images: torch.Tensor | None,
                         generator: torch.Generator):

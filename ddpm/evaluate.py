@@ -42,8 +42,7 @@ def evaluate_model(stage, model, n: int = 1000, *, guidance: float | None = None
     ``clip``: a ``conditioning.clip.ClipScorer``, to add the CLIP score of the images against
     their class prompts."""
     s = stage.config.sample
-    settings = {"guidance": s.guidance if guidance is None else guidance,
-                "scheduler": scheduler or s.scheduler, "steps": steps or s.steps, "seed": seed}
+    settings = stage.sampling_settings(guidance=guidance, scheduler=scheduler, steps=steps, seed=seed)
     labels = balanced_labels(n, len(stage.class_names)).sort().values
     images = stage.generate(model, labels, phrasings=phrasings, progress=progress, **settings)
     judge = cached_judge()

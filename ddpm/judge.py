@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="passes over the 60k training images")
     parser.add_argument("--seed", type=int, default=0)
     todo = parser.add_mutually_exclusive_group(required=True)
-    todo.add_argument("--out", type=Path,
-                      help=f"train, and write the weights here (the shipped file, on purpose: {default_weights_path()})")
+    todo.add_argument("--out", type=Path, help=f"train, and write the weights here (the shipped file, on "
+                                               f"purpose: {default_weights_path()})")
     todo.add_argument("--score", type=Path, metavar="WEIGHTS", help="print these weights' accuracy on the test set")
     args = parser.parse_args(argv)
     if args.epochs < 1:

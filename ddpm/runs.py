@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import MANIFEST, latest_good_checkpoint, verify_checkpoint
-from .config import TrainConfig, build, read_yaml, to_dict
+from .config import TrainConfig, apply_overrides, build, read_yaml, to_dict
 from .contract import Stage
 from .errors import UserError
 from .plots import read_metrics
@@ -62,12 +62,20 @@ def load_config(raw: dict) -> tuple[Stage, TrainConfig, dict]:
     return stage, train_config, resolved
 
 
-def load_run(run_dir: str | Path) -> tuple[Stage, TrainConfig, dict]:
-    """The stage and TrainConfig a run was trained with, from its saved config.yaml."""
+FIXED_BY_TRAINING = ("stage", "train", "model")  # sections sampling-time overrides may not change
+
+
+def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Stage, TrainConfig, dict]:
+    """The stage and TrainConfig a run was trained with, from its saved config.yaml; ``overrides``
+    (``section.key=value``, as train.py takes them) change how it samples, e.g. ``sample.guidance=5``."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); train one with train.py")
-    return load_config(read_yaml(path))
+    for item in overrides:
+        if item.split(".")[0].split("=")[0] in FIXED_BY_TRAINING:
+            raise UserError(f"{item}: the {', '.join(FIXED_BY_TRAINING)} sections are what the run was trained "
+                            f"with; sampling overrides change the others, e.g. sample.guidance=5")
+    return load_config(apply_overrides(read_yaml(path), list(overrides)))
 
 
 def model_folder(path: str | Path) -> Path:
@@ -90,12 +98,13 @@ def run_dir_of(folder: Path) -> Path:
     return folder.parent if folder.name == "final" else folder.parent.parent
 
 
-def load_for_sampling(path: str | Path, device: str | torch.device = "cpu"):
+def load_for_sampling(path: str | Path, device: str | torch.device = "cpu", overrides: list[str] = ()):
     """A run directory or checkpoint folder -> (stage, its model in eval mode on ``device``,
-    the folder the weights came from); the EMA weights, as ``final/`` holds them."""
+    the folder the weights came from); the EMA weights, as ``final/`` holds them. ``overrides``:
+    see ``load_run``."""
     path = Path(path)
     run_dir = path.parent.parent if (path / MANIFEST).is_file() else path
-    stage, _, _ = load_run(run_dir)
+    stage, _, _ = load_run(run_dir, overrides)
     folder = model_folder(path)
     return stage, stage.load_model(folder).to(device).eval(), folder
 

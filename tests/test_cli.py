@@ -38,16 +38,19 @@ def test_missing_dataset_is_one_line_error(tmp_path):
 def test_sample_errors_are_one_line(tmp_path, trained_tiny_run):
     one_line_error(run("sample.py", str(trained_tiny_run), "--class", "boot"), "unknown class 'boot'", "9='Ankle boot'")
     one_line_error(run("sample.py", str(tmp_path)), "is not a run directory")
-    one_line_error(run("sample.py", str(trained_tiny_run), "--guidance-interval", "600", "100"),
+    one_line_error(run("sample.py", str(trained_tiny_run), "sample.guidance_interval=[600, 100]"),
                    "sample.guidance_interval must be [lo, hi]")
+    one_line_error(run("sample.py", str(trained_tiny_run), "model.layers_per_block=2"),
+                   "what the run was trained with", "sample.guidance=5")
+    one_line_error(run("sample.py", str(trained_tiny_run), "sample.guidence=5"), "unknown key config.sample.guidence")
     one_line_error(run("sample.py", str(trained_tiny_run), "--phrasings", "unseen"), "--phrasings needs a text run")
 
 
 def test_sampling_options_on_the_command_line(tmp_path, trained_tiny_run):
     common = ("--class", "3", "--n", "2", "--steps", "3", "--guidance", "4")
     arrays = {}
-    for name, options in (("default", ()), ("interval", ("--guidance-interval", "0", "500")),
-                          ("unclipped", ("--no-clip-denoised",))):
+    for name, options in (("default", ()), ("interval", ("sample.guidance_interval=[0, 500]",)),
+                          ("unclipped", ("sample.clip_denoised=false",))):
         result = run("sample.py", str(trained_tiny_run), *common, *options, "--out", str(tmp_path / f"{name}.png"),
                      "--save-array", str(tmp_path / f"{name}.npy"))
         assert result.returncode == 0, result.stderr

@@ -194,7 +194,7 @@ def test_sampling_from_input_images_on_the_command_line(image_runs, trained_tiny
     grid = str(tmp_path / "grid.png")
     for name, flags in (("upscale", ["--low-res", str(small)]), ("upscale", ["--low-res", str(picture)]),
                         ("inpaint", ["--init-image", str(picture), "--mask", str(mask)]),
-                        ("inpaint", ["--init-image", str(picture), "--mask", str(mask), "--no-keep-known"]),
+                        ("inpaint", ["inpaint.keep_known=false", "--init-image", str(picture), "--mask", str(mask)]),
                         ("structure", ["--structure", str(picture)])):
         result = run("sample.py", str(image_runs[name]), *flags, "--prompt", "a shirt", "--n", "2", "--out", grid)
         assert result.returncode == 0, result.stderr
@@ -214,10 +214,10 @@ def test_sampling_from_input_images_on_the_command_line(image_runs, trained_tiny
             (inpaint, ["--mask", str(mask)], "needs --init-image"),
             (inpaint, [], "give --init-image and --mask"),
             (upscale, ["--low-res", str(big)], "must be 8 x 8 or 28 x 28"),
-            (upscale, ["--low-res", str(small), "--noise-level", "101"], "--noise-level must be in 0..100"),
+            (upscale, ["upscale.noise_level=101", "--low-res", str(small)], "noise_level <= max_noise_level"),
             (str(trained_tiny_text_run), ["--structure", str(picture)], "is for a 'structure' run"),
             (upscale, ["--init-image", str(picture), "--mask", str(mask)], "is for a 'inpaint' run"),
-            (upscale, ["--low-res", str(small), "--no-keep-known"], "--no-keep-known is for an 'inpaint' run")):
+            (upscale, ["inpaint.keep_known=false", "--low-res", str(small)], "unknown section 'inpaint'")):
         one_line_error(run("sample.py", run_dir, *flags, "--prompt", "a shirt", "--out", grid), fragment)
 
 
