@@ -35,22 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conditioning.adherence import WAYS, adherence_report, composition_table
-from conditioning.attributes import ATTRIBUTES
-from conditioning.captions import attribute_prompt, prompts_for
-from conditioning.clip import ClipScorer, best_of_groups
-from conditioning.lora import load_lora
 from ddpm import evaluate as ev
-from conditioning.structure import structure_maps
-from conditioning.upscale import LOW_RES, low_res_of
-from ddpm.contract import IMAGE_INPUTS
 from ddpm.data import IMAGE_SIZE, LabelledImages, class_index, read_image
 from ddpm.diffusion import SAMPLERS
 from ddpm.errors import UserError, cli_errors
 from ddpm.judge import accuracy
 from ddpm.plots import append_metrics, rows_of, save_grid
 from ddpm.provenance import provenance
-from ddpm.runs import load_for_sampling, model_step, run_dir_of
+from ddpm.runs import load_for_sampling, load_scorer, model_step, run_dir_of, sample_inputs
 from ddpm.web import MAX_IMAGE_STEPS, MAX_UPLOAD_MB, MAX_WAITING, serve
 
 
@@ -75,34 +67,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--evaluate", action="store_true", help="score a balanced set with the judge")
     parser.add_argument("--sweep", type=float, nargs="+", metavar="W", help="evaluate at each guidance scale")
     parser.add_argument("--prompt", dest="prompts", action="append", default=None,
-                        help='a text run: one grid row per prompt ("" is unconditional); repeat for several')
+                        help='one grid row per prompt ("" is unconditional); repeat for several')
     parser.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
-                        help="a text run: one row that composes the --prompt's, each pulling with its weight "
+                        help="one row that composes the --prompt's, each pulling with its weight "
                              "(negative: pushing away), e.g. --prompt 'a dark coat' --prompt 'a small coat' "
                              "--weights 1 1")
-    parser.add_argument("--negative-prompt", default="", help="a text run: guide away from this prompt")
+    parser.add_argument("--negative-prompt", default="", help="a run that takes prompts: guide away from this prompt")
     parser.add_argument("--phrasings", choices=["train", "unseen"], default="train",
-                        help="a text run with --class/--evaluate/--sweep: prompts from the training "
+                        help="a run that takes prompts, with --class/--evaluate/--sweep: prompts from the training "
                              "captions or from phrasings never trained on")
     parser.add_argument("--attributes", action="store_true",
-                        help="a text run with --evaluate/--sweep: also measure attribute adherence "
+                        help="with --evaluate/--sweep: also measure attribute adherence "
                              "('a dark coat' -> dark coats?), on held-out pairs, and composition")
     parser.add_argument("--clip", default=None, metavar="CLIP_RUN",
-                        help="a CLIP run (configs/clip_fashion_quick.yaml): add the CLIP score to "
+                        help="a run that scores images against text (configs/clip_fashion_quick.yaml): CLIP score in "
                              "--evaluate/--sweep, and rank candidates with --rank")
     parser.add_argument("--rank", type=int, default=None, metavar="K",
                         help="generate --n candidates per row and keep the K that --clip scores highest")
     parser.add_argument("--lora", default=None, metavar="FOLDER",
-                        help="a text run: add these LoRA adapters (diffusers' format) to its UNet")
+                        help="a run that takes adapters: add these LoRA adapters (diffusers' format) to its UNet")
     parser.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image")
     parser.add_argument("--strength", type=float, default=0.6,
                         help="img2img: 0 returns the image (through the autoencoder), 1 ignores it")
-    parser.add_argument("--low-res", default=None, metavar="PNG",
-                        help="a super-resolution run: the 8 x 8 image to upscale (a 28 x 28 one is shrunk first)")
-    parser.add_argument("--mask", default=None, metavar="PNG",
-                        help="an inpainting run: 28 x 28, white where the --init-image is to be painted")
-    parser.add_argument("--structure", default=None, metavar="PNG",
-                        help="a structure run: make garments with this image's edges")
+    for item, stages in sample_inputs().values():  # the images stages declare they start from
+        parser.add_argument(item.flag, dest=item.name, default=None, metavar="PNG",
+                            help=f"{item.help} (a run of: {', '.join(stages)})")
     parser.add_argument("--web", action="store_true",
                         help="serve a page to explore the run in a browser (pip install -e '.[web]')")
     parser.add_argument("--host", default="127.0.0.1", help="--web: the address to serve on")
@@ -131,37 +120,27 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--strength must be in [0, 1], got {args.strength}")
     if args.rank is not None and not (args.clip and 0 < args.rank <= args.n):
         raise UserError("--rank K needs --clip CLIP_RUN and 0 < K <= --n (the candidates per row)")
-    inputs = read_inputs(args)  # fail before loading models
-    init_images = read_image(args.init_image) if args.init_image and not args.mask else None
-    clip = ClipScorer.from_run(args.clip) if args.clip else None
+    inputs, init_images = read_inputs(args)  # fail before loading models
+    clip = load_scorer(args.clip) if args.clip else None
     stage, model, folder = load_for_sampling(args.run, args.device, args.overrides)
     can = stage.capabilities
+    check_asked(stage, args, inputs)
     if args.lora:
-        if "prompt" not in can.conditions:
-            raise UserError(f"--lora adds adapters to a text run's UNet; {args.run} is a '{stage.name}' run")
-        load_lora(model, args.lora)
-    if not can.generates:  # an autoencoder or a CLIP run: its numbers or its preview grid
+        stage.add_adapters(model, args.lora)
+    if not can.generates:  # a run that makes no new images (it reconstructs, or scores): its numbers or preview
         return inspect_run(stage, model, folder, args)
-    takes_images = check_inputs(stage, inputs, args)
-    if (args.prompts or args.negative_prompt) and "prompt" not in can.conditions:
-        raise UserError(f"--prompt and --negative-prompt need a text run; {args.run} is a "
-                        f"'{stage.name}' run: ask for --class instead")
-    if args.phrasings != "train" and "prompt" not in can.conditions:
-        raise UserError(f"--phrasings needs a text run; {args.run} is a '{stage.name}' run")
-    if (args.attributes or args.weights) and "prompt" not in can.conditions:
-        raise UserError(f"--attributes and --weights need a text run; {args.run} is a '{stage.name}' run")
     if args.attributes and not (args.evaluate or args.sweep):
         raise UserError("--attributes is measured with --evaluate or --sweep W [W ...]")
     if args.weights and len(args.weights) != len(args.prompts or []):
         raise UserError(f"--weights needs one weight per --prompt: {len(args.weights)} weights, "
                         f"{len(args.prompts or [])} prompts")
-    if takes_images and (args.evaluate or args.sweep):
+    if can.inputs and (args.evaluate or args.sweep):
         return evaluate_image_run(stage, model, folder, args, inputs)
     if args.evaluate or args.sweep:
         return evaluate(stage, model, folder, args, clip)
     settings = dict(scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, seed=args.seed,
                     progress=True, negative_prompt=args.negative_prompt)
-    if takes_images:
+    if can.inputs:
         settings["inputs"] = inputs
     if init_images is not None:
         n = args.n * (1 if args.weights else len(args.prompts or classes_asked(args, stage)))
@@ -173,53 +152,59 @@ def main(argv: list[str] | None = None) -> int:
     return sample_classes(stage, model, folder, args, settings, clip)
 
 
-def read_inputs(args) -> dict[str, torch.Tensor | int]:
-    """The input images of image-conditioned runs (--low-res, --init-image with --mask, --structure)."""
+def read_inputs(args) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The input images given (each read by the stage input that declares its flag), and the
+    --init-image for img2img (None when an input marks it up instead: it is then ``inputs["image"]``)."""
     inputs = {}
-    if args.low_res:
-        image = read_image(args.low_res, "--low-res", sizes=(LOW_RES, IMAGE_SIZE))
-        inputs["low_res"] = image[None].float() / 127.5 - 1 if image.shape[-1] == LOW_RES else low_res_of(image)
-    if args.mask:
-        if not args.init_image:
-            raise UserError("--mask needs --init-image, the picture to paint into")
-        mask = read_image(args.mask, "--mask", sizes=(IMAGE_SIZE,), modes=("1", "L")) >= 128
-        if not mask.any():
-            raise UserError(f"--mask {args.mask} is all black: nothing to paint (white marks where to paint)")
-        if mask.all():
-            raise UserError(f"--mask {args.mask} is all white: nothing of the picture is kept; for a new picture "
-                            f"sample a text run with --prompt")
-        inputs |= {"image": read_image(args.init_image, sizes=(IMAGE_SIZE,)), "mask": mask}
-    if args.structure:
-        inputs["structure"] = structure_maps(read_image(args.structure, "--structure"))
-    return inputs
+    for item, _ in sample_inputs().values():
+        path = vars(args)[item.name]
+        if path is None:
+            continue
+        if item.with_init_image:
+            if not args.init_image:
+                raise UserError(f"{item.flag} needs --init-image, the picture it marks up")
+            inputs["image"] = read_image(args.init_image, sizes=(IMAGE_SIZE,))
+        inputs[item.name] = item.read(path)
+    init_images = read_image(args.init_image) if args.init_image and "image" not in inputs else None
+    return inputs, init_images
 
 
-def check_inputs(stage, inputs: dict, args) -> bool:
-    """Whether the run takes input images; a clear error for an input it does not take."""
-    needs = {"low_res": ("low_res", "upscale"), "mask": ("mask", "inpaint"),
-             "image": ("mask", "inpaint"),
-             "structure": ("structure", "structure")}
-    for key in inputs:
-        condition, stage_name = needs[key]
-        if condition not in stage.capabilities.conditions:
-            raise UserError(f"--{key.replace('_', '-')} is for a '{stage_name}' run; {args.run} is a "
-                            f"'{stage.name}' run")
-    return any(c in IMAGE_INPUTS for c in stage.capabilities.conditions)
+def check_asked(stage, args, inputs: dict) -> None:
+    """One clear line for anything asked of a run that its stage does not declare it can do."""
+    can, run = stage.capabilities, f"{args.run} is a '{stage.name}' run"
+    declared = {i.name for i in can.inputs} | ({"image"} if any(i.with_init_image for i in can.inputs) else set())
+    for name in sorted(set(inputs) - declared - {"image"}):  # "image": the --init-image an input marks up
+        item, stages = sample_inputs()[name]
+        raise UserError(f"{item.flag} is for a '{' or '.join(stages)}' run; {run}")
+    prompts = "prompt" in can.conditions
+    wants = [("--lora", args.lora, can.adapters, "takes adapters"),
+             ("--prompt", args.prompts, prompts, "takes prompts"),
+             ("--negative-prompt", args.negative_prompt, prompts, "takes prompts"),
+             ("--phrasings", args.phrasings != "train", prompts, "takes prompts"),
+             ("--weights", args.weights, can.composes, "composes prompts"),
+             ("--attributes", args.attributes, "attributes" in can.measures, "measures attributes")]
+    for flag, asked, able, what in wants:
+        if asked and not able:
+            raise UserError(f"{flag} needs a run that {what}; {run}")
 
 
 def evaluate_image_run(stage, model, folder: Path, args, inputs: dict) -> None:
-    """--evaluate on an image-conditioned run: its measures on --n test images (``stage.evaluate``;
-    the test images are the inputs), as a table,
-    appended to the run's metrics.jsonl."""
+    """--evaluate on a run that samples from input images: its own measures on --n test images, which
+    are its inputs (``stage.evaluate``)."""
     if args.sweep:
         raise UserError(f"--sweep is for runs that sample from prompts alone; a '{stage.name}' run is measured "
                         f"with --evaluate")
     if inputs:
-        raise UserError("--evaluate takes its inputs from the test set; leave out --low-res, --mask and --structure")
-    report = stage.evaluate(model, args.n, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
-                            seed=args.seed, **inputs)
+        raise UserError(f"--evaluate takes its inputs from the test set; leave out "
+                        f"{', '.join(i.flag for i in stage.capabilities.inputs)}")
+    report_evaluation(stage, folder, args, stage.evaluate(model, args.n, scheduler=args.scheduler, steps=args.steps,
+                                                          guidance=args.guidance, seed=args.seed))
+
+
+def report_evaluation(stage, folder: Path, args, report: dict) -> None:
+    """Print ``stage.evaluate``'s numbers under where they come from, and append them to metrics.jsonl."""
     print(provenance(args.command, args.device))
-    print(f"{folder} (n = {args.n} test images)")
+    print(f"{folder} (n = {args.n})")
     print(stage.report_table(report))
     append_metrics(run_dir_of(folder) / "metrics.jsonl", {"step": model_step(folder), **report})
 
@@ -232,12 +217,12 @@ def classes_asked(args, stage) -> list[int]:
 
 
 def sample_classes(stage, model, folder: Path, args, settings: dict, clip=None) -> None:
-    """--class: one row per class asked for (a text run: prompts of that class)."""
+    """--class: one row per class asked for (a run that takes prompts: prompts of that class)."""
     classes = classes_asked(args, stage)
     labels = torch.tensor(classes).repeat_interleave(args.n)
     images = stage.generate(model, labels, phrasings=args.phrasings, **settings)
     if args.rank:
-        images, labels = rank_candidates(clip, images, labels, prompts_for(labels, args.phrasings), args)
+        images, labels = rank_candidates(clip.score_classes(images, labels, args.phrasings), images, labels, args)
     write_samples(stage, folder, args, images, labels, [stage.class_names[c] for c in classes])
 
 
@@ -247,7 +232,7 @@ def sample_prompts(stage, model, folder: Path, args, settings: dict, clip=None) 
     images = stage.generate_prompts(model, prompts, **settings)
     labels = torch.full((len(prompts),), -1)
     if args.rank:
-        images, labels = rank_candidates(clip, images, labels, prompts, args)
+        images, labels = rank_candidates(clip.score(images, prompts), images, labels, args)
     write_samples(stage, folder, args, images, labels, args.prompts)
 
 
@@ -258,18 +243,16 @@ def sample_composed(stage, model, folder: Path, args, settings: dict) -> None:
     write_samples(stage, folder, args, images, torch.full((args.n,), -1), [row])
 
 
-def rank_candidates(clip, images: torch.Tensor, labels: torch.Tensor, prompts: list[str], args):
-    """--rank K: of each row's n candidates keep the K that CLIP scores highest (best first), and
-    say what that bought against keeping K at random (the first K: the candidates are independent)."""
-    scores = clip.score(images, prompts)
-    kept = best_of_groups(scores, args.n, args.rank)
+def rank_candidates(scores: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, args):
+    """--rank K: of each row's n candidates keep the K that CLIP scores highest (``scores``, best first),
+    and say what that bought against keeping K at random (the first K: the candidates are independent)."""
+    kept = ev.best_of_groups(scores, args.n, args.rank)
     first = torch.arange(len(images)).view(-1, args.n)[:, : args.rank].flatten()
     for name, index in (("ranked by CLIP", kept), ("kept at random", first)):
         line = f"{name}: CLIP score {scores[index].mean():.2f}"
         if labels[0] >= 0:
             line += f", judge accuracy {accuracy(ev.cached_judge(), LabelledImages(images[index], labels[index])):.3f}"
         print(f"{line} ({len(index)} of {len(images)} candidates)")
-    args.n = args.rank
     return images[kept], labels[kept]
 
 
@@ -282,7 +265,7 @@ def write_samples(stage, folder: Path, args, images: torch.Tensor, labels: torch
         title += f", negative prompt {args.negative_prompt!r}"
     if args.init_image:
         title += f", img2img strength {args.strength:g}"
-    grid, row_titles = rows_of(images, rows, args.n)
+    grid, row_titles = rows_of(images, rows, len(images) // len(rows))
     save_grid(grid, out, row_titles, title=title)
     print(f"wrote {out}")
     if args.save_array:
@@ -293,49 +276,11 @@ def write_samples(stage, folder: Path, args, images: torch.Tensor, labels: torch
         print(f"wrote {array_path} and its labels")
 
 
-def evaluate_attributes(stage, model, scales: list[float | None], out_dir: Path, args) -> None:
-    """--attributes (``conditioning/adherence.py``): adherence at each guidance scale; composition
-    of every pair of words at the run's guidance (or --guidance); eval/attributes.json; and one
-    contrast grid per attribute ("a dark coat" beside "a light coat", the same seeds)."""
-    settings = dict(scheduler=args.scheduler, steps=args.steps, seed=args.seed)
-    rows = [{"guidance": stage.sampling_settings(guidance=w)["guidance"],
-             **adherence_report(stage, model, guidance=w, progress=True, **settings)} for w in scales]
-    print("attribute adherence: the share of samples in the asked bin (chance 0.5), and the judge's class "
-          "accuracy on the same samples")
-    print(ev.markdown_table(["w", "class accuracy", *ATTRIBUTES, "held-out pairs"],
-                            [[f"{r['guidance']:g}", *(f"{r[k]:.3f}" for k in ["accuracy", *ATTRIBUTES, "held_out"])]
-                             for r in rows]))
-    w = stage.sampling_settings(guidance=args.guidance)["guidance"]
-    pairs = composition_table(stage, model, guidance=w, **settings)
-    counts = sorted({p["n_per_way"] for p in pairs})
-    print(f"composition at w = {w:g}: the share of samples with both words, each prompt alone, the two composed "
-          f"(weights {pairs[0]['weights'][0]:g} and {pairs[0]['weights'][1]:g}) and one prompt naming both "
-          f"(n = {counts[0]} to {counts[-1]} per cell)")
-    print(ev.markdown_table(["words", *WAYS], [[" + ".join(p["words"]), *(f"{p[way]:.3f}" for way in WAYS)]
-                                               for p in pairs]))
-    report = {"adherence": rows, "composition": {"guidance": w, "pairs": pairs}}
-    (out_dir / "attributes.json").write_text(json.dumps(report, indent=1))
-    for attribute, words in ATTRIBUTES.items():
-        prompts = [attribute_prompt(name, [word]) for name in stage.class_names for word in words]
-        images = torch.cat([stage.generate_prompts(model, [p] * 8, guidance=w, **settings) for p in prompts])
-        grid, titles = rows_of(images, prompts, 8)
-        save_grid(grid, out_dir / f"attributes_{attribute}.png", titles,
-                  title=f"{attribute}: the same seeds, w = {w:g}")
-    print(f"wrote {out_dir / 'attributes.json'} and {out_dir / 'attributes_*.png'} (contrast grids, w = {w:g})")
-
-
 def inspect_run(stage, model, folder: Path, args) -> None:
-    """A run that makes no images: --evaluate prints its numbers on the first n test images (an
-    autoencoder: PSNR and the judge's accuracy; a CLIP: zero-shot accuracy and recall);
-    otherwise its preview grid (test images above their reconstructions; what each class prompt
-    finds)."""
+    """A run that makes no new images (it reconstructs them, or scores them against text): --evaluate prints
+    its numbers on the first n test images; otherwise its preview grid."""
     if args.evaluate:
-        report = stage.evaluate(model, args.n)
-        print(provenance(args.command, args.device))
-        print(f"{folder}: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" if isinstance(v, float)
-                                        else f"{k.removeprefix('eval_')} {v}" for k, v in report.items()))
-        append_metrics(run_dir_of(folder) / "metrics.jsonl", {"step": model_step(folder), **report})
-        return
+        return report_evaluation(stage, folder, args, stage.evaluate(model, args.n))
     out = Path(args.out) if args.out else run_dir_of(folder) / "samples" / f"preview-{folder.name}.png"
     print(f"wrote {stage.preview(model, out, title=str(folder))}")
 
@@ -354,7 +299,8 @@ def evaluate(stage, model, folder: Path, args, clip=None) -> None:
     print(f"{folder} (n = {args.n}; FD floor = real train vs real test at the same n)")
     print(ev.format_table(reports))
     if args.attributes:
-        evaluate_attributes(stage, model, scales, out_dir, args)
+        print(stage.measure("attributes", model, scales, out_dir, guidance=args.guidance, scheduler=args.scheduler,
+                            steps=args.steps, seed=args.seed))
     if args.sweep:
         name = "sweep" if args.phrasings == "train" else f"sweep_{args.phrasings}"
         paths = [out_dir / f"{name}.json", out_dir / f"{name}.png", out_dir / f"{name}_grid.png"]

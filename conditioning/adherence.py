@@ -20,12 +20,15 @@ attributes (``composition_table``).
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import torch
 
 from ddpm.data import LabelledImages
-from ddpm.evaluate import cached_judge
+from ddpm.evaluate import cached_judge, markdown_table
 from ddpm.judge import accuracy
+from ddpm.plots import rows_of, save_grid
 
 from .attributes import ATTRIBUTES, bins_for
 from .captions import HELD_OUT, attribute_prompt, word_attribute
@@ -95,3 +98,36 @@ def composition_report(stage, model, per_class: int, words: tuple[str, str], hel
             ways[way].append((measured == targets).all(1).float())
     return {way: torch.cat(v).mean().item() for way, v in ways.items()} | {
         "words": list(words), "weights": list(weights), "n_per_way": per_class * len(classes)}
+
+
+def attribute_measure(stage, model, scales: list[float | None], out_dir: Path, *, guidance: float | None = None,
+                      **settings) -> str:
+    """``sample.py --attributes``: adherence at each guidance scale; composition of every pair of words at
+    ``guidance`` (default: the run's); ``out_dir``/attributes.json; one contrast grid per attribute ("a dark
+    coat" beside "a light coat", the same seeds). Returns the two tables to print."""
+    rows = [{"guidance": stage.sampling_settings(guidance=w)["guidance"],
+             **adherence_report(stage, model, guidance=w, progress=True, **settings)} for w in scales]
+    lines = ["attribute adherence: the share of samples in the asked bin (chance 0.5), and the judge's class "
+             "accuracy on the same samples",
+             markdown_table(["w", "class accuracy", *ATTRIBUTES, "held-out pairs"],
+                            [[f"{r['guidance']:g}", *(f"{r[k]:.3f}" for k in ["accuracy", *ATTRIBUTES, "held_out"])]
+                             for r in rows])]
+    w = stage.sampling_settings(guidance=guidance)["guidance"]
+    pairs = composition_table(stage, model, guidance=w, **settings)
+    counts = sorted({p["n_per_way"] for p in pairs})
+    lines += [f"composition at w = {w:g}: the share of samples with both words, each prompt alone, the two composed "
+              f"(weights {pairs[0]['weights'][0]:g} and {pairs[0]['weights'][1]:g}) and one prompt naming both "
+              f"(n = {counts[0]} to {counts[-1]} per cell)",
+              markdown_table(["words", *WAYS], [[" + ".join(p["words"]), *(f"{p[way]:.3f}" for way in WAYS)]
+                                                for p in pairs])]
+    report = {"adherence": rows, "composition": {"guidance": w, "pairs": pairs}}
+    (out_dir / "attributes.json").write_text(json.dumps(report, indent=1))
+    for attribute, words in ATTRIBUTES.items():
+        prompts = [attribute_prompt(name, [word]) for name in stage.class_names for word in words]
+        images = torch.cat([stage.generate_prompts(model, [p] * 8, guidance=w, **settings) for p in prompts])
+        grid, titles = rows_of(images, prompts, 8)
+        save_grid(grid, out_dir / f"attributes_{attribute}.png", titles,
+                  title=f"{attribute}: the same seeds, w = {w:g}")
+    lines.append(f"wrote {out_dir / 'attributes.json'} and {out_dir / 'attributes_*.png'} (contrast grids, "
+                 f"w = {w:g})")
+    return "\n".join(lines)

@@ -60,7 +60,8 @@ from ddpm.contract import Capabilities, Stage
 from ddpm.data import CLASS_NAMES, IMAGE_SIZE, DataConfig, load_fashion_mnist, load_training_set
 from ddpm.errors import UserError
 from ddpm.plots import save_grid
-from ddpm.runs import load_for_sampling
+from ddpm.evaluate import best_of_groups
+from ddpm.runs import load_scorer
 
 from .attributes import ATTRIBUTES, bins_for
 from .captions import (NAMELESS, NAMES, CaptionConfig, attribute_prompt, caption_table, class_prompt, named_bins,
@@ -224,7 +225,7 @@ def to_clip_space(images: torch.Tensor, flip: torch.Tensor | None = None) -> tor
 class ClipStage(Stage):
     name = "clip"
     Config = ClipStageConfig
-    capabilities = Capabilities(evaluates=True)  # it scores images and text; it makes no images
+    capabilities = Capabilities(evaluates=True, scores=True)  # it scores images against text; it makes no images
 
     def __init__(self, config: ClipStageConfig):
         super().__init__(config)
@@ -425,10 +426,7 @@ class ClipScorer:
     @classmethod
     def from_run(cls, path: str | Path) -> "ClipScorer":
         """A CLIP run directory (its final model, else its newest good checkpoint)."""
-        stage, model, _ = load_for_sampling(path)
-        if not isinstance(stage, ClipStage):
-            raise UserError(f"{path} is a '{stage.name}' run, not a CLIP run (train configs/clip_fashion_quick.yaml)")
-        return stage.scorer(model)
+        return load_scorer(path)
 
     @property
     def device(self) -> torch.device:
@@ -463,10 +461,14 @@ class ClipScorer:
         cos = (self.image_embeds(images) * self.text_embeds(prompts)).sum(-1)
         return 100 * cos.clamp_min(0)
 
+    def score_classes(self, images: torch.Tensor, labels: torch.Tensor, phrasings: str = "train") -> torch.Tensor:
+        """The CLIP score of each image asked for by class label (int64 N) against its class's prompt, the
+        phrasings cycled as a text run's ``generate`` asks for them. float N."""
+        return self.score(images, prompts_for(labels, phrasings))
+
     def score_labels(self, images: torch.Tensor, labels: torch.Tensor, phrasings: str = "train") -> float:
-        """The mean CLIP score of images asked for by class label (int64 N), each against its
-        class's prompt, the phrasings cycled as a text run's ``generate`` asks for them."""
-        return self.score(images, prompts_for(labels, phrasings)).mean().item()
+        """The mean of ``score_classes``."""
+        return self.score_classes(images, labels, phrasings).mean().item()
 
     def class_embeds(self, per_class: list[list[str]]) -> torch.Tensor:
         """Each class's phrasings, embedded, averaged and renormalised (CLIP's prompt ensembling):
@@ -481,13 +483,6 @@ class ClipScorer:
         """Indices of the ``keep`` best-scoring images of each consecutive ``group`` of candidates
         (the candidates of one prompt), best first: int64 (N / group) * keep."""
         return best_of_groups(self.score(images, prompts), group, keep)
-
-
-def best_of_groups(scores: torch.Tensor, group: int, keep: int) -> torch.Tensor:
-    """Indices of the ``keep`` highest of each consecutive ``group`` of ``scores`` (float N),
-    best first: int64 (N / group) * keep."""
-    best = scores.view(-1, group).topk(keep, dim=1).indices
-    return (best + group * torch.arange(len(scores) // group)[:, None]).flatten()
 
 
 def retrieval_report(scorer: ClipScorer, image_embeds: torch.Tensor, labels: torch.Tensor,

@@ -42,7 +42,6 @@ from .stage import TextConditionedLDM, TextDDPMConfig, base_sections
 
 FROM_TEXT_RUN = ("model", "autoencoder", "text_encoder")  # sections init_from's weights fix
 SCHEDULE = ("num_train_timesteps", "beta_schedule", "prediction_type")  # what the UNet's weights assume too
-FLAGS = {"low_res": "--low-res", "image": "--init-image", "mask": "--mask", "structure": "--structure"}
 NETWORK_INPUTS = ("concat", "class_labels")  # the batch entries an image condition gives the network
 
 
@@ -109,7 +108,9 @@ class ImageConditionedLDM(TextConditionedLDM):
         """``inputs[key]`` for each key, or one clear error naming the missing input."""
         missing = [k for k in keys if not inputs or inputs.get(k) is None]
         if missing:
-            flags = " and ".join(FLAGS[k] for k in keys)
+            declared = self.capabilities.inputs
+            picture = ["--init-image"] if any(i.with_init_image for i in declared) else []
+            flags = " and ".join(picture + [i.flag for i in declared])
             raise UserError(f"a '{self.name}' run samples from an input image: give {flags}")
         return [inputs[k] for k in keys]
 

@@ -38,8 +38,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ddpm.contract import Capabilities
-from ddpm.data import IMAGE_SIZE, PAD, LabelledImages, to_model_space
+from ddpm.contract import Capabilities, SampleInput
+from ddpm.data import IMAGE_SIZE, PAD, LabelledImages, read_image, to_model_space
 from ddpm.diffusion import make_sampler, sample_loop
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
@@ -142,6 +142,18 @@ def draw_masks(n: int, shares: MaskConfig, generator: torch.Generator) -> torch.
     return candidates[kind, torch.arange(n, device=generator.device)]
 
 
+def read_mask(path: str) -> torch.Tensor:
+    """A 28 x 28 grayscale PNG -> bool 1 x 28 x 28, True (white) where to paint; neither all black nor
+    all white."""
+    mask = read_image(path, "--mask", sizes=(IMAGE_SIZE,), modes=("1", "L")) >= 128
+    if not mask.any():
+        raise UserError(f"--mask {path} is all black: nothing to paint (white marks where to paint)")
+    if mask.all():
+        raise UserError(f"--mask {path} is all white: nothing of the picture is kept; for a new picture "
+                        f"sample from a prompt alone")
+    return mask
+
+
 def padded(masks: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
     """bool B x 28 x 28 -> float B x 1 x 32 x 32 in {0, 1}, the padding known (0), mirrored where ``flip``."""
     m = masks.float()[:, None]
@@ -174,7 +186,9 @@ def masked(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 class InpaintingLDM(ImageConditionedLDM):
     name = "inpaint"
     Config = InpaintDDPMConfig
-    capabilities = Capabilities(conditions=("class", "prompt", "mask"), generates=True, evaluates=True)
+    capabilities = Capabilities(conditions=("class", "prompt"), generates=True, evaluates=True, inputs=(
+        SampleInput("mask", "28 x 28, white where the --init-image is to be painted", read_mask,
+                    with_init_image=True),))
     pipeline_class = "StableDiffusionInpaintPipeline"
 
     @property

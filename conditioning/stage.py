@@ -32,8 +32,10 @@ from ddpm.diffusion_stage import Condition
 from ddpm.errors import UserError
 from latent.stage import LatentDDPM, LatentDDPMConfig
 
+from .adherence import attribute_measure
 from .attributes import bins_for
 from .captions import CaptionConfig, caption_table, class_prompt, prompts_for
+from .lora import load_lora
 from .text_encoder import MAX_LENGTH, FrozenTextEncoder
 
 
@@ -75,7 +77,8 @@ def base_sections(init_from: str, what: str) -> dict:
 class TextConditionedLDM(LatentDDPM):
     name = "text"
     Config = TextDDPMConfig
-    capabilities = Capabilities(conditions=("class", "prompt"), generates=True, evaluates=True)
+    capabilities = Capabilities(conditions=("class", "prompt"), generates=True, evaluates=True, composes=True,
+                                adapters=True, measures=("attributes",))
     model_class = UNet2DConditionModel
     pipeline_class = "StableDiffusionPipeline"  # the diffusers pipeline that loads final/ (with a CLIP encoder)
 
@@ -166,6 +169,15 @@ class TextConditionedLDM(LatentDDPM):
         conditions = [self.prompt_condition([p] * n) for p in prompts]
         null = self.null_condition(conditions[0], negative_prompt)
         return self.sample(model, conditions, null, weights=list(weights), **settings)
+
+    def add_adapters(self, model, folder: Path):
+        """LoRA adapters in diffusers' format (a DreamBooth LoRA run's ``final/``) into the UNet."""
+        return load_lora(model, folder)
+
+    def measure(self, name: str, model, scales: list[float | None], out_dir: Path, **settings) -> str:
+        """"attributes": adherence to attribute words and their composition (``adherence.py``)."""
+        assert name == "attributes", name
+        return attribute_measure(self, model, scales, out_dir, **settings)
 
     def preview_rows(self, n: int) -> tuple[list[str], Condition]:
         """One row per class, asked for as "a photo of a <first name of the class>"."""

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ddpm.contract import Capabilities
-from ddpm.data import LabelledImages, to_model_space
+from ddpm.contract import Capabilities, SampleInput
+from ddpm.data import LabelledImages, read_image, to_model_space
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
 
@@ -55,7 +55,9 @@ def edge_f1(out: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 
 class StructureLDM(ImageConditionedLDM):
     name = "structure"
-    capabilities = Capabilities(conditions=("class", "prompt", "structure"), generates=True, evaluates=True)
+    capabilities = Capabilities(conditions=("class", "prompt"), generates=True, evaluates=True, inputs=(
+        SampleInput("structure", "make garments with this image's edges",
+                    lambda path: structure_maps(read_image(path, "--structure"))),))
     pipeline_class = "StableDiffusionDepth2ImgPipeline"
     extra_channels = 1
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from ddpm.contract import Capabilities
-from ddpm.data import PADDED_SIZE, LabelledImages, to_model_space, to_pixels
+from ddpm.contract import Capabilities, SampleInput
+from ddpm.data import IMAGE_SIZE, PADDED_SIZE, LabelledImages, read_image, to_model_space, to_pixels
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
@@ -96,10 +96,21 @@ def fold_scaling_factor(vae, factor: float, target: float = PIPELINE_SCALING_FAC
     return vae
 
 
+def read_low_res(path: str) -> torch.Tensor:
+    """An 8 x 8 PNG as float 1 x 1 x 8 x 8 in [-1, 1]; a 28 x 28 one shrunk as training shrinks it."""
+    image = read_image(path, "--low-res", sizes=(LOW_RES, IMAGE_SIZE))
+    return image[None].float() / 127.5 - 1 if image.shape[-1] == LOW_RES else low_res_of(image)
+
+
+LOW_RES_INPUT = SampleInput("low_res", "the 8 x 8 image to upscale (a 28 x 28 one is shrunk first); "
+                            "upscale.noise_level=N: how much of its detail to trust", read_low_res)
+
+
 class SuperResolutionLDM(ImageConditionedLDM):
     name = "upscale"
     Config = UpscaleDDPMConfig
-    capabilities = Capabilities(conditions=("class", "prompt", "low_res"), generates=True, evaluates=True)
+    capabilities = Capabilities(conditions=("class", "prompt"), inputs=(LOW_RES_INPUT,), generates=True,
+                                evaluates=True)
     pipeline_class = "StableDiffusionUpscalePipeline"
     extra_channels = 1
 

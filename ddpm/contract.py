@@ -13,6 +13,7 @@ Shapes: B is a batch, N a number of samples; images are uint8 N x 28 x 28 (0 = b
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,17 +22,39 @@ from torch import nn
 
 from .config import build
 
-IMAGE_INPUTS = ("low_res", "mask", "structure")  # the images an image-conditioned sample starts from
-CONDITIONS = ("class", "prompt", *IMAGE_INPUTS)  # what a sample can be asked for
+CONDITIONS = ("class", "prompt")  # what a sample can be asked for
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleInput:
+    """An image a stage's samples start from: one ``sample.py`` flag (``--`` + ``name`` with ``-`` for
+    ``_``) and one upload on the web page. ``read(path)`` turns the PNG into what ``generate`` takes as
+    ``inputs[name]``, or raises ``UserError`` saying what is wrong with it. ``with_init_image``: the input
+    marks up the ``--init-image`` picture (an inpainting mask), which then goes to ``inputs["image"]``
+    (uint8 1 x 28 x 28) instead of starting img2img."""
+
+    name: str
+    help: str
+    read: Callable[[str], torch.Tensor]
+    with_init_image: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
-    """What a stage declares it can do; ``sample.py`` picks its modes from these."""
+    """What a stage declares it can do; ``sample.py`` and the web page offer what these allow."""
 
-    conditions: tuple[str, ...] = ()  # subset of CONDITIONS: what ``generate`` accepts (IMAGE_INPUTS: needs)
+    conditions: tuple[str, ...] = ()  # subset of CONDITIONS: what ``generate`` accepts
+    inputs: tuple[SampleInput, ...] = ()  # the images every sample starts from (``generate``'s ``inputs``)
     generates: bool = False  # samples new images from noise (else: reconstructs its inputs)
     evaluates: bool = False  # has ``evaluate`` (the judge's numbers, or the autoencoder's PSNR)
+    composes: bool = False  # has ``generate_composed`` (several prompts, weighted, in one guided step)
+    adapters: bool = False  # has ``add_adapters`` (LoRA weights into the model)
+    scores: bool = False  # has ``scorer`` (image-text agreement: the CLIP score, ranking)
+    measures: tuple[str, ...] = ()  # further measurements ``measure`` makes beside ``evaluate``
 
     def __post_init__(self):
         unknown = set(self.conditions) - set(CONDITIONS)
@@ -44,6 +67,7 @@ class Stage:
     name: ClassVar[str]  # the config's ``stage:`` value
     Config: ClassVar[type]  # a dataclass whose fields are the config's sections (besides ``train``)
     capabilities: ClassVar[Capabilities] = Capabilities()
+    class_names: tuple[str, ...] = ()  # the classes ``--class`` and the judge know (set by the stage)
 
     def __init__(self, config):
         self.config = config
@@ -81,8 +105,19 @@ class Stage:
         """Write a fixed-seed PNG grid of what the model makes; returns ``path``."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, n: int) -> dict[str, float]:
-        """Flat numbers named ``eval_*`` for metrics.jsonl (when ``capabilities.evaluates``)."""
+    def evaluate(self, model: nn.Module, n: int, **settings) -> dict[str, float]:
+        """Numbers for metrics.jsonl (when ``capabilities.evaluates``), measured on ``n`` samples or test
+        images; a generating stage takes sampling ``settings`` (guidance, scheduler, steps, seed)."""
+        raise NotImplementedError
+
+    def report_table(self, report: dict) -> str:
+        """``evaluate``'s numbers as the table ``sample.py --evaluate`` prints."""
+        return ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" if isinstance(v, float) else
+                         f"{k.removeprefix('eval_')} {v}" for k, v in report.items())
+
+    def measure(self, name: str, model: nn.Module, scales: list[float | None], out_dir: Path, **settings) -> str:
+        """One of ``capabilities.measures`` at each guidance scale (None: the run's); writes its files
+        into ``out_dir`` and returns what to print."""
         raise NotImplementedError
 
     # -- generating (sample.py; when ``capabilities.generates``) -------------------------
@@ -93,6 +128,26 @@ class Stage:
 
     def generate_prompts(self, model: nn.Module, prompts: list[str], **settings) -> torch.Tensor:
         """One image per prompt (when "prompt" is in ``capabilities.conditions``) -> uint8 N x 28 x 28."""
+        raise NotImplementedError
+
+    def generate_composed(self, model: nn.Module, prompts: list[str], weights: list[float], n: int,
+                          **settings) -> torch.Tensor:
+        """n images, each from all ``prompts`` composed with their ``weights`` (``capabilities.composes``)."""
+        raise NotImplementedError
+
+    def sampling_settings(self, **given) -> dict:
+        """A sampling call's settings: those ``given`` (None: unset), else the ``sample`` config's, checked."""
+        raise NotImplementedError
+
+    # -- what other runs add (sample.py --lora, --clip) ----------------------------------
+
+    def add_adapters(self, model: nn.Module, folder: Path) -> nn.Module:
+        """Adapter weights saved in ``folder`` added to ``model`` (``capabilities.adapters``)."""
+        raise NotImplementedError
+
+    def scorer(self, model: nn.Module):
+        """An object with ``score(images, prompts)`` and ``score_labels(images, labels, phrasings)``, float N:
+        how well each uint8 28 x 28 image fits its prompt (``capabilities.scores``)."""
         raise NotImplementedError
 
     # -- saving and loading -----------------------------------------------------------

@@ -126,3 +126,10 @@ def sweep_grid(stage, model, scales: list[float], path, seed: int = 0, **setting
     rows = [stage.generate(model, labels, guidance=w, seed=seed, **settings) for w in scales]
     save_grid(torch.stack(rows), path, [f"w = {w:g}" for w in scales], title="same seeds, rising guidance",
               col_titles=[name[:10] for name in stage.class_names])
+
+
+def best_of_groups(scores: torch.Tensor, group: int, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` highest of each consecutive ``group`` of ``scores`` (float N),
+    best first: int64 (N / group) * keep."""
+    best = scores.view(-1, group).topk(keep, dim=1).indices
+    return (best + group * torch.arange(len(scores) // group)[:, None]).flatten()

@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import MANIFEST, latest_good_checkpoint, verify_checkpoint
 from .config import TrainConfig, apply_overrides, build, read_yaml, to_dict
-from .contract import Stage
+from .contract import SampleInput, Stage
 from .errors import UserError
 from .plots import read_metrics
 
@@ -43,6 +43,16 @@ def stage_class(name: str) -> type[Stage]:
         raise UserError(f"unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
     module, cls = STAGES[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def sample_inputs() -> dict[str, tuple[SampleInput, list[str]]]:
+    """Every input image a registered stage declares (``capabilities.inputs``) by name, with the stages
+    that take it: what ``sample.py`` makes its flags from."""
+    found: dict[str, tuple[SampleInput, list[str]]] = {}
+    for name in STAGES:
+        for item in stage_class(name).capabilities.inputs:
+            found.setdefault(item.name, (item, []))[1].append(name)
+    return found
 
 
 def load_config(raw: dict) -> tuple[Stage, TrainConfig, dict]:
@@ -107,6 +117,15 @@ def load_for_sampling(path: str | Path, device: str | torch.device = "cpu", over
     stage, _, _ = load_run(run_dir, overrides)
     folder = model_folder(path)
     return stage, stage.load_model(folder).to(device).eval(), folder
+
+
+def load_scorer(path: str | Path, device: str | torch.device = "cpu"):
+    """A run that scores images against text (``capabilities.scores``: our CLIP) -> its ``scorer``."""
+    stage, model, _ = load_for_sampling(path, device)
+    if not stage.capabilities.scores:
+        raise UserError(f"{path} is a '{stage.name}' run, which scores no images against text; give a CLIP run "
+                        f"(python train.py configs/clip_fashion_quick.yaml)")
+    return stage.scorer(model)
 
 
 def model_step(folder: Path) -> int:

@@ -35,8 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .contract import IMAGE_INPUTS
-from .data import class_index, read_image
+from .data import IMAGE_SIZE, class_index, read_image
 from .diffusion import SAMPLERS
 from .errors import UserError
 from .plots import rows_of, tile
@@ -142,6 +141,7 @@ class Request:
     n: int = 8
     init_image: str | None = None  # img2img: an image file, any size (made 28 x 28 grayscale)
     strength: float = 0.6
+    inputs: dict[str, str] = dataclasses.field(default_factory=dict)  # the stage's declared input: a file each
 
 
 @dataclasses.dataclass
@@ -170,10 +170,7 @@ class Explorer:
         if not self.stage.capabilities.generates:
             raise UserError(f"{run} is a '{self.stage.name}' run, which makes no new images; the page "
                             f"explores diffusion runs (sample.py {run} shows what this one does)")
-        needs = [c for c in self.stage.capabilities.conditions if c in IMAGE_INPUTS]
-        if needs:
-            raise UserError(f"{run} is a '{self.stage.name}' run, which samples from an input image; the page does "
-                            f"not take one yet: use sample.py {run} --{needs[0].replace('_', '-')} ...")
+        self.inputs = self.stage.capabilities.inputs  # the images every sample starts from: one upload each
         self.conditions = self.stage.capabilities.conditions
         self.class_names = tuple(self.stage.class_names)
         self.max_steps = self.stage.scheduler.config.num_train_timesteps
@@ -194,7 +191,7 @@ class Explorer:
         elif not r.prompt.strip():
             raise UserError("the prompt is empty: type what to draw (or ask for a class)")
         if r.negative_prompt and "prompt" not in self.conditions:
-            raise UserError("a negative prompt needs a text run")
+            raise UserError("a negative prompt needs a run that takes prompts")
         if r.scheduler not in SAMPLERS:
             raise UserError(f"unknown scheduler {r.scheduler!r}; valid: {', '.join(SAMPLERS)}")
         for name, value, lo, hi in (("steps", r.steps, 1, self.max_steps), ("images", r.n, 1, MAX_IMAGES),
@@ -208,10 +205,18 @@ class Explorer:
         if r.n * r.steps > self.max_image_steps:
             raise UserError(f"{int(r.n)} images x {int(r.steps)} steps is more than this page makes for one request "
                             f"({self.max_image_steps}): ask for fewer images or steps, or use the command")
-        size_mb = os.path.getsize(r.init_image) / 2**20 if r.init_image and os.path.isfile(r.init_image) else 0
-        if size_mb > self.max_upload_mb:
-            raise UserError(f"the img2img image is {size_mb:.1f} MB, more than this page takes "
-                            f"({self.max_upload_mb:g} MB): upload a smaller image")
+        uploads = {"the img2img image": r.init_image, **{f"the {i.flag[2:]} image": r.inputs.get(i.name)
+                                                          for i in self.inputs}}
+        for what, path in uploads.items():
+            size_mb = os.path.getsize(path) / 2**20 if path and os.path.isfile(path) else 0
+            if size_mb > self.max_upload_mb:
+                raise UserError(f"{what} is {size_mb:.1f} MB, more than this page takes "
+                                f"({self.max_upload_mb:g} MB): upload a smaller image")
+        missing = [i.flag[2:] for i in self.inputs if not r.inputs.get(i.name)]
+        if any(i.with_init_image for i in self.inputs) and not r.init_image:
+            missing.insert(0, "picture (img2img's image)")
+        if missing:
+            raise UserError(f"this run samples from input images: upload the {' and the '.join(missing)}")
 
     def answer(self, r: Request, ticket: Ticket, on_wait: Callable[[int], None] | None = None,
                on_progress: Callable[[int, int], None] | None = None) -> Result:
@@ -234,11 +239,21 @@ class Explorer:
         r = dataclasses.replace(r, steps=int(r.steps), n=int(r.n), seed=int(r.seed), guidance=float(r.guidance))
         settings = dict(scheduler=r.scheduler, steps=r.steps, guidance=r.guidance, seed=r.seed,
                         negative_prompt=r.negative_prompt)
-        init_path = None
+        init_path, kept, inputs = None, {}, {}
+        marks_up_init_image = any(i.with_init_image for i in self.inputs)
         if r.init_image:
-            image = read_image(r.init_image, "the img2img image")
+            image = read_image(r.init_image, "the img2img image", sizes=(IMAGE_SIZE,) if marks_up_init_image
+                               else None)
             init_path = self.keep_input(image)
-            settings.update(init_images=image.expand(r.n, -1, -1), strength=r.strength)
+            if marks_up_init_image:
+                inputs["image"] = image
+            else:
+                settings.update(init_images=image.expand(r.n, -1, -1), strength=r.strength)
+        for item in self.inputs:
+            kept[item.flag] = self.keep_file(r.inputs[item.name])
+            inputs[item.name] = item.read(str(kept[item.flag]))
+        if self.inputs:
+            settings["inputs"] = inputs
         columns, steps_shown = [], []
         every = max(1, math.ceil(r.steps / SNAPSHOTS))
 
@@ -261,7 +276,7 @@ class Explorer:
         grid, _ = rows_of(images, [""], r.n)
         said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
         return Result(images, tile(grid), tile(torch.stack(columns, dim=1)), steps_shown, seconds,
-                      self.command(r, init_path), said)
+                      self.command(r, init_path, kept), said)
 
     def keep_input(self, image: torch.Tensor) -> Path:
         """Save an img2img input (uint8 1 x 28 x 28) as a PNG in the run, named by its pixels, so the
@@ -274,7 +289,15 @@ class Explorer:
         Image.fromarray(pixels).save(path)
         return path
 
-    def command(self, r: Request, init_path: Path | None = None) -> str:
+    def keep_file(self, path: str) -> Path:
+        """Copy an uploaded input into the run, named by its bytes, so that the command reads the same file."""
+        data = Path(path).read_bytes()
+        kept = self.inputs_dir / f"input-{hashlib.sha1(data).hexdigest()[:12]}{Path(path).suffix or '.png'}"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_bytes(data)
+        return kept
+
+    def command(self, r: Request, init_path: Path | None = None, inputs: dict[str, Path] | None = None) -> str:
         """The ``sample.py`` command that makes the same images as the request."""
         args = ["python", "sample.py", self.run]
         if r.condition == "class":
@@ -286,7 +309,11 @@ class Explorer:
         args += ["--n", str(r.n), "--scheduler", r.scheduler, "--steps", str(r.steps),
                  "--guidance", repr(float(r.guidance)), "--seed", str(r.seed)]
         if init_path is not None:
-            args += ["--init-image", str(init_path), "--strength", repr(float(r.strength))]
+            args += ["--init-image", str(init_path)]
+            if not any(i.with_init_image for i in self.inputs):
+                args += ["--strength", repr(float(r.strength))]
+        for flag, path in (inputs or {}).items():
+            args += [flag, str(path)]
         return shlex.join(args)
 
 
@@ -313,9 +340,15 @@ def build_page(explorer: Explorer):
                 steps = gr.Number(d.steps, precision=0, label=f"Steps (1-{explorer.max_steps})", elem_id="steps")
                 seed = gr.Number(d.seed, precision=0, label="Seed")
                 n = gr.Slider(1, MAX_IMAGES, value=d.n, step=1, label="Images")
-                with gr.Accordion("img2img", open=False):
-                    init_image = gr.Image(type="filepath", sources=["upload"], label="Start from this image")
-                    strength = gr.Slider(0, 1, value=d.strength, step=0.05, label="Strength (1 ignores the image)")
+                uploads = [gr.Image(type="filepath", sources=["upload"], label=f"{i.flag[2:]}: {i.help}",
+                                    elem_id=f"input-{i.name}") for i in explorer.inputs]
+                marks_up = any(i.with_init_image for i in explorer.inputs)  # the picture is an input, not img2img
+                with gr.Accordion("picture" if marks_up else "img2img", open=marks_up):
+                    init_image = gr.Image(type="filepath", sources=["upload"], elem_id="init-image",
+                                          label="The picture the input above marks up" if marks_up
+                                          else "Start from this image")
+                    strength = gr.Slider(0, 1, value=d.strength, step=0.05, label="Strength (1 ignores the image)",
+                                         visible=not marks_up)
                 with gr.Row():
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", elem_id="stop")
@@ -342,13 +375,16 @@ def build_page(explorer: Explorer):
                 traceback.print_exc()
                 raise gr.Error(f"{type(e).__name__}: {e}", print_exception=False) from None
 
-        async def generate(condition, class_name, prompt, negative_prompt, guidance, scheduler, steps, seed, n,
-                           init_image, strength, request: gr.Request, progress=gr.Progress()):
+        async def generate(request: gr.Request, progress=gr.Progress(), condition=None, class_name=None, prompt=None,
+                           negative_prompt=None, guidance=None, scheduler=None, steps=None, seed=None, n=None,
+                           init_image=None, strength=None, *input_files):
             """Gradio runs as many of these at once as ask (the line orders them): each waits for its turn
             and generates in a worker thread. A client that cancels (Gradio's client) cancels this
-            coroutine; the thread is left to stop at its next step, and leaves the line."""
+            coroutine; the thread is left to stop at its next step, and leaves the line. (Gradio puts the
+            request and the progress where the signature has them: first, before the uploads.)"""
+            files = {i.name: f for i, f in zip(explorer.inputs, input_files) if f}
             r = Request(condition, class_name, prompt, negative_prompt, guidance, scheduler, steps, seed, n,
-                        init_image, strength)
+                        init_image, strength, files)
             ticket = Ticket(request.session_hash)
             try:
                 result = await anyio.to_thread.run_sync(answer, r, ticket, progress, abandon_on_cancel=True)
@@ -367,7 +403,8 @@ def build_page(explorer: Explorer):
             """Stop, or the tab was closed: its request leaves the line, or stops at its next step."""
             explorer.line.cancel_session(request.session_hash)
 
-        inputs = [condition, class_name, prompt, negative, guidance, scheduler, steps, seed, n, init_image, strength]
+        inputs = [condition, class_name, prompt, negative, guidance, scheduler, steps, seed, n, init_image, strength,
+                  *uploads]
         button.click(generate, inputs, [grid, timing, command, trajectory, trajectory_steps], api_name="generate",
                      concurrency_limit=None, show_progress_on=grid)  # explorer.line orders and bounds them
         stop.click(stop_tab, queue=False)

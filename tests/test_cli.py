@@ -43,7 +43,8 @@ def test_sample_errors_are_one_line(tmp_path, trained_tiny_run):
     one_line_error(run("sample.py", str(trained_tiny_run), "model.layers_per_block=2"),
                    "what the run was trained with", "sample.guidance=5")
     one_line_error(run("sample.py", str(trained_tiny_run), "sample.guidence=5"), "unknown key config.sample.guidence")
-    one_line_error(run("sample.py", str(trained_tiny_run), "--phrasings", "unseen"), "--phrasings needs a text run")
+    one_line_error(run("sample.py", str(trained_tiny_run), "--phrasings", "unseen"),
+                   "--phrasings needs a run that takes prompts")
 
 
 def test_sampling_options_on_the_command_line(tmp_path, trained_tiny_run):

@@ -225,7 +225,7 @@ def test_clip_on_the_command_line(trained_tiny_clip, trained_tiny_run, tmp_path)
     assert result.returncode == 0 and (tmp_path / "found.png").stat().st_size > 1000
     one_line_error(run("sample.py", str(trained_tiny_run), "--rank", "2", "--n", "4"), "--rank K needs --clip")
     one_line_error(run("sample.py", str(trained_tiny_run), "--clip", str(trained_tiny_run), "--n", "2"),
-                   "not a CLIP run")
+                   "scores no images against text")
 
 
 def test_clip_score_and_ranking(trained_tiny_clip, trained_tiny_run, tmp_path):

@@ -168,7 +168,8 @@ def test_prompts_on_the_command_line(trained_tiny_text_run, trained_tiny_run, tm
     result = run("sample.py", str(trained_tiny_text_run), "--evaluate", "--n", "20", "--steps", "2",
                  "--phrasings", "unseen")
     assert result.returncode == 0, result.stderr
-    one_line_error(run("sample.py", str(trained_tiny_run), "--prompt", "a boot"), "need a text run")
+    one_line_error(run("sample.py", str(trained_tiny_run), "--prompt", "a boot"),
+                   "--prompt needs a run that takes prompts")
     one_line_error(run("sample.py", str(trained_tiny_text_run), "--prompt", "a boot", "--init-image",
                        str(tmp_path / "missing.png")), "does not exist")
 
@@ -211,7 +212,8 @@ def test_composed_prompts_on_the_command_line(trained_tiny_text_run, trained_tin
     assert grid.stat().st_size > 1000
     one_line_error(run("sample.py", str(trained_tiny_text_run), "--prompt", "a coat", "--weights", "0.5", "0.5"),
                    "one weight per --prompt")
-    one_line_error(run("sample.py", str(trained_tiny_run), "--evaluate", "--attributes"), "need a text run")
+    one_line_error(run("sample.py", str(trained_tiny_run), "--evaluate", "--attributes"),
+                   "--attributes needs a run that measures attributes")
 
 
 def test_attribute_captions_train_and_their_adherence_is_measured(tiny_clip_folder, trained_tiny_autoencoder,

@@ -13,18 +13,31 @@ a relative 1e-5, far below what any change to the data, the model or the loss wo
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
+import re
+import shutil
 import sys
 
 import pytest
 import torch
 
+import numpy as np
+import yaml
+from PIL import Image
+
 import train
-from ddpm.contract import CONDITIONS, Capabilities, Stage
+from ddpm.config import read_yaml
+from ddpm.contract import CONDITIONS, Capabilities, SampleInput, Stage
+from ddpm.data import read_image
+from ddpm.errors import UserError
+from ddpm.stage import ClassConditionedDDPM
+from ddpm.web import Explorer, Request
 from ddpm.diffusion_stage import DiffusionStage
 from ddpm.runs import STAGES, stage_class
 
-from .conftest import ROOT, TINY, TINY_AUTOENCODER, TINY_LATENT, losses, tiny_config
+from .conftest import (ROOT, TINY, TINY_AUTOENCODER, TINY_LATENT, losses, one_line_error, run, same_as_command,
+                       tiny_config)
 
 REFERENCE = ROOT / "tests" / "data" / "reference_losses.json"
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"  # the offline MiniLM encoder, as shipped
@@ -99,6 +112,67 @@ def test_no_capability_probes_in_the_scripts():
         calls = [node.func.id for node in ast.walk(ast.parse(script.read_text()))
                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
         assert "hasattr" not in calls and "getattr" not in calls, script.name
+
+
+def test_sample_py_and_the_web_page_know_no_stage():
+    """sample.py and the page work from the contract alone: they import no later stage's package, and no
+    string in them (their docstrings' example commands apart) names a stage: no "'inpaint'", no "a text run"."""
+    for path in (ROOT / "sample.py", ROOT / "ddpm" / "web.py"):
+        assert not imports_of(path) & {"latent", "conditioning"}, path.name
+        tree = ast.parse(path.read_text())
+        texts = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                 and node.value != ast.get_docstring(tree, clean=False)]
+        for name in STAGES:
+            named = [t for t in texts if t == name or f"'{name}'" in t or re.search(rf"\ban? {name} run\b", t)]
+            assert not named, f"{path.name} names the stage {name!r}: {named}"
+
+
+def read_stencil(path: str) -> torch.Tensor:
+    return read_image(path, "--stencil", sizes=(28,)) >= 128
+
+
+class StencilledDDPM(ClassConditionedDDPM):
+    """An example stage with a condition no other stage has: stage 1's samples cut out by a stencil.
+    Declaring the input is all it takes for sample.py (``--stencil``) and the web page (an upload)."""
+
+    name = "stencil"
+    capabilities = dataclasses.replace(ClassConditionedDDPM.capabilities, inputs=(
+        SampleInput("stencil", "28 x 28, white where the garment may be", read_stencil),))
+
+    def generate(self, model, labels, *, inputs=None, **settings):
+        if not inputs or "stencil" not in inputs:
+            raise UserError("a 'stencil' run samples through a stencil: give --stencil")
+        return super().generate(model, labels, **settings) * inputs["stencil"]
+
+
+def test_a_new_stage_is_served_by_sample_py_and_the_page_unchanged(trained_tiny_run, tmp_path, monkeypatch):
+    """Register the example stage, give a trained stage-1 run its name: sample.py takes ``--stencil`` and
+    the page an upload of it, and both make the same images, zero outside the stencil."""
+    monkeypatch.setitem(STAGES, "stencil", f"{__name__}:StencilledDDPM")
+    run_dir = tmp_path / "stencil"
+    shutil.copytree(trained_tiny_run, run_dir)
+    config = read_yaml(run_dir / "config.yaml")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "stage": "stencil"}))
+    stencil = np.zeros((28, 28), np.uint8)
+    stencil[4:24, 8:20] = 255
+    Image.fromarray(stencil).save(tmp_path / "stencil.png")
+
+    result = run("sample.py", str(run_dir), "--class", "Bag", "--n", "3", "--steps", "2", "--stencil",
+                 str(tmp_path / "stencil.png"), "--save-array", str(tmp_path / "command.npy"),
+                 "--out", str(tmp_path / "grid.png"))
+    assert result.returncode == 0, result.stderr
+    images = np.load(tmp_path / "command.npy")
+    assert images[:, stencil == 0].max() == 0 and images[:, stencil > 0].max() > 0
+    one_line_error(run("sample.py", str(run_dir), "--class", "Bag", "--steps", "2"), "give --stencil")
+    one_line_error(run("sample.py", str(trained_tiny_run), "--stencil", str(tmp_path / "stencil.png")),
+                   "--stencil is for a 'stencil' run")
+
+    page = Explorer(run_dir)
+    assert [i.name for i in page.inputs] == ["stencil"]
+    answer = page.generate(Request(class_name="Bag", n=3, steps=2, inputs={"stencil": str(tmp_path / "stencil.png")}))
+    assert "--stencil" in answer.command and same_as_command(answer, tmp_path)
+    with pytest.raises(UserError, match="upload the stencil"):
+        page.generate(Request(class_name="Bag", n=3, steps=2))
 
 
 def test_dependencies_point_one_way():

@@ -67,7 +67,7 @@ def test_img2img_input_is_kept_in_the_run_for_the_command(explorer, tmp_path):
     ({"strength": 1.5}, "strength must be from 0 to 1"),
     ({"class_name": "hat"}, "unknown class 'hat'"),
     ({"condition": "prompt", "prompt": "a bag"}, "this run is asked for class, not 'prompt'"),
-    ({"negative_prompt": "a shoe"}, "a negative prompt needs a text run"),
+    ({"negative_prompt": "a shoe"}, "a negative prompt needs a run that takes prompts"),
     ({"scheduler": "heun"}, "unknown scheduler 'heun'"),
     ({"init_image": __file__}, "is not an image file"),
     ({"n": 64, "steps": 26}, "64 images x 26 steps is more than this page makes for one request (1600)"),
