@@ -172,8 +172,7 @@ def read_inputs(args) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
 def check_asked(stage, args, inputs: dict) -> None:
     """One clear line for anything asked of a run that its stage does not declare it can do."""
     can, run = stage.capabilities, f"{args.run} is a '{stage.name}' run"
-    declared = {i.name for i in can.inputs} | ({"image"} if any(i.with_init_image for i in can.inputs) else set())
-    for name in sorted(set(inputs) - declared - {"image"}):  # "image": the --init-image an input marks up
+    for name in sorted(set(inputs) - {i.name for i in can.inputs} - {"image"}):  # image: what a mask marks up
         item, stages = sample_inputs()[name]
         raise UserError(f"{item.flag} is for a '{' or '.join(stages)}' run; {run}")
     prompts = "prompt" in can.conditions

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -13,9 +16,11 @@ from conditioning.structure import structure_maps, to_latent_grid
 from conditioning.upscale import PIPELINE_SCALING_FACTOR, fold_scaling_factor, low_res_of
 from ddpm.data import to_model_space, to_pixels
 from ddpm.diffusion import make_sampler
+from ddpm.errors import UserError
 from ddpm.runs import load_for_sampling
+from ddpm.web import Explorer, Request
 
-from .conftest import assert_resume_is_exact, one_line_error, run
+from .conftest import assert_resume_is_exact, one_line_error, run, same_as_command
 
 
 def test_widened_unet_starts_as_the_text_run_computes(image_runs, trained_tiny_text_run):
@@ -184,6 +189,22 @@ def test_exported_folders_load_in_diffusers_pipelines_and_sample_the_same(image_
     pipe = pipeline(StableDiffusionDepth2ImgPipeline, "structure", depth_estimator=None, feature_extractor=None)
     assert pipe.depth_estimator is None
     assert _close(ours, call(pipe, image=(to_model_space(images) + 1) / 2, depth_map=maps, strength=0.5))
+
+
+def test_the_page_serves_runs_that_sample_from_input_images(image_runs, tmp_path, fashion_mnist):
+    """An upload per declared input (and the picture a mask marks up): the page's images are its command's."""
+    picture, small, mask = tmp_path / "x.png", tmp_path / "small.png", tmp_path / "mask.png"
+    Image.fromarray(fashion_mnist.images[0].numpy()).save(picture)
+    Image.fromarray(((low_res_of(fashion_mnist.images[:1])[0, 0] + 1) * 127.5).round().byte().numpy()).save(small)
+    Image.fromarray((fixed_masks("top", 1)[0].numpy() * 255).astype(np.uint8)).save(mask)
+    for name, request in (("upscale", Request(inputs={"low_res": str(small)})),
+                          ("inpaint", Request(init_image=str(picture), inputs={"mask": str(mask)})),
+                          ("structure", Request(inputs={"structure": str(picture)}))):
+        page = Explorer(image_runs[name])
+        result = page.generate(dataclasses.replace(request, condition="prompt", prompt="a shirt", n=2, steps=2))
+        assert same_as_command(result, tmp_path), name
+        with pytest.raises(UserError, match="upload the"):
+            page.generate(Request(condition="prompt", prompt="a shirt", n=2, steps=2))
 
 
 def test_sampling_from_input_images_on_the_command_line(image_runs, trained_tiny_text_run, tmp_path, fashion_mnist):

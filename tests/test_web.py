@@ -125,7 +125,11 @@ def test_the_page_in_a_real_browser(explorer, browser):
         driver.set_number("Steps (1-1000)", 1000)
         driver.set_number("number input for Images", 1)
         driver.page.get_by_role("button", name="Generate").click()
-        driver.page.get_by_text("denoising").first.wait_for()
+        # the progress line, not the last answer's caption ("Denoising the first image ..."): case matters
+        driver.page.get_by_text(re.compile("denoising")).first.wait_for()
+        deadline = time.monotonic() + 20
+        while len(explorer.line) == 0 and time.monotonic() < deadline:  # the request holds its turn
+            time.sleep(0.05)
         driver.page.get_by_role("button", name="Stop").click()
         driver.page.locator("#timing").get_by_text("stopped").wait_for(timeout=20_000)
         assert len(explorer.line) == 0 and driver.page.locator("#grid img").get_attribute("src") == shown
