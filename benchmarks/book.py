@@ -11,7 +11,7 @@ image-conditioned stages and the two DreamBooth fine-tunes, each starting from t
 step trains its config with ``python train.py`` (a process of its own), its inputs (``autoencoder.source``,
 ``text_encoder.source``, ``init_from``) pointed at the runs made before it in ``--out-dir``, prints
 its training minutes (from the run's metrics.jsonl) and measures the result with the stage's own
-``evaluate`` at the run's sampling settings (DreamBooth: ``conditioning.dreambooth``'s report,
+``evaluate`` at the run's sampling settings (DreamBooth: ``conditioning.finetune.dreambooth``'s report,
 with the chain's CLIP). A run already finished in ``--out-dir`` is measured, not retrained.
 ``--tiny`` swaps each preset for its ``configs/*_tiny.yaml`` (seconds a step, not meant to look good).
 """
@@ -93,8 +93,8 @@ def measure(run: Path, out_dir: Path, n: int) -> dict:
     """The stage's own measures of a finished run, at its sampling settings."""
     stage, model, _ = load_for_sampling(run, "cuda" if torch.cuda.is_available() else "cpu")
     if stage.name == "dreambooth":
-        from conditioning.clip import ClipScorer
-        from conditioning.dreambooth import dreambooth_report, subject_likeness
+        from conditioning.clip.stage import ClipScorer
+        from conditioning.finetune.dreambooth import dreambooth_report, subject_likeness
 
         likeness = subject_likeness(stage, ClipScorer.from_run(out_dir / "clip_fashion"))
         return dreambooth_report(stage, model, likeness, n=n, n_classes=n)

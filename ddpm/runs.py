@@ -29,12 +29,12 @@ STAGES = {
     "ddpm": "ddpm.stage:ClassConditionedDDPM",
     "autoencoder": "latent.autoencoder:AutoencoderStage",
     "latent": "latent.stage:LatentDDPM",
-    "text": "conditioning.stage:TextConditionedLDM",
-    "clip": "conditioning.clip:ClipStage",
-    "dreambooth": "conditioning.dreambooth:DreamBoothLDM",
-    "upscale": "conditioning.upscale:SuperResolutionLDM",
-    "inpaint": "conditioning.inpaint:InpaintingLDM",
-    "structure": "conditioning.structure:StructureLDM",
+    "text": "conditioning.text.stage:TextConditionedLDM",
+    "clip": "conditioning.clip.stage:ClipStage",
+    "dreambooth": "conditioning.finetune.dreambooth:DreamBoothLDM",
+    "upscale": "conditioning.image.upscale:SuperResolutionLDM",
+    "inpaint": "conditioning.image.inpaint:InpaintingLDM",
+    "structure": "conditioning.image.structure:StructureLDM",
 }
 
 

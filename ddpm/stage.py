@@ -10,7 +10,7 @@ embedding), with one extra label, ``null_label`` = 10, meaning "no class": the n
 of classifier-free guidance.
 
 Stage 2 (``latent/stage.py``) reuses all of this on autoencoder latents by changing where it
-diffuses; stage 3 (``conditioning/stage.py``) changes the condition to a prompt.
+diffuses; stage 3 (``conditioning/text/stage.py``) changes the condition to a prompt.
 """
 
 from __future__ import annotations

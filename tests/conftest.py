@@ -103,7 +103,7 @@ def tiny_clip_folder(tmp_path_factory):
     """A random tiny CLIP text model with the real CLIP tokenizer (built offline, spare tokens too)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from conditioning.clip import build_tokenizer
+    from conditioning.clip.stage import build_tokenizer
 
     folder = tmp_path_factory.mktemp("clip")
     tokenizer = build_tokenizer()

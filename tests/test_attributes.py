@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from conditioning.adherence import adherence_report, composition_report, composition_table
-from conditioning.attributes import ATTRIBUTES, measure, training_bins
-from conditioning.captions import (HELD_OUT, NAMES, AttributeCaptionTable, CaptionConfig, CaptionTable,
-                                   attribute_prompt, caption_table, class_captions, with_attributes)
+from conditioning.text.adherence import adherence_report, composition_report, composition_table
+from conditioning.text.attributes import ATTRIBUTES, measure, training_bins
+from conditioning.text.captions import (HELD_OUT, NAMES, AttributeCaptionTable, CaptionConfig, CaptionTable,
+                                        attribute_prompt, caption_table, class_captions, with_attributes)
 from ddpm.data import CLASS_NAMES, DataConfig
 from ddpm.errors import UserError
 

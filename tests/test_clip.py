@@ -1,4 +1,4 @@
-"""Our own CLIP (conditioning/clip.py): the tokenizer, the loss, pooling, training, saving, and CLIP
+"""Our own CLIP (conditioning/clip/stage.py): the tokenizer, the loss, pooling, training, saving, and CLIP
 as a metric and ranker; stage 3 on its frozen text tower."""
 
 import json
@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 import train
-from conditioning.captions import NAMELESS, CaptionTable, class_captions, prompts_for
-from conditioning.clip import (SPARE_TOKENS, ClipScorer, ClipStage, build_tokenizer, contrastive_loss, describes,
-                               pretrained_word_embeddings)
+from conditioning.text.captions import NAMELESS, CaptionTable, class_captions, prompts_for
+from conditioning.clip.stage import (SPARE_TOKENS, ClipScorer, ClipStage, build_tokenizer, contrastive_loss, describes,
+                                     pretrained_word_embeddings)
 from ddpm.checkpoint import save_tensors
 from ddpm.config import apply_overrides, read_yaml
 from ddpm.plots import read_metrics

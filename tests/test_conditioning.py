@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from conditioning.captions import class_captions, unseen_captions, with_article
-from conditioning.text_encoder import MINILM_PACKAGE, FrozenTextEncoder
+from conditioning.text.captions import class_captions, unseen_captions, with_article
+from conditioning.text.encoder import MINILM_PACKAGE, FrozenTextEncoder
 from ddpm.errors import UserError
 from ddpm.runs import load_run
 
@@ -221,7 +221,7 @@ def test_attribute_captions_train_and_their_adherence_is_measured(tiny_clip_fold
     """A text run on attribute captions: each caption names only its image's own bins, and
     sample.py --attributes measures the run."""
     import train
-    from conditioning.attributes import ATTRIBUTES
+    from conditioning.text.attributes import ATTRIBUTES
 
     run_dir = train.train(tiny_config(tmp_path / "attributes", TINY_TEXT,
                                       autoencoder={"source": str(trained_tiny_autoencoder)},

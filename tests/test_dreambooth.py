@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 import train
-from conditioning.captions import class_captions, class_prompt
-from conditioning.dreambooth import subject_prompt
-from conditioning.lora import WEIGHTS_NAME
-from conditioning.subject import choose_subject, read_subject, rest_of_class
+from conditioning.text.captions import class_captions, class_prompt
+from conditioning.finetune.dreambooth import subject_prompt
+from conditioning.finetune.lora import WEIGHTS_NAME
+from conditioning.finetune.subject import choose_subject, read_subject, rest_of_class
 from ddpm.data import load_fashion_mnist
 from ddpm.errors import UserError
 from ddpm.plots import read_metrics
@@ -233,8 +233,8 @@ def test_subject_prompts():
 
 def test_the_report_measures_before_and_after(lora_run, trained_tiny_clip, tmp_path):
     out = tmp_path / "report.json"
-    result = command("-m", "conditioning.dreambooth", str(lora_run), "--clip", str(trained_tiny_clip), "--n", "4",
-                     "--n-classes", "10", "--out", str(out))  # as the README runs it: a module run as __main__
+    result = command("-m", "conditioning.finetune.dreambooth", str(lora_run), "--clip", str(trained_tiny_clip),
+                     "--n", "4", "--n-classes", "10", "--out", str(out))  # as RESULTS.md runs it, as __main__
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     ceiling, before, after = rows.values()

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conditioning.inpaint import (MaskConfig, draw_masks, fixed_masks, latent_cells, mark_cells, masked, padded,
-                                  put_back_known, stroke_masks)
-from conditioning.structure import structure_maps, to_latent_grid
-from conditioning.upscale import PIPELINE_SCALING_FACTOR, fold_scaling_factor, low_res_of
+from conditioning.image.inpaint import (MaskConfig, draw_masks, fixed_masks, latent_cells, mark_cells, masked, padded,
+                                        put_back_known, stroke_masks)
+from conditioning.image.structure import structure_maps, to_latent_grid
+from conditioning.image.upscale import PIPELINE_SCALING_FACTOR, fold_scaling_factor, low_res_of
 from ddpm.data import to_model_space, to_pixels
 from ddpm.diffusion import make_sampler
 from ddpm.errors import UserError
@@ -24,7 +24,7 @@ from .conftest import assert_resume_is_exact, one_line_error, run, same_as_comma
 
 
 def test_widened_unet_starts_as_the_text_run_computes(image_runs, trained_tiny_text_run):
-    from conditioning.image_stage import widen_from
+    from conditioning.image.stage import widen_from
 
     text_stage, base = load_for_sampling(trained_tiny_text_run)[:2]
     x, t = torch.randn(2, *text_stage.sample_shape), torch.tensor([700, 30])

@@ -101,9 +101,9 @@ def test_untrained_judge_has_documented_shapes():
     assert feats.shape == (3, FEATURE_DIM)
 
 
-@pytest.mark.parametrize("command", ["ddpm.judge", "conditioning.subject"])
+@pytest.mark.parametrize("command", ["ddpm.judge", "conditioning.finetune.subject"])
 def test_tools_that_write_shipped_files_need_an_explicit_out(command, capsys):
-    """``python -m ddpm.judge`` and ``python -m conditioning.subject`` write what the package ships
+    """``python -m ddpm.judge`` and ``python -m conditioning.finetune.subject`` write what the package ships
     (the judge's weights, the DreamBooth subject) only when told where."""
     main = importlib.import_module(command).main
     with pytest.raises(SystemExit) as stopped:

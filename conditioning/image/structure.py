@@ -22,7 +22,7 @@ from ddpm.data import LabelledImages, read_image, to_model_space
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
 
-from .image_stage import ImageConditionedLDM
+from conditioning.image.stage import ImageConditionedLDM
 
 MIN_RANGE = 1e-2  # the floor of a map's max - min when it is scaled to [-1, 1]
 SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8

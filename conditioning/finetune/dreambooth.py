@@ -3,7 +3,7 @@
     python train.py configs/dreambooth_fashion_lora_quick.yaml
     python sample.py runs/dreambooth_fashion_lora_quick --prompt "a photo of a <|spare_0|> bag"
     python sample.py runs/text_fashion_clip_quick --lora runs/dreambooth_fashion_lora_quick/final --prompt ...
-    python -m conditioning.dreambooth runs/dreambooth_fashion_quick runs/dreambooth_fashion_lora_quick  # measured
+    python -m conditioning.finetune.dreambooth runs/dreambooth_fashion_quick runs/dreambooth_fashion_lora_quick
 
 What changes from stage 3 is the data and where the weights start. The run starts from a
 finished text run (``init_from``: its UNet, frozen text encoder, autoencoder and scheduler; its
@@ -60,11 +60,11 @@ from ddpm.metrics import diversity, embed
 from ddpm.plots import training_minutes
 from ddpm.runs import load_for_sampling
 
-from .captions import NAMES, TEMPLATES, CaptionTable, class_prompt, with_article
-from .clip import ClipScorer
-from .lora import WEIGHTS_NAME, LoraSettings, add_lora, load_lora, save_lora
-from .stage import TextConditionedLDM, TextDDPMConfig, base_sections
-from .subject import DEFAULT_SUBJECT, Likeness, read_subject, rest_of_class, subject_class
+from conditioning.text.captions import NAMES, TEMPLATES, CaptionTable, class_prompt, with_article
+from conditioning.clip.stage import ClipScorer
+from conditioning.finetune.lora import WEIGHTS_NAME, LoraSettings, add_lora, load_lora, save_lora
+from conditioning.text.stage import TextConditionedLDM, TextDDPMConfig, base_sections
+from conditioning.finetune.subject import DEFAULT_SUBJECT, Likeness, read_subject, rest_of_class, subject_class
 
 FROM_BASE = ("model", "autoencoder", "text_encoder", "captions")  # fixed by init_from's weights
 INSTANCE_TEMPLATE = "a photo of {}"  # the template of the instance and class prompts

@@ -22,7 +22,7 @@ import torch
 from ddpm.data import CLASS_NAMES
 from ddpm.errors import UserError
 
-from .attributes import ATTRIBUTE_WORDS, ATTRIBUTES
+from conditioning.text.attributes import ATTRIBUTE_WORDS, ATTRIBUTES
 
 NAMES = {
     "T-shirt/top": ["t-shirt", "tee", "top", "short-sleeved top"],

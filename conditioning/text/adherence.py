@@ -30,8 +30,8 @@ from ddpm.evaluate import cached_judge, markdown_table
 from ddpm.judge import accuracy
 from ddpm.plots import rows_of, save_grid
 
-from .attributes import ATTRIBUTES, bins_for
-from .captions import HELD_OUT, attribute_prompt, word_attribute
+from conditioning.text.attributes import ATTRIBUTES, bins_for
+from conditioning.text.captions import HELD_OUT, attribute_prompt, word_attribute
 
 COMPOSED_WEIGHTS = (1.0, 1.0)
 WAYS = ("first alone", "second alone", "composed", "one prompt")  # how the two words are asked for

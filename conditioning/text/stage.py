@@ -32,11 +32,11 @@ from ddpm.diffusion_stage import Condition
 from ddpm.errors import UserError
 from latent.stage import LatentDDPM, LatentDDPMConfig
 
-from .adherence import attribute_measure
-from .attributes import bins_for
-from .captions import CaptionConfig, caption_table, class_prompt, prompts_for
-from .lora import load_lora
-from .text_encoder import MAX_LENGTH, FrozenTextEncoder
+from conditioning.text.adherence import attribute_measure
+from conditioning.text.attributes import bins_for
+from conditioning.text.captions import CaptionConfig, caption_table, class_prompt, prompts_for
+from conditioning.finetune.lora import load_lora
+from conditioning.text.encoder import MAX_LENGTH, FrozenTextEncoder
 
 
 @dataclasses.dataclass

@@ -39,7 +39,7 @@ from ddpm.judge import accuracy
 from latent.autoencoder import psnr
 from latent.space import LatentSpace
 
-from .image_stage import ImageConditionedConfig, ImageConditionedLDM
+from conditioning.image.stage import ImageConditionedConfig, ImageConditionedLDM
 
 LOW_RES = 8  # pixels per side of the low-resolution image: the latent grid of the 32 x 32 image
 PIPELINE_SCALING_FACTOR = 0.08333  # what StableDiffusionUpscalePipeline sets every VAE's factor to

@@ -46,8 +46,8 @@ from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
 from ddpm.metrics import embed, frechet_distance, reference_stats
 
-from .image_stage import ImageConditionedConfig, ImageConditionedLDM
-from .stage import TextConditionedLDM
+from conditioning.image.stage import ImageConditionedConfig, ImageConditionedLDM
+from conditioning.text.stage import TextConditionedLDM
 
 MASK_KINDS = ("boxes", "strokes", "halves", "full")
 

@@ -1,6 +1,6 @@
 """The subject of a DreamBooth fine-tune: a few pictures of one item, and how close samples come to it.
 
-    python -m conditioning.subject --class Bag --k 4 --out conditioning/subjects/bag
+    python -m conditioning.finetune.subject --class Bag --k 4 --out conditioning/subjects/bag
 
 Fashion-MNIST has one picture per item, so the default subject stands in for "3-5 photos of
 one thing" with one distinctive *test* image (never trained on) and its k - 1 nearest
@@ -114,7 +114,7 @@ def write_subject(class_name: str, k: int, out: Path) -> list[int]:
         Image.fromarray(test.images[index].numpy()).save(out / f"{i}.png")
     info = {"class": CLASS_NAMES[c], "test_indices": indices, "coherence": round(coherence, 4),
             "distinctness": round(distinctness, 4),
-            "how": "python -m conditioning.subject --class " + f'"{CLASS_NAMES[c]}" --k {k}: the judged-right '
+            "how": "python -m conditioning.finetune.subject --class " + f'"{CLASS_NAMES[c]}" --k {k}: the judged-right '
                    "test image whose k - 1 nearest pixel-space neighbours maximise coherence - distinctness"}
     (out / "subject.json").write_text(json.dumps(info, indent=1) + "\n")
     return indices

@@ -1,7 +1,7 @@
 """Attributes measured from the pixels, so that captions can say more than the class.
 
-    python -m conditioning.attributes --figure attributes.png   # examples of every bin, per class
-    python -m conditioning.attributes --autoencoder runs/autoencoder_fashion_quick   # bins kept through it
+    python -m conditioning.text.attributes --figure attributes.png   # examples of every bin, per class
+    python -m conditioning.text.attributes --autoencoder runs/autoencoder_fashion_quick   # bins kept through it
 
 Three measurements of a uint8 28 x 28 image, on its *garment*: the pixels brighter than
 ``GARMENT_LEVEL`` (Fashion-MNIST's background is black):

@@ -38,7 +38,7 @@ from ddpm.metrics import balanced_subset
 from ddpm.plots import save_grid
 from ddpm.runs import load_for_sampling
 
-from .stage import TextConditionedLDM, TextDDPMConfig, base_sections
+from conditioning.text.stage import TextConditionedLDM, TextDDPMConfig, base_sections
 
 FROM_TEXT_RUN = ("model", "autoencoder", "text_encoder")  # sections init_from's weights fix
 SCHEDULE = ("num_train_timesteps", "beta_schedule", "prediction_type")  # what the UNet's weights assume too

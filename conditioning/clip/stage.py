@@ -63,10 +63,10 @@ from ddpm.plots import save_grid
 from ddpm.evaluate import best_of_groups
 from ddpm.runs import load_scorer
 
-from .attributes import ATTRIBUTES, bins_for
-from .captions import (NAMELESS, NAMES, CaptionConfig, attribute_prompt, caption_table, class_prompt, named_bins,
-                       phrasings_of, prompts_for)
-from .text_encoder import MAX_LENGTH, MINILM_PACKAGE, FrozenTextEncoder
+from conditioning.text.attributes import ATTRIBUTES, bins_for
+from conditioning.text.captions import (NAMELESS, NAMES, CaptionConfig, attribute_prompt, caption_table,
+                                        class_prompt, named_bins, phrasings_of, prompts_for)
+from conditioning.text.encoder import MAX_LENGTH, MINILM_PACKAGE, FrozenTextEncoder
 
 SPARE_TOKENS = tuple(f"<|spare_{i}|>" for i in range(32))  # unused words, for teaching the model new ones
 
