@@ -208,3 +208,24 @@ def judge_report(images_u8: torch.Tensor, labels: torch.Tensor, judge: Judge,
         "speckle": speckle(images_u8),
         "n": len(labels),
     }
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image PSNR in dB of uint8 N x H x W ``images`` against ``reference`` on a 0..1 scale
+    (torchmetrics'); with ``known`` (bool N x H x W), over those pixels alone (inpainting's known region,
+    which torchmetrics cannot mask). float N."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    a, b = images.float() / 255, reference.float() / 255
+    if known is None:
+        return peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2))
+    mse = (a - b).pow(2).mul(known).sum((1, 2)) / known.sum((1, 2)).clamp_min(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean SSIM of uint8 N x H x W ``images`` against ``reference`` (torchmetrics', 0..1 scale)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(images[:, None].float() / 255, reference[:, None].float() / 255,
+                                               data_range=1.0).item()

@@ -41,6 +41,7 @@ from ddpm.data import to_model_space
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
+from ddpm.metrics import psnr
 from ddpm.plots import save_grid
 
 from .space import LatentSpace
@@ -224,7 +225,3 @@ class AutoencoderStage(Stage):
         raise UserError(f"{folder} holds no autoencoder (expected vae/ or ema/ inside)")
 
 
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of uint8 N x H x W images against ``reference``, on a 0..1 scale."""
-    mse = (images.float() / 255 - reference.float() / 255).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-10))

@@ -42,7 +42,8 @@ MAX_N = 20
 SIZE_KEYS = {"train.max_steps", "train.epochs", "train.batch_size", "data.limit", "prior.num_class_images",
              "train.output_dir"}
 TINY_SECTION_KEYS = ("train", "data", "prior", "sample")  # and the whole model section
-CUT = {"--n": MAX_N, "--steps": 2, "--warmup": 1, "--timed-steps": 1, "--repeats": 1, "--clients": 2}
+CUT = {"--n": MAX_N, "--n-classes": MAX_N, "--steps": 2, "--warmup": 1, "--timed-steps": 1, "--repeats": 1,
+       "--clients": 2}
 WRITES = ("--out", "--save-array", "--screenshot", "--out-dir")
 CODE_SPAN = re.compile(r"`((?:python|make|accelerate) [^`]+)`")
 
@@ -156,8 +157,11 @@ def run_benchmark(script: str, args: list[str]) -> int:
         needs_browser()
     if module.__name__ == "benchmarks.train_speed" and "--steps" not in args:
         args += ["--steps", "2", "--warmup", "1"]
-    if module.__name__ in ("benchmarks.sample_speed", "benchmarks.pixel_vs_latent") and "--n" not in args:
+    if module.__name__ in ("benchmarks.sample_speed", "benchmarks.pixel_vs_latent", "benchmarks.dreambooth_report") \
+            and "--n" not in args:
         args += ["--n", str(MAX_N)]
+    if module.__name__ == "benchmarks.dreambooth_report" and "--n-classes" not in args:
+        args += ["--n-classes", str(MAX_N)]
     if module.__name__ == "benchmarks.pixel_vs_latent" and "--timed-steps" not in args:
         args += ["--timed-steps", "1"]
     return module.main(args)

@@ -13,7 +13,8 @@ from ddpm.config import read_yaml
 from ddpm.errors import UserError
 from ddpm.data import load_training_set
 from ddpm.runs import load_config, load_run
-from latent.autoencoder import AutoencoderStage, AutoencoderWithDiscriminator, psnr
+from ddpm.metrics import psnr
+from latent.autoencoder import AutoencoderStage, AutoencoderWithDiscriminator
 from latent.cache import cache_path, fingerprint, load_or_build, read_scaling_factor
 from latent.space import LatentSpace, load_autoencoder
 
@@ -94,6 +95,9 @@ def test_psnr():
     b = a.clone()
     b[0, 0, :] += 51  # 28 of 784 pixels off by 0.2
     assert psnr(b, a).item() == pytest.approx(10 * torch.log10(torch.tensor(784 / 28 / 0.04)).item(), abs=1e-3)
+    known = torch.zeros(1, 28, 28, dtype=torch.bool)
+    known[0, :2] = True  # the off row and one exact row: 28 of 56 pixels off
+    assert psnr(b, a, known).item() == pytest.approx(10 * torch.log10(torch.tensor(56 / 28 / 0.04)).item(), abs=1e-3)
 
 
 # -- pretrained autoencoders --------------------------------------------------------------

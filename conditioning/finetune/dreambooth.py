@@ -3,7 +3,7 @@
     python train.py configs/dreambooth_fashion_lora_quick.yaml
     python sample.py runs/dreambooth_fashion_lora_quick --prompt "a photo of a <|spare_0|> bag"
     python sample.py runs/text_fashion_clip_quick --lora runs/dreambooth_fashion_lora_quick/final --prompt ...
-    python -m conditioning.finetune.dreambooth runs/dreambooth_fashion_quick runs/dreambooth_fashion_lora_quick
+    python benchmarks/dreambooth_report.py runs/dreambooth_fashion_quick --clip runs/clip_fashion_quick
 
 What changes from stage 3 is the data and where the weights start. The run starts from a
 finished text run (``init_from``: its UNet, frozen text encoder, autoencoder and scheduler; its
@@ -38,12 +38,10 @@ training exactly, every phrasing included.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -54,16 +52,13 @@ from PIL import Image
 from ddpm.checkpoint import load_tensors, weights_file
 from ddpm.config import build
 from ddpm.data import class_index, load_fashion_mnist, read_image
-from ddpm.errors import UserError, cli_errors
-from ddpm.evaluate import cached_judge, evaluate_model, markdown_table
+from ddpm.errors import UserError
+from ddpm.evaluate import cached_judge, evaluate_model
 from ddpm.metrics import diversity, embed
-from ddpm.plots import training_minutes
-from ddpm.runs import load_for_sampling
 
 from conditioning.text.captions import NAMES, TEMPLATES, CaptionTable, class_prompt, with_article
-from conditioning.clip.stage import ClipScorer
-from conditioning.finetune.lora import WEIGHTS_NAME, LoraSettings, add_lora, load_lora, save_lora
-from conditioning.text.stage import TextConditionedLDM, TextDDPMConfig, base_sections
+from conditioning.finetune.lora import LoraSettings, add_lora, load_lora, save_lora
+from conditioning.text.stage import TextConditionedLDM, TextDDPMConfig, started_from
 from conditioning.finetune.subject import DEFAULT_SUBJECT, Likeness, read_subject, rest_of_class, subject_class
 
 FROM_BASE = ("model", "autoencoder", "text_encoder", "captions")  # fixed by init_from's weights
@@ -111,20 +106,8 @@ class DreamBoothLDM(TextConditionedLDM):
     def from_dict(cls, sections: dict) -> "DreamBoothLDM":
         """The starting run's sections, with this config's ``init_from``, ``subject``, ``prior``,
         ``lora`` and changes to ``data`` (flip), ``diffusion`` (p_uncond, snr_gamma) and ``sample``."""
-        init_from = sections.get("init_from", "")
-        base = base_sections(init_from, "DreamBooth")
-        merged = {**base, **sections}
-        for key in ("data", "diffusion", "sample"):
-            merged[key] = {**base.get(key, {}), **sections.get(key, {})}
-        config = build(cls.Config, merged, where="config")
-        base_config = build(TextDDPMConfig, base, where=f"{init_from}/config.yaml")
-        for key in FROM_BASE:
-            if getattr(config, key) != getattr(base_config, key):
-                raise UserError(f"{key} comes from init_from ({init_from}) and cannot change; remove the {key} section")
-        for key in ("num_train_timesteps", "beta_schedule", "prediction_type"):
-            if getattr(config.diffusion, key) != getattr(base_config.diffusion, key):
-                raise UserError(f"diffusion.{key} comes from init_from and cannot change")
-        return cls(config)
+        sections = started_from({"init_from": "", **sections}, FROM_BASE, ("data", "diffusion", "sample"), "DreamBooth")
+        return cls(build(cls.Config, sections, where="config"))
 
     def __init__(self, config: DreamBoothConfig):
         super().__init__(config)
@@ -394,63 +377,3 @@ def dreambooth_report(stage: DreamBoothLDM, model, likeness: Likeness, n: int = 
     report["class_accuracy"] = per_class[c]
     report["other_classes_accuracy"] = sum(a for i, a in enumerate(per_class) if i != c) / (len(per_class) - 1)
     return report
-
-
-def training_cost(run_dir: Path, model) -> dict[str, float]:
-    """Trainable parameters, training minutes (from metrics.jsonl) and the MB of weights a run saved."""
-    final = run_dir / "final"
-    lora = (final / WEIGHTS_NAME)
-    saved = lora if lora.is_file() else weights_file(final / "unet")
-    trainable = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name or not lora.is_file())
-    return {"trainable_parameters": trainable, "minutes": training_minutes(run_dir),
-            "saved_mb": saved.stat().st_size / 2**20}
-
-
-@cli_errors
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Measure DreamBooth runs against the run they started from "
-                                                 "and print a Markdown table.")
-    parser.add_argument("runs", nargs="+", help="DreamBooth run directories (with the same init_from and subject)")
-    parser.add_argument("--clip", default="runs/clip_fashion_quick", help="our CLIP run, for CLIP-I and the CLIP score")
-    parser.add_argument("--n", type=int, default=200, help="samples per prompt set")
-    parser.add_argument("--n-classes", type=int, default=1000, help="samples over every class's prompts")
-    parser.add_argument("--out", default=None, help="also write the numbers as JSON here")
-    args = parser.parse_args(argv)
-    scorer = ClipScorer.from_run(args.clip)
-    rows = {}
-    for i, run in enumerate(args.runs):
-        stage, model, _ = load_for_sampling(run)
-        if stage.name != DreamBoothLDM.name:  # (not isinstance: run as __main__, this module is a second copy)
-            raise UserError(f"{run} is a '{stage.name}' run, not a DreamBooth run")
-        if i == 0:  # the starting model, asked the same prompts
-            likeness = subject_likeness(stage, scorer)
-            rows["subject pictures (ceiling)"] = likeness.ceiling()
-            before = dreambooth_report(stage, stage.starting_model().eval(), likeness, args.n, args.n_classes)
-            rows[f"before: {stage.config.init_from}"] = before
-        rows[run] = training_cost(Path(run), model) | dreambooth_report(stage, model, likeness, args.n, args.n_classes)
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    print_report(rows)
-    return 0
-
-
-COLUMNS = [  # (heading, key, format)
-    ("trainable params", "trainable_parameters", "{:,.0f}"), ("minutes", "minutes", "{:.1f}"),
-    ("saved MB", "saved_mb", "{:.2f}"),
-    ("subject: judge", "judge_subject", "{:.3f}"), ("rest of class: judge", "judge_rest", "{:.3f}"),
-    ("subject: CLIP", "clip_subject", "{:.3f}"), ("rest: CLIP", "clip_rest", "{:.3f}"),
-    ("rephrased: subject judge", "rephrased_judge_subject", "{:.3f}"),
-    ("rephrased: CLIP score", "rephrased_clip_score", "{:.2f}"),
-    ("class prompt: subject judge", "class_prompt_subject_judge", "{:.3f}"),
-    ("judge acc, subject prompt", "subject_accuracy", "{:.3f}"),
-    ("judge acc, other classes", "other_classes_accuracy", "{:.3f}"), ("diversity", "diversity", "{:.2f}"),
-]
-
-
-def print_report(rows: dict[str, dict]) -> None:
-    cells = [[name, *(f.format(r[k]) if k in r else "" for _, k, f in COLUMNS)] for name, r in rows.items()]
-    print(markdown_table(["model", *(h for h, _, _ in COLUMNS)], cells))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -44,7 +44,7 @@ from ddpm.diffusion import make_sampler, sample_loop
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
-from ddpm.metrics import embed, frechet_distance, reference_stats
+from ddpm.metrics import embed, frechet_distance, psnr, reference_stats
 
 from conditioning.image.stage import ImageConditionedConfig, ImageConditionedLDM
 from conditioning.text.stage import TextConditionedLDM
@@ -273,7 +273,7 @@ class InpaintingLDM(ImageConditionedLDM):
         report = {}
         for kind, masks in kinds.items():
             known = ~masks
-            report[f"eval_psnr_known/{kind}: autoencoder round trip"] = known_psnr(roundtrip, images, known)
+            report[f"eval_psnr_known/{kind}: autoencoder round trip"] = psnr(roundtrip, images, known).mean().item()
             methods = {"ours": lambda: self.generate(model, labels, inputs={"image": images, "mask": masks},
                                                      progress=True, **settings)}
             if baseline is not None:
@@ -282,7 +282,7 @@ class InpaintingLDM(ImageConditionedLDM):
             for method, make in methods.items():
                 out = make()
                 feats, _ = embed(judge, out)
-                report[f"eval_psnr_known/{kind}: {method}"] = known_psnr(out, images, known)
+                report[f"eval_psnr_known/{kind}: {method}"] = psnr(out, images, known).mean().item()
                 report[f"eval_judge_accuracy/{kind}: {method}"] = accuracy(judge, LabelledImages(out, labels))
                 report[f"eval_fd/{kind}: {method}"] = frechet_distance(feats, reference.features)
         return report
@@ -295,13 +295,6 @@ def evaluation_masks(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"boxes": box_masks(n, generator), "strokes": stroke_masks(n, generator),
             "halves": torch.where(torch.arange(n)[:, None, None] % 2 == 0, fixed_masks("left", n),
                                   fixed_masks("right", n))}
-
-
-def known_psnr(out: torch.Tensor, images: torch.Tensor, known: torch.Tensor) -> float:
-    """Mean PSNR (dB, 0..1 scale) over the pixels outside the mask: uint8 N x 28 x 28 images, bool
-    N x 28 x 28 ``known``."""
-    mse = ((out.float() - images.float()) / 255).pow(2).mul(known).sum((1, 2)) / known.sum((1, 2)).clamp_min(1)
-    return (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
 
 
 @torch.no_grad()

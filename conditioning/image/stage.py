@@ -38,10 +38,9 @@ from ddpm.metrics import balanced_subset
 from ddpm.plots import save_grid
 from ddpm.runs import load_for_sampling
 
-from conditioning.text.stage import TextConditionedLDM, TextDDPMConfig, base_sections
+from conditioning.text.stage import TextConditionedLDM, TextDDPMConfig, started_from
 
 FROM_TEXT_RUN = ("model", "autoencoder", "text_encoder")  # sections init_from's weights fix
-SCHEDULE = ("num_train_timesteps", "beta_schedule", "prediction_type")  # what the UNet's weights assume too
 NETWORK_INPUTS = ("concat", "class_labels")  # the batch entries an image condition gives the network
 
 
@@ -60,18 +59,8 @@ class ImageConditionedLDM(TextConditionedLDM):
     def from_dict(cls, sections: dict) -> "ImageConditionedLDM":
         """With ``init_from``, the model, autoencoder and text encoder are the text run's, and the
         noise schedule must be too."""
-        init_from = sections.get("init_from")
-        if init_from:
-            base = base_sections(init_from, f"a '{cls.name}' run")
-            given = [k for k in FROM_TEXT_RUN if k in sections and sections[k] != base.get(k)]
-            if given:
-                raise UserError(f"{given[0]} comes from init_from ({init_from}); remove the {given[0]} section")
-            ours, theirs = sections.get("diffusion", {}), base.get("diffusion", {})
-            changed = [k for k in SCHEDULE if k in ours and ours[k] != theirs.get(k, ours[k])]
-            if changed:
-                raise UserError(f"diffusion.{changed[0]} is {ours[changed[0]]!r} but init_from ({init_from}) was "
-                                f"trained with {theirs[changed[0]]!r}; use that")
-            sections = {**sections, **{k: base[k] for k in FROM_TEXT_RUN if k in base}}
+        if sections.get("init_from"):
+            sections = started_from(sections, FROM_TEXT_RUN, (), f"a '{cls.name}' run")
         return super().from_dict(sections)
 
     # -- the network: stage 3's UNet with K more input channels ------------------------------

@@ -36,7 +36,7 @@ from ddpm.data import IMAGE_SIZE, PADDED_SIZE, LabelledImages, read_image, to_mo
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
-from latent.autoencoder import psnr
+from ddpm.metrics import psnr, ssim
 from latent.space import LatentSpace
 
 from conditioning.image.stage import ImageConditionedConfig, ImageConditionedLDM
@@ -173,8 +173,6 @@ class SuperResolutionLDM(ImageConditionedLDM):
         PSNR and SSIM against the real image, the judge's accuracy, and the consistency error (RMS,
         in grey levels) of the output's own 8 x 8 copy against the input; bicubic upscaling, ours,
         the autoencoder's round trip of the real image (a latent model's ceiling) and the real image."""
-        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
         images, labels = self.test_examples(n)
         low = low_res_of(images)
         outputs = {"bicubic": bicubic(low),
@@ -187,8 +185,7 @@ class SuperResolutionLDM(ImageConditionedLDM):
         for method, out in outputs.items():
             if method != "real":
                 report[f"eval_psnr/{method}"] = psnr(out, images).mean().item()
-                report[f"eval_ssim/{method}"] = ssim(out[:, None].float() / 255, images[:, None].float() / 255,
-                                                     data_range=1.0).item()
+                report[f"eval_ssim/{method}"] = ssim(out, images)
                 error = (low_res_of(out) - low) * 127.5
                 report[f"eval_consistency_rms/{method}"] = error.pow(2).mean().sqrt().item()
             report[f"eval_judge_accuracy/{method}"] = accuracy(judge, LabelledImages(out, labels))

@@ -74,6 +74,31 @@ def base_sections(init_from: str, what: str) -> dict:
     return {k: v for k, v in base.items() if k not in ("stage", "train")}
 
 
+SCHEDULE = ("num_train_timesteps", "beta_schedule", "prediction_type")  # what a UNet's weights assume
+
+
+def started_from(sections: dict, fixed: tuple[str, ...], inherited: tuple[str, ...], what: str) -> dict:
+    """A fine-tune's config sections when it starts from the finished text run ``sections["init_from"]``:
+    the ``fixed`` sections (what the run's weights were made with) are the run's, and a config that gives
+    them otherwise is refused; each ``inherited`` section is the run's with this config's keys on top;
+    the noise schedule must be the run's. ``what`` names the fine-tune in errors."""
+    init_from = sections["init_from"]
+    base = base_sections(init_from, what)
+    given = [k for k in fixed if k in sections and sections[k] != base.get(k)]
+    if given:
+        raise UserError(f"{given[0]} comes from init_from ({init_from}) and cannot change; remove the {given[0]} "
+                        f"section")
+    ours, theirs = sections.get("diffusion") or {}, base.get("diffusion") or {}
+    changed = [k for k in SCHEDULE if k in ours and ours[k] != theirs.get(k, ours[k])]
+    if changed:
+        raise UserError(f"diffusion.{changed[0]} is {ours[changed[0]]!r} but init_from ({init_from}) was trained "
+                        f"with {theirs[changed[0]]!r}; use that")
+    merged = {**sections, **{k: base[k] for k in fixed if k in base}}
+    for key in inherited:
+        merged[key] = {**(base.get(key) or {}), **(sections.get(key) or {})}
+    return merged
+
+
 class TextConditionedLDM(LatentDDPM):
     name = "text"
     Config = TextDDPMConfig
