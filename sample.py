@@ -46,7 +46,8 @@ from ddpm.runs import load_for_sampling, load_scorer, model_step, run_dir_of, sa
 from ddpm.web import MAX_IMAGE_STEPS, MAX_UPLOAD_MB, MAX_WAITING, serve
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, declared: dict) -> argparse.Namespace:
+    """The command line; ``declared``: ``sample_inputs()``, the input images stages declare, a flag each."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run directory or checkpoint folder")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-image", default=None, metavar="PNG", help="img2img: start from this image")
     parser.add_argument("--strength", type=float, default=0.6,
                         help="img2img: 0 returns the image (through the autoencoder), 1 ignores it")
-    for item, stages in sample_inputs().values():  # the images stages declare they start from
+    for item, stages in declared.values():
         parser.add_argument(item.flag, dest=item.name, default=None, metavar="PNG",
                             help=f"{item.help} (a run of: {', '.join(stages)})")
     parser.add_argument("--web", action="store_true",
@@ -110,7 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    declared = sample_inputs()  # the input images every stage declares
+    args = parse_args(argv, declared)
     if args.web:
         return serve(args.run, args.device, args.host, args.port, max_waiting=args.max_waiting,
                      max_image_steps=args.max_image_steps, max_upload_mb=args.max_upload_mb)
@@ -120,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--strength must be in [0, 1], got {args.strength}")
     if args.rank is not None and not (args.clip and 0 < args.rank <= args.n):
         raise UserError("--rank K needs --clip CLIP_RUN and 0 < K <= --n (the candidates per row)")
-    inputs, init_images = read_inputs(args)  # fail before loading models
+    inputs, init_images = read_inputs(args, declared)  # fail before loading models
     clip = load_scorer(args.clip) if args.clip else None
     stage, model, folder = load_for_sampling(args.run, args.device, args.overrides)
     can = stage.capabilities
-    check_asked(stage, args, inputs)
+    check_asked(stage, args, inputs, declared)
     if args.lora:
         stage.add_adapters(model, args.lora)
     if not can.generates:  # a run that makes no new images (it reconstructs, or scores): its numbers or preview
@@ -152,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     return sample_classes(stage, model, folder, args, settings, clip)
 
 
-def read_inputs(args) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+def read_inputs(args, declared: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """The input images given (each read by the stage input that declares its flag), and the
     --init-image for img2img (None when an input marks it up instead: it is then ``inputs["image"]``)."""
     inputs = {}
-    for item, _ in sample_inputs().values():
+    for item, _ in declared.values():
         path = vars(args)[item.name]
         if path is None:
             continue
@@ -169,11 +171,11 @@ def read_inputs(args) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     return inputs, init_images
 
 
-def check_asked(stage, args, inputs: dict) -> None:
+def check_asked(stage, args, inputs: dict, declared: dict) -> None:
     """One clear line for anything asked of a run that its stage does not declare it can do."""
     can, run = stage.capabilities, f"{args.run} is a '{stage.name}' run"
     for name in sorted(set(inputs) - {i.name for i in can.inputs} - {"image"}):  # image: what a mask marks up
-        item, stages = sample_inputs()[name]
+        item, stages = declared[name]
         raise UserError(f"{item.flag} is for a '{' or '.join(stages)}' run; {run}")
     prompts = "prompt" in can.conditions
     wants = [("--lora", args.lora, can.adapters, "takes adapters"),

@@ -56,6 +56,11 @@ class Capabilities:
     scores: bool = False  # has ``scorer`` (image-text agreement: the CLIP score, ranking)
     measures: tuple[str, ...] = ()  # further measurements ``measure`` makes beside ``evaluate``
 
+    @property
+    def marks_up_init_image(self) -> bool:
+        """Whether an input marks up the ``--init-image`` picture, which is then no img2img start."""
+        return any(i.with_init_image for i in self.inputs)
+
     def __post_init__(self):
         unknown = set(self.conditions) - set(CONDITIONS)
         assert not unknown, f"unknown conditions {unknown}; known: {CONDITIONS}"

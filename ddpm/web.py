@@ -171,6 +171,7 @@ class Explorer:
             raise UserError(f"{run} is a '{self.stage.name}' run, which makes no new images; the page "
                             f"explores diffusion runs (sample.py {run} shows what this one does)")
         self.inputs = self.stage.capabilities.inputs  # the images every sample starts from: one upload each
+        self.marks_up_init_image = self.stage.capabilities.marks_up_init_image  # the picture is an input
         self.conditions = self.stage.capabilities.conditions
         self.class_names = tuple(self.stage.class_names)
         self.max_steps = self.stage.scheduler.config.num_train_timesteps
@@ -213,7 +214,7 @@ class Explorer:
                 raise UserError(f"{what} is {size_mb:.1f} MB, more than this page takes "
                                 f"({self.max_upload_mb:g} MB): upload a smaller image")
         missing = [i.flag[2:] for i in self.inputs if not r.inputs.get(i.name)]
-        if any(i.with_init_image for i in self.inputs) and not r.init_image:
+        if self.marks_up_init_image and not r.init_image:
             missing.insert(0, "picture (img2img's image)")
         if missing:
             raise UserError(f"this run samples from input images: upload the {' and the '.join(missing)}")
@@ -240,12 +241,11 @@ class Explorer:
         settings = dict(scheduler=r.scheduler, steps=r.steps, guidance=r.guidance, seed=r.seed,
                         negative_prompt=r.negative_prompt)
         init_path, kept, inputs = None, {}, {}
-        marks_up_init_image = any(i.with_init_image for i in self.inputs)
         if r.init_image:
-            image = read_image(r.init_image, "the img2img image", sizes=(IMAGE_SIZE,) if marks_up_init_image
+            image = read_image(r.init_image, "the img2img image", sizes=(IMAGE_SIZE,) if self.marks_up_init_image
                                else None)
             init_path = self.keep_input(image)
-            if marks_up_init_image:
+            if self.marks_up_init_image:
                 inputs["image"] = image
             else:
                 settings.update(init_images=image.expand(r.n, -1, -1), strength=r.strength)
@@ -310,7 +310,7 @@ class Explorer:
                  "--guidance", repr(float(r.guidance)), "--seed", str(r.seed)]
         if init_path is not None:
             args += ["--init-image", str(init_path)]
-            if not any(i.with_init_image for i in self.inputs):
+            if not self.marks_up_init_image:
                 args += ["--strength", repr(float(r.strength))]
         for flag, path in (inputs or {}).items():
             args += [flag, str(path)]
@@ -342,7 +342,7 @@ def build_page(explorer: Explorer):
                 n = gr.Slider(1, MAX_IMAGES, value=d.n, step=1, label="Images")
                 uploads = [gr.Image(type="filepath", sources=["upload"], label=f"{i.flag[2:]}: {i.help}",
                                     elem_id=f"input-{i.name}") for i in explorer.inputs]
-                marks_up = any(i.with_init_image for i in explorer.inputs)  # the picture is an input, not img2img
+                marks_up = explorer.marks_up_init_image
                 with gr.Accordion("picture" if marks_up else "img2img", open=marks_up):
                     init_image = gr.Image(type="filepath", sources=["upload"], elem_id="init-image",
                                           label="The picture the input above marks up" if marks_up

@@ -44,6 +44,8 @@ SIZE_KEYS = {"train.max_steps", "train.epochs", "train.batch_size", "data.limit"
 TINY_SECTION_KEYS = ("train", "data", "prior", "sample")  # and the whole model section
 CUT = {"--n": MAX_N, "--n-classes": MAX_N, "--steps": 2, "--warmup": 1, "--timed-steps": 1, "--repeats": 1,
        "--clients": 2}
+SIZED = {"train_speed": ("--steps", "--warmup"), "sample_speed": ("--n",), "pixel_vs_latent": ("--n", "--timed-steps"),
+         "dreambooth_report": ("--n", "--n-classes")}  # a benchmark's sizes whose defaults are large
 WRITES = ("--out", "--save-array", "--screenshot", "--out-dir")
 CODE_SPAN = re.compile(r"`((?:python|make|accelerate) [^`]+)`")
 
@@ -152,19 +154,15 @@ def training_arguments(args: list[str], tiny_runs: dict, tmp_path: Path) -> list
 
 
 def run_benchmark(script: str, args: list[str]) -> int:
-    module = importlib.import_module(f"benchmarks.{Path(script).stem}")
-    if module.__name__ == "benchmarks.web_page":
+    """A benchmark's ``main`` in this process, its sizes (``SIZED``) cut as ``CUT`` says where the command
+    leaves them at their defaults."""
+    name = Path(script).stem
+    if name == "web_page":
         needs_browser()
-    if module.__name__ == "benchmarks.train_speed" and "--steps" not in args:
-        args += ["--steps", "2", "--warmup", "1"]
-    if module.__name__ in ("benchmarks.sample_speed", "benchmarks.pixel_vs_latent", "benchmarks.dreambooth_report") \
-            and "--n" not in args:
-        args += ["--n", str(MAX_N)]
-    if module.__name__ == "benchmarks.dreambooth_report" and "--n-classes" not in args:
-        args += ["--n-classes", str(MAX_N)]
-    if module.__name__ == "benchmarks.pixel_vs_latent" and "--timed-steps" not in args:
-        args += ["--timed-steps", "1"]
-    return module.main(args)
+    for flag in SIZED.get(name, ()):
+        if flag not in args:
+            args += [flag, str(CUT[flag])]
+    return importlib.import_module(f"benchmarks.{name}").main(args)
 
 
 @pytest.mark.parametrize("command", documented_commands(), ids=lambda c: c[:80])

@@ -97,9 +97,8 @@ class ImageConditionedLDM(TextConditionedLDM):
         """``inputs[key]`` for each key, or one clear error naming the missing input."""
         missing = [k for k in keys if not inputs or inputs.get(k) is None]
         if missing:
-            declared = self.capabilities.inputs
-            picture = ["--init-image"] if any(i.with_init_image for i in declared) else []
-            flags = " and ".join(picture + [i.flag for i in declared])
+            can = self.capabilities
+            flags = " and ".join(["--init-image"] * can.marks_up_init_image + [i.flag for i in can.inputs])
             raise UserError(f"a '{self.name}' run samples from an input image: give {flags}")
         return [inputs[k] for k in keys]
 
