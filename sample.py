@@ -3,7 +3,7 @@
     python sample.py runs/ddpm_fashion_quick --class 9            # 8 ankle boots
     python sample.py runs/ddpm_fashion_quick --class "ankle boot" --n 16 --guidance 5
     python sample.py runs/ddpm_fashion_quick --class all --steps 50 --scheduler ddim
-    python sample.py runs/ddpm_fashion_quick/checkpoints/step-00001500 --class all
+    python sample.py runs/ddpm_fashion_quick/checkpoints/step-00003000 --class all
     python sample.py runs/ddpm_fashion_quick --evaluate --n 1000       # judge's metrics
     python sample.py runs/ddpm_fashion_quick --sweep 0 1 2 3 5 8       # guidance sweep
     python sample.py runs/latent_fashion_quick --class all              # a latent run: the same
@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None, declared: dict) -> argparse.Namespace:
     parser.add_argument("run", help="run directory or checkpoint folder")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="change how the run samples, as train.py takes them (right after RUN): "
-                             "sample.guidance_interval=null, sample.clip_denoised=false, upscale.noise_level=50, "
+                             "sample.guidance_interval=null, sample.clip_denoised=false, "
+                             "sample.guide_with=checkpoints/step-00000900 (autoguidance), upscale.noise_level=50, "
                              "inpaint.keep_known=false")
     parser.add_argument("--class", dest="classes", action="append", default=None,
                         help='class index or name ("9", "ankle boot"), or "all"; repeat for several')

@@ -7,7 +7,8 @@ The loop knows nothing about images or UNets: the config's ``stage`` names a cla
 ``ddpm/runs.py``) that supplies the data, the model, the loss and the sample grids, as the
 stage contract (``ddpm/contract.py``) says. The trainer
 adds what every stage needs: processes and devices, mixed precision, gradient accumulation,
-AdamW with warm-up and decay, gradient clipping, an EMA of the weights, logging,
+AdamW with warm-up and decay, gradient clipping, an EMA of the weights (and, for post-hoc EMA,
+snapshots of two more: ``ddpm/posthoc_ema.py``), logging,
 checkpoints and exact resume, and a clean stop on SIGTERM, SIGINT or SIGUSR1: the step is
 finished and checkpointed, and the command exits 75 (``ddpm/preemption.py``).
 
@@ -49,9 +50,10 @@ from ddpm.checkpoint import (
     weights_file,
 )
 from ddpm.config import TrainConfig, apply_overrides, read_yaml
-from ddpm.ema import EMA
+from ddpm.ema import EMA, PowerEMA
 from ddpm.errors import UserError, cli_errors
 from ddpm.plots import append_metrics, plot_metrics, read_metrics
+from ddpm.posthoc_ema import load_profiles, profile_tensors, write_snapshot
 from ddpm.preemption import EXIT_PREEMPTED, Preempted, StopSignals, ignore_stop_signals
 from ddpm.runs import load_config
 
@@ -128,7 +130,10 @@ def train(raw_config: dict) -> Path:
 
     set_seed(cfg.seed)  # the initial weights
     model = stage.build_model()
-    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup_power)  # before prepare(): it must copy the plain model
+    # before prepare(): the EMA must copy the plain model
+    ema = (EMA(model, cfg.ema_decay, cfg.ema_warmup_power) if cfg.ema_sigma_rel is None
+           else PowerEMA(model, cfg.ema_sigma_rel))
+    profiles = [PowerEMA(model, sigma_rel) for sigma_rel in cfg.posthoc_ema]  # for post-hoc EMA, if asked
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas,
                                   fused=device.type == "cuda")
     lr_schedule = get_scheduler(cfg.lr_schedule if cfg.lr_schedule != "constant" else "constant_with_warmup",
@@ -136,11 +141,13 @@ def train(raw_config: dict) -> Path:
     if cfg.compile:
         model.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema.model.to(device)
+    for average in [ema, *profiles]:
+        average.model.to(device)
 
     start_step = 0
     if resume_from is not None:
-        start_step = _load_checkpoint(resume_from, stage.name, accelerator, model, ema, optimizer, lr_schedule)
+        start_step = _load_checkpoint(resume_from, stage.name, accelerator, model, ema, profiles, optimizer,
+                                      lr_schedule)
         say(f"resumed from {resume_from} at step {start_step}")
     metrics_path = run_dir / "metrics.jsonl"
     if is_main:
@@ -184,12 +191,13 @@ def train(raw_config: dict) -> Path:
                 for name, value in parts.items():
                     running[name] = running.get(name, 0) + value.detach() / cfg.grad_accum_steps
             lr_schedule.step()
-            ema.update(accelerator.unwrap_model(model))
+            for average in [ema, *profiles]:
+                average.update(accelerator.unwrap_model(model))
             window_steps += 1
             done = step + 1
             stopping = stop.requested() and done < total_steps  # a stop signal: checkpoint and leave
             checkpoint_due = (stopping or done == total_steps
-                              or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0))
+                              or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done in cfg.keep_steps)
 
             if done % cfg.log_every == 0 or checkpoint_due:  # the only place the host waits for the GPU
                 means = {k: accelerator.reduce(v, reduction="mean").item() / window_steps for k, v in running.items()}
@@ -212,8 +220,11 @@ def train(raw_config: dict) -> Path:
             if checkpoint_due:
                 if is_main:
                     save_checkpoint(checkpoints_dir, done, lambda folder: _write_checkpoint(
-                        folder, stage.name, done, accelerator, model, ema, optimizer, lr_schedule), cfg.keep_last)
+                        folder, stage.name, done, accelerator, model, ema, profiles, optimizer, lr_schedule),
+                        cfg.keep_last, cfg.keep_steps)
                 accelerator.wait_for_everyone()
+            if profiles and is_main and (done % cfg.posthoc_every == 0 or done == total_steps):
+                write_snapshot(run_dir, profiles)
             if stopping:
                 break
             if cfg.sample_every and done % cfg.sample_every == 0 and is_main:
@@ -277,16 +288,19 @@ def _resume_point(cfg: TrainConfig, run_dir: Path, checkpoints_dir: Path, say) -
     return folder
 
 
-def _write_checkpoint(folder, stage_name, step, accelerator, model, ema, optimizer, lr_schedule):
+def _write_checkpoint(folder, stage_name, step, accelerator, model, ema, profiles, optimizer, lr_schedule):
     save_tensors(accelerator.unwrap_model(model).state_dict(), folder / "model.safetensors")
     ema.model.save_pretrained(folder / "ema")
+    if profiles:
+        tensors, metadata = profile_tensors(profiles)
+        save_tensors(tensors, folder / "posthoc_ema.safetensors", metadata)
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler}, folder / "optimizer.pt")
     state = {"stage": stage_name, "step": step, "ema_step": ema.step, "lr_schedule": lr_schedule.state_dict()}
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
 
-def _load_checkpoint(folder, stage_name, accelerator, model, ema, optimizer, lr_schedule) -> int:
+def _load_checkpoint(folder, stage_name, accelerator, model, ema, profiles, optimizer, lr_schedule) -> int:
     try:
         state = json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError):
@@ -306,6 +320,10 @@ def _load_checkpoint(folder, stage_name, accelerator, model, ema, optimizer, lr_
         accelerator.scaler.load_state_dict(saved["scaler"])
     lr_schedule.load_state_dict(state["lr_schedule"])
     ema.step = state["ema_step"]
+    if profiles:
+        if not (folder / "posthoc_ema.safetensors").is_file():
+            raise UserError(f"{folder} was written without train.posthoc_ema; resume it without it")
+        load_profiles(profiles, folder / "posthoc_ema.safetensors", state["ema_step"])
     return state["step"]
 
 

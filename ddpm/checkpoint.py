@@ -53,8 +53,8 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def save_checkpoint(root: Path, step: int, write_files, keep_last: int) -> Path:
-    """Write a checkpoint atomically, then delete all but the newest ``keep_last``.
+def save_checkpoint(root: Path, step: int, write_files, keep_last: int, keep_steps=()) -> Path:
+    """Write a checkpoint atomically, then delete all but the newest ``keep_last`` and those of ``keep_steps``.
 
     ``write_files(folder)`` writes the payload into a fresh temporary folder.
     """
@@ -75,7 +75,8 @@ def save_checkpoint(root: Path, step: int, write_files, keep_last: int) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in {checkpoint_name(s) for s in keep_steps}:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

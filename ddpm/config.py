@@ -44,12 +44,18 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (helps on GPUs, not on CPUs)
     ema_decay: float = 0.9999  # the most the EMA decay reaches
     ema_warmup_power: float = 0.75  # decay = 1 - (1 + step)^-power until it reaches ema_decay
+    ema_sigma_rel: float | None = None  # instead: a power-function EMA this wide relative to the run (ddpm/ema.py)
+    # post-hoc EMA (ddpm/posthoc_ema.py): the widths of the power-function EMAs kept, e.g. [0.05, 0.1], and
+    # every how many steps they are written to RUN/posthoc/
+    posthoc_ema: list[float] = dataclasses.field(default_factory=list)
+    posthoc_every: int = 0
     log_every: int = 50
     sample_every: int = 0  # 0: a preview grid only at the end
     eval_every: int = 0  # 0: no quality evaluation during training
     eval_n: int = 500  # samples per evaluation
     checkpoint_every: int = 1000  # 0: only the final checkpoint
     keep_last: int = 3
+    keep_steps: list[int] = dataclasses.field(default_factory=list)  # also checkpoint these steps, and keep them
     trackers: list[str] = dataclasses.field(default_factory=list)  # "wandb", "tensorboard"
     resume: str | None = None  # "latest" or a checkpoint folder
 
@@ -61,13 +67,23 @@ class TrainConfig:
         for name in ["lr", "epochs"]:
             if not getattr(self, name) > 0:
                 raise UserError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        for name in ["warmup_steps", "weight_decay", "sample_every", "eval_every", "checkpoint_every"]:
+        for name in ["warmup_steps", "weight_decay", "sample_every", "eval_every", "checkpoint_every",
+                     "posthoc_every"]:
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise UserError(f"train.max_steps must be > 0, got {self.max_steps}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if bool(self.posthoc_ema) != bool(self.posthoc_every):
+            raise UserError("train.posthoc_ema (the EMA widths, e.g. [0.05, 0.1]) and train.posthoc_every (steps "
+                            "between snapshots) are set together")
+        widths = [*self.posthoc_ema, *([self.ema_sigma_rel] if self.ema_sigma_rel is not None else [])]
+        if not all(0 < s < 12 ** -0.5 for s in widths):
+            raise UserError(f"train.posthoc_ema and train.ema_sigma_rel widths must be in (0, 0.288), got "
+                            f"{self.posthoc_ema} and {self.ema_sigma_rel}")
+        if any(s <= 0 for s in self.keep_steps):
+            raise UserError(f"train.keep_steps must be steps >= 1, got {self.keep_steps}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise UserError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
         unknown = set(self.trackers) - {"wandb", "tensorboard"}

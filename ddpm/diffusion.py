@@ -40,6 +40,8 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
     EulerDiscreteScheduler,
 )
 from tqdm.auto import tqdm
@@ -49,14 +51,34 @@ SAMPLERS = {
     "ddim": (DDIMScheduler, {}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "euler": (EulerDiscreteScheduler, {}),
+    "edm-euler": (EDMEulerScheduler, {}),  # EDM's noise levels (Karras et al. 2022, eq. 5), see ``EDMSampler``
+    "edm-dpm++": (EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
 }
 
 
-def draw_timesteps_and_noise(x0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
-    """Timesteps uniform over *all* of 0..T-1 (B, int64) and noise shaped like x0."""
-    t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+def draw_timesteps_and_noise(x0: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator,
+                             lognormal: tuple[float, float] | None = None):
+    """Timesteps (B, int64) and noise shaped like x0. The timesteps are uniform over *all* of 0..T-1
+    (DDPM), or, with ``lognormal`` = (P_mean, P_std), those whose noise level sigma_t (``sigmas``) is
+    nearest to a draw of ln sigma ~ N(P_mean, P_std^2) (EDM, Karras et al. 2022, table 1): most
+    training then goes to the middle noise levels, where the samples' shapes are decided."""
+    n = x0.shape[0]
+    if lognormal is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=x0.device)
+    else:
+        log_sigma = lognormal[0] + lognormal[1] * torch.randn(n, generator=generator, device=x0.device)
+        table = sigmas(scheduler).log().to(x0.device)
+        t = torch.searchsorted(table, log_sigma).clamp(1, len(table) - 1)
+        t = t - ((log_sigma - table[t - 1]) < (table[t] - log_sigma)).long()  # the nearer of the two neighbours
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return t, noise
+
+
+def sigmas(scheduler: DDPMScheduler) -> torch.Tensor:
+    """The noise-to-signal ratio sigma_t = sqrt((1 - abar_t) / abar_t) of each training timestep (float T,
+    rising: 0.01 to 157 for the linear schedule): x_t / sqrt(abar_t) = x0 + sigma_t eps, EDM's noisy sample."""
+    abar = scheduler.alphas_cumprod.double()
+    return ((1 - abar) / abar).sqrt().float()
 
 
 def condition_dropout_mask(batch_size: int, p_uncond: float, generator: torch.Generator,
@@ -72,19 +94,33 @@ def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
 
 
 def diffusion_loss(scheduler: DDPMScheduler, prediction: torch.Tensor, x0: torch.Tensor,
-                   noise: torch.Tensor, t: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
+                   noise: torch.Tensor, t: torch.Tensor, snr_gamma: float | None = None,
+                   sigma_data: float | None = None) -> torch.Tensor:
     """MSE between the network's prediction and its target, per example: float B (the loss is
     their mean).
 
     With ``snr_gamma`` (min-SNR-gamma, Hang et al. 2023), low-noise timesteps, whose
     targets are easy and whose gradients would dominate, are weighted down to
     min(SNR, gamma) / SNR for eps-prediction (/ (SNR + 1) for v-prediction).
+
+    With ``sigma_data`` (the data's std), EDM's weighting (Karras et al. 2022, eq. 8 and table 1):
+    lambda(sigma) ||x0_hat - x0||^2 with lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2,
+    which makes the loss of EDM's preconditioned network F uniform over noise levels. A VP network's
+    clean-sample error is sigma times its eps error (x0_hat = x_t / a - sigma eps_hat) and b times
+    its v error (x0_hat = a x_t - b v_hat; b^2 = sigma^2 / (1 + sigma^2)), so lambda becomes the weight
+    (sigma^2 + sigma_data^2) / sigma_data^2 on the eps MSE, and that divided by (1 + sigma^2) on the v MSE.
+    For sigma_data = 1 the v MSE is EDM's loss unweighted: v-prediction *is* EDM's preconditioning
+    (c_in, c_skip, c_out) for data of unit std, with the timestep t as c_noise.
     """
     if scheduler.config.prediction_type == "epsilon":
         target = noise
     else:
         target = scheduler.get_velocity(x0, noise, t)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if sigma_data is not None:
+        sigma2 = 1 / snr(scheduler, t)
+        weight = (sigma2 + sigma_data**2) / sigma_data**2
+        return per_sample * (weight if scheduler.config.prediction_type == "epsilon" else weight / (1 + sigma2))
     if snr_gamma is None:
         return per_sample
     s = snr(scheduler, t)
@@ -131,9 +167,20 @@ def predicted_x0(scheduler: DDPMScheduler, output: torch.Tensor, x_t: torch.Tens
 
 
 def _signal_and_noise_scales(scheduler: DDPMScheduler, t: torch.Tensor, device: torch.device):
-    """sqrt(abar_t) and sqrt(1 - abar_t) at timestep t (rounded: Euler's timesteps are floats)."""
-    abar = scheduler.alphas_cumprod[int(torch.as_tensor(t).round())].to(device, torch.float32)
-    return abar.sqrt(), (1 - abar).sqrt()
+    """sqrt(abar_t) and sqrt(1 - abar_t) at timestep t, which may lie between training timesteps (Euler's
+    and the EDM samplers' do): 1 / sqrt(1 + sigma^2) and sigma / sqrt(1 + sigma^2), ln sigma interpolated."""
+    table = sigmas(scheduler).log()
+    sigma = _interpolate(torch.as_tensor(t, dtype=torch.float32).cpu(), torch.arange(len(table)), table).exp()
+    a = (1 + sigma**2).rsqrt()
+    return a.to(device), (sigma * a).to(device)
+
+
+def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """The piecewise-linear function through (xp, fp) (xp rising) at x, held constant outside xp's range."""
+    x = x.clamp(xp[0], xp[-1]).float()
+    i = torch.searchsorted(xp.float(), x).clamp(1, len(xp) - 1)
+    left, right = xp[i - 1].float(), xp[i].float()
+    return fp[i - 1] + (x - left) / (right - left) * (fp[i] - fp[i - 1])
 
 
 def make_sampler(name: str, train_scheduler: DDPMScheduler):
@@ -141,12 +188,63 @@ def make_sampler(name: str, train_scheduler: DDPMScheduler):
 
     "trailing" spacing makes few-step samplers start at t = T-1, pure noise, as training
     expects (Lin et al. 2023), instead of part-way down the schedule. The schedulers' own
-    clipping is off: ``clip_denoised`` does it, the same way for every sampler.
+    clipping is off: ``clip_denoised`` does it, the same way for every sampler. The EDM samplers
+    step through EDM's noise levels between the schedule's sigma_0 and sigma_{T-1} (``EDMSampler``).
     """
     cls, extra = SAMPLERS[name]
+    if name.startswith("edm"):
+        table = sigmas(train_scheduler)
+        edm = cls(sigma_min=float(table[0]), sigma_max=float(table[-1]), sigma_data=1.0, prediction_type="v_prediction",
+                  num_train_timesteps=train_scheduler.config.num_train_timesteps, **extra)
+        return EDMSampler(edm, train_scheduler)
     if "clip_sample" in inspect.signature(cls.__init__).parameters:
         extra = {**extra, "clip_sample": False}
     return cls.from_config(train_scheduler.config, timestep_spacing="trailing", **extra)
+
+
+class EDMSampler:
+    """One of diffusers' EDM schedulers (Karras et al. 2022) driving a network trained on our discrete VP
+    schedule, with the interface ``sample_loop`` uses. The EDM scheduler steps x = x0 + sigma eps through
+    its own noise levels (by default rho = 7: sigma_i^(1/7) evenly spaced, many steps at low noise), and
+    preconditions: the network sees c_in x, at time c_noise(sigma), and its output F gives
+    x0_hat = c_skip x + c_out F. With sigma_data = 1, c_in x = x / sqrt(1 + sigma^2) is exactly the VP sample
+    x_t at the timestep whose sigma_t = sigma, and c_skip, c_out make F the VP v-prediction. So here the
+    network is asked at that (fractional) training timestep t, and its eps, if it predicts eps, is
+    re-expressed as v = eps sqrt(1 + sigma^2) - sigma x_t. ``timesteps`` are training timesteps.
+    """
+
+    def __init__(self, edm, train_scheduler: DDPMScheduler):
+        self.edm, self.prediction_type = edm, train_scheduler.config.prediction_type
+        self.log_sigmas = sigmas(train_scheduler).log()
+
+    @property
+    def init_noise_sigma(self):
+        return self.edm.init_noise_sigma
+
+    def set_timesteps(self, steps: int, device=None) -> None:
+        self.edm.set_timesteps(steps, device=device)
+        sigma = self.edm.sigmas[:-1].float().cpu()
+        self.timesteps = _interpolate(sigma.log(), self.log_sigmas, torch.arange(len(self.log_sigmas)).float())
+
+    def set_begin_index(self, index: int) -> None:
+        self.edm.set_begin_index(index)
+
+    def _index(self, t: torch.Tensor) -> int:
+        """Which of the ``timesteps`` t is."""
+        return int((self.timesteps - torch.as_tensor(t).cpu().float()).abs().argmin())
+
+    def scale_model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.edm.scale_model_input(x, self.edm.timesteps[self._index(t)])
+
+    def step(self, output: torch.Tensor, t: torch.Tensor, x: torch.Tensor, generator=None):
+        index = self._index(t)
+        if self.prediction_type == "epsilon":
+            sigma = self.edm.sigmas[index].to(x.device)
+            output = output * (1 + sigma**2).sqrt() - sigma * x / (1 + sigma**2).sqrt()  # x / sqrt(1 + sigma^2) = x_t
+        return self.edm.step(output, self.edm.timesteps[index], x, generator=generator)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.edm.add_noise(x0, noise, self.edm.timesteps[[self._index(s) for s in t.reshape(-1)]])
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ A diffusion stage says only two things (``ddpm/stage.py`` is the whole of stage 
     and ``sampling_inputs`` (its random draws at sampling time).
 
 Classifier-free guidance runs the conditional and the null branch as one batch of 2B; any
-"concat" channels are the same in both branches.
+"concat" channels are the same in both branches. Autoguidance (``sample.guide_with``) runs the
+conditional branch through the run's model and through a weaker one, and guides away from the latter.
 """
 
 from __future__ import annotations
@@ -43,10 +44,20 @@ class DiffusionConfig:
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     p_uncond: float = 0.1  # condition dropout to the null condition, for classifier-free guidance
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5 is the paper's choice)
+    # EDM-style training (Karras et al. 2022; see ddpm/diffusion.py): noise levels drawn log-normally,
+    # ln sigma ~ N(P_mean, P_std^2) (EDM: [-1.2, 1.2]), instead of uniform timesteps; and EDM's loss weight
+    # for data of std sigma_data (EDM: 0.5), instead of min-SNR
+    lognormal_noise: tuple[float, float] | None = None
+    sigma_data: float | None = None
 
     def __post_init__(self):
         if not 0 <= self.p_uncond <= 1:
             raise UserError(f"diffusion.p_uncond must be in [0, 1], got {self.p_uncond}")
+        if self.snr_gamma is not None and self.sigma_data is not None:
+            raise UserError("diffusion.snr_gamma (min-SNR) and diffusion.sigma_data (EDM) are two loss weightings; "
+                            "set one")
+        if self.lognormal_noise is not None and self.lognormal_noise[1] <= 0:
+            raise UserError(f"diffusion.lognormal_noise is [P_mean, P_std] with P_std > 0, got {self.lognormal_noise}")
         if self.num_train_timesteps < 2:
             raise UserError(f"diffusion.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
 
@@ -55,13 +66,19 @@ class DiffusionConfig:
 class SampleConfig:
     """Defaults for preview grids during training and for sample.py."""
 
-    scheduler: Literal["ddpm", "ddim", "dpm++", "euler"] = "dpm++"
+    scheduler: Literal["ddpm", "ddim", "dpm++", "euler", "edm-euler", "edm-dpm++"] = "dpm++"
     steps: int = 25
     guidance: float = 3.0
     # guide (w > 1) only at training timesteps lo <= t <= hi, plain conditional elsewhere
     # (Kynkäänniemi et al. 2024); null: at every step
     guidance_interval: tuple[int, int] | None = None
     clip_denoised: bool = True  # keep the clean-sample estimate within the data's range (see ddpm/diffusion.py)
+    # autoguidance (Karras et al. 2024): guide with this weaker model of the run, asked for the same condition,
+    # instead of the null condition; a checkpoint or run folder, relative to the run directory
+    # (checkpoints/step-00000900: the EMA weights of an early checkpoint, ``train.keep_steps`` keeps it);
+    # previews during training, before that model is final, guide with the null condition
+    guide_with: str | None = None
+    guide_with_null: bool = False  # ask that weaker model for the null condition: away from its errors and toward c
     n_per_class: int = 8
     seed: int = 0
 
@@ -84,6 +101,7 @@ class DiffusionStage(Stage):
         # clip_sample is for pipelines that load final/scheduler (our samplers use clip_denoised)
         self.scheduler = DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
                                        prediction_type=d.prediction_type, clip_sample=self.data_range is not None)
+        self.guide_model = None  # autoguidance's weaker model: loaded with the run's (``load_model``)
 
     # -- where it diffuses: Fashion-MNIST pixels unless a stage says otherwise ---------------
 
@@ -160,7 +178,8 @@ class DiffusionStage(Stage):
         flip = torch.rand(n, generator=generator, device=device) < 0.5 if self.config.data.flip else None
         x0 = self.clean_sample(raw, flip)
         dropped = condition_dropout_mask(n, self.config.diffusion.p_uncond, generator, device)
-        timesteps, noise = draw_timesteps_and_noise(x0, self.scheduler.config.num_train_timesteps, generator)
+        lognormal = self.config.diffusion.lognormal_noise
+        timesteps, noise = draw_timesteps_and_noise(x0, self.scheduler, generator, lognormal)
         return {"x0": x0, "timesteps": timesteps, "noise": noise,
                 **self.training_condition(raw, dropped, generator), **self.image_condition(raw, flip, generator)}
 
@@ -174,8 +193,9 @@ class DiffusionStage(Stage):
         """The denoising loss of each example of a batch: float B."""
         x_t = self.scheduler.add_noise(batch["x0"], batch["noise"], batch["timesteps"])
         prediction = self.denoise(model, x_t, batch["timesteps"], self.model_condition(batch))
+        d = self.config.diffusion
         return diffusion_loss(self.scheduler, prediction, batch["x0"], batch["noise"], batch["timesteps"],
-                              self.config.diffusion.snr_gamma)
+                              d.snr_gamma, d.sigma_data)
 
     # -- sampling ---------------------------------------------------------------------
 
@@ -186,8 +206,14 @@ class DiffusionStage(Stage):
             out = out(x, null) + w * (out(x, condition) - out(x, null))
 
         w = 1 needs only the conditional branch and w = 0 only the null one; otherwise both run
-        as one batch of 2B. With ``weights``, ``condition`` is a list of conditions composed as
-        ``guide`` says, all K + 1 branches in one batch. Outside ``sample.guidance_interval`` a
+        as one batch of 2B. With a ``guide_model`` (autoguidance, ``sample.guide_with``) the model
+        guides away from the weaker model's answer for the same condition instead:
+
+            out = guide(x, condition) + w * (out(x, condition) - guide(x, condition))
+
+        (with ``sample.guide_with_null``, guide(x, null): the weaker model's unconditional answer). With
+        ``weights``, ``condition`` is a list of conditions composed as ``guide`` says, all K + 1 branches
+        in one batch. Outside ``sample.guidance_interval`` a
         w > 1 becomes 1. With ``sample.clip_denoised`` and a ``data_range``, the result is
         re-expressed so that its clean-sample estimate stays in that range (``clip_denoised``).
         """
@@ -196,6 +222,11 @@ class DiffusionStage(Stage):
             guidance = 1.0
         if guidance == 1 and weights is None:
             out = self.denoise(model, x, t, condition)
+        elif self.guide_model is not None:
+            if weights is not None:
+                raise UserError("composed prompts are guided by the null condition; sample without sample.guide_with")
+            weak = self.denoise(self.guide_model, x, t, null if self.config.sample.guide_with_null else condition)
+            out = weak if guidance == 0 else guide(self.denoise(model, x, t, condition), weak, guidance)
         elif guidance == 0:
             out = self.denoise(model, x, t, null)
         else:
@@ -229,6 +260,8 @@ class DiffusionStage(Stage):
             raise UserError(f"strength must be in [0, 1], got {strength}")
         device = next(model.parameters()).device
         model.eval()
+        if self.guide_model is not None:
+            self.guide_model.to(device).eval()
         sampler = make_sampler(scheduler, self.scheduler)
         n = len(next(iter(null.values())))
         out = []
@@ -315,12 +348,23 @@ class DiffusionStage(Stage):
         """Load what a ``final/`` folder holds besides the network (an autoencoder, a text encoder)."""
 
     def load_model(self, folder: Path):
-        """The network from a ``final/`` folder (``unet/``) or a checkpoint (its EMA weights, ``ema/``)."""
+        """The network from a ``final/`` folder (``unet/``) or a checkpoint (its EMA weights, ``ema/``);
+        with ``sample.guide_with``, autoguidance's weaker model too (``guide_model``), from that folder
+        (or the run's ``final/``) relative to the run directory."""
         self.load_components(folder)
+        guide_with = self.config.sample.guide_with
+        if guide_with is not None:
+            run_dir = folder.parent if folder.name == "final" else folder.parent.parent
+            weak = run_dir / guide_with
+            self.guide_model = self._network(weak / "final" if (weak / "final").is_dir() else weak,
+                                             f"sample.guide_with={guide_with}: ")
+        return self._network(folder)
+
+    def _network(self, folder: Path, what: str = ""):
         for sub in ("unet", "ema"):
             if (folder / sub / "config.json").is_file():
                 return self.model_class.from_pretrained(folder / sub, use_safetensors=True)
-        raise UserError(f"{folder} holds no model (expected unet/ or ema/ inside)")
+        raise UserError(f"{what}{folder} holds no model (expected unet/ or ema/ inside)")
 
 
 def _autocast(device: torch.device):

@@ -8,7 +8,8 @@ The documented substitutions (README.md, "Tests"):
   the command's overrides apply, but for sizes (``SIZE_KEYS``) and ``train.output_dir``, which is a
   temporary folder. ``accelerate launch ... train.py`` does the same on 2 CPU processes;
 - each ``runs/NAME`` (a quick or GPU preset's run, a checkpoint in it, its ``final/``) becomes the tiny run of
-  its stage trained by the tests, in a command's arguments and in the configs it names;
+  its stage trained by the tests, in a command's arguments and in the configs it names; a checkpoint named
+  by ``sample.guide_with`` becomes the tiny run's oldest;
 - ``--n`` is at most 20, and steps, repeats and clients are cut to a few (``CUT``); what a command writes
   (``--out``, ``--save-array``, ``--screenshot``) goes to a temporary folder;
 - ``srun CMD`` runs CMD; Slurm's ``scontrol`` is not run, but the exit code its line tests is train.py's;
@@ -32,7 +33,7 @@ import pytest
 import yaml
 
 import sample
-from ddpm.checkpoint import latest_good_checkpoint
+from ddpm.checkpoint import latest_good_checkpoint, list_checkpoints
 from ddpm.config import read_yaml
 from ddpm.preemption import EXIT_PREEMPTED
 
@@ -118,6 +119,8 @@ def substituted(args: list[str], tiny_runs: dict, out: Path) -> list[str]:
             arg = str(out / Path(arg).name)
         elif arg.startswith("configs/"):
             arg = str(tiny_config_of(arg))
+        elif re.fullmatch(r"sample\.guide_with=checkpoints/step-\d+", arg):  # a checkpoint of the run: its oldest
+            arg = "sample.guide_with=checkpoints/" + list_checkpoints(Path(done[0]) / "checkpoints")[0].name
         else:
             arg = tiny_run_for(arg, tiny_runs)
         done.append(arg)

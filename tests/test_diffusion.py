@@ -89,6 +89,37 @@ def test_v_prediction_target_and_min_snr_weights():
     assert diffusion_loss(stage.scheduler, noise, x0, noise, t, 5.0).mean().item() > 1e-3
 
 
+def test_lognormal_noise_levels_follow_edm_distribution():
+    """EDM's training noise levels: ln sigma_t of the drawn timesteps ~ N(P_mean, P_std^2), up to the table's
+    spacing (sigma_t changes by < 2% from one timestep to the next past t = 50)."""
+    from ddpm.diffusion import sigmas
+
+    stage = make_stage(lognormal_noise=[-1.2, 1.2])
+    g = torch.Generator().manual_seed(0)
+    t = torch.cat([stage.make_batch(fake_raw(512), g)["timesteps"] for _ in range(16)])
+    log_sigma = sigmas(stage.scheduler).log()[t]
+    assert abs(log_sigma.mean().item() + 1.2) < 0.05 and abs(log_sigma.std().item() - 1.2) < 0.05
+    assert abs((t < 100).float().mean().item() - 0.54) < 0.03  # P(sigma < sigma_100 = 0.342); uniform: 0.1
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_edm_weight_is_lambda_times_the_clean_sample_error(prediction_type):
+    """diffusion_loss with sigma_data is EDM's lambda(sigma) ||x0_hat - x0||^2 for either prediction type."""
+    from ddpm.diffusion import diffusion_loss, sigmas
+
+    stage = make_stage(prediction_type=prediction_type, sigma_data=0.5)
+    batch = stage.make_batch(fake_raw(16), torch.Generator().manual_seed(0))
+    x0, noise, t = batch["x0"], batch["noise"], batch["timesteps"]
+    prediction = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    x_t = stage.scheduler.add_noise(x0, noise, t)
+    x0_hat = torch.stack([predicted_x0(stage.scheduler, p[None], x[None], s)[0] for p, x, s in zip(prediction, x_t, t)])
+    sigma = sigmas(stage.scheduler)[t].double()
+    lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    expected = lam * (x0_hat.double() - x0.double()).pow(2).flatten(1).mean(1)
+    loss = diffusion_loss(stage.scheduler, prediction, x0, noise, t, sigma_data=0.5)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_clip_denoised_keeps_the_clean_estimate_in_range_and_the_pair_consistent(prediction_type):
     stage = make_stage(prediction_type=prediction_type)

@@ -211,3 +211,27 @@ def test_preview_grids_reach_wandb_and_tensorboard_inside_the_run(tmp_path, fash
     media = sorted((offline / "files" / "media" / "images").glob("samples_*.png"))
     assert [int(p.name.split("_")[1]) for p in media] == [4, 8]
     assert np.array_equal(pixels(media[0]), pixels(grids[4]))
+
+
+def test_posthoc_ema_snapshots_resume_exactly_and_kept_steps_stay(tmp_path, fashion_mnist):
+    """The power-function EMAs are written every posthoc_every steps and restored on resume (the snapshots
+    after a resume equal those of the straight run); a checkpoint of keep_steps outlives keep_last; a run
+    whose own EMA is the 0.05 profile (ema_sigma_rel) ends with the last snapshot's 0.05 weights."""
+    posthoc = {"posthoc_ema": [0.05, 0.1], "posthoc_every": 2, "keep_steps": [2], "ema_sigma_rel": 0.05}
+    straight = train.train(tiny_config(tmp_path / "straight", train=posthoc))
+    assert [p.name for p in list_checkpoints(straight / "checkpoints")] == ["step-00000002", "step-00000004",
+                                                                             "step-00000008"]
+    snapshots = sorted(p.name for p in (straight / "posthoc").iterdir())
+    assert snapshots == [f"step-0000000{s}.safetensors" for s in (2, 4, 6, 8)]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "step-00000004", resumed / "checkpoints" / "step-00000004")
+    train.train(tiny_config(resumed, train={**posthoc, "resume": "latest"}))
+    from safetensors.torch import load_file
+
+    for step in (6, 8):
+        a, b = (load_file(run / "posthoc" / f"step-0000000{step}.safetensors") for run in (straight, resumed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"snapshot {step} differs"
+    first = load_file(straight / "posthoc" / "step-00000002.safetensors")
+    assert any(not torch.equal(first[k], a[k]) for k in a), "the EMAs did not move"
+    final = load_file(straight / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, a[f"0.05/{k}"]) for k, v in final.items()), "final/unet is not the 0.05 profile"
