@@ -33,6 +33,7 @@ from .diffusion import clip_denoised, make_sampler, predicted_x0, sample_loop
 from .errors import UserError
 from .evaluate import as_metrics, evaluate_model
 from .plots import save_grid
+from .runs import run_dir_of
 
 Condition = dict[str, torch.Tensor]  # network keyword arguments, and "concat" channels; batch first
 
@@ -354,8 +355,7 @@ class DiffusionStage(Stage):
         self.load_components(folder)
         guide_with = self.config.sample.guide_with
         if guide_with is not None:
-            run_dir = folder.parent if folder.name == "final" else folder.parent.parent
-            weak = run_dir / guide_with
+            weak = run_dir_of(folder) / guide_with
             self.guide_model = self._network(weak / "final" if (weak / "final").is_dir() else weak,
                                              f"sample.guide_with={guide_with}: ")
         return self._network(folder)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_tensors, save_tensors
+from .checkpoint import checkpoint_name, load_tensors, save_tensors
 from .ema import PowerEMA, gamma_of
 from .errors import UserError, cli_errors
 
@@ -47,12 +47,20 @@ def profile_tensors(profiles: list[PowerEMA]) -> tuple[dict[str, torch.Tensor], 
     return tensors, {"step": str(profiles[0].step), "sigma_rels": json.dumps([p.sigma_rel for p in profiles])}
 
 
+def split_profiles(tensors: dict[str, torch.Tensor]) -> dict[float, dict[str, torch.Tensor]]:
+    """A ``profile_tensors`` dict back into one state dict per width: {sigma_rel: state dict}."""
+    split: dict[float, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        width, name = key.split("/", 1)
+        split.setdefault(float(width), {})[name] = value
+    return split
+
+
 def load_profiles(profiles: list[PowerEMA], path: Path, step: int) -> None:
     """Restore the profiles' weights (``profile_tensors``' file) and their step, on resume."""
-    tensors = load_tensors(path, next(profiles[0].model.parameters()).device)
+    saved = split_profiles(load_tensors(path, next(profiles[0].model.parameters()).device))
     for p in profiles:
-        prefix = f"{p.sigma_rel:g}/"
-        p.model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        p.model.load_state_dict(saved[float(f"{p.sigma_rel:g}")])
         p.step = step
 
 
@@ -60,7 +68,7 @@ def write_snapshot(run_dir: Path, profiles: list[PowerEMA]) -> Path:
     """``RUN/posthoc/step-N.safetensors``: the profiles' weights at step N."""
     folder = run_dir / SNAPSHOTS
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{profiles[0].step:08d}.safetensors"
+    path = folder / f"{checkpoint_name(profiles[0].step)}.safetensors"
     tensors, metadata = profile_tensors(profiles)
     save_tensors(tensors, path, metadata)
     return path
@@ -110,11 +118,10 @@ def reconstruct(run_dir: Path, sigma_rel: float, step: int | None = None) -> dic
         raise UserError(f"{run_dir} has no snapshot at or before step {step}; the first is at {snapshots[0][0]}")
     steps, gammas, parts = [], [], []
     for s, path in used:
-        tensors = load_tensors(path)
-        for prefix in {k.split("/")[0] for k in tensors}:
+        for width, state in split_profiles(load_tensors(path)).items():
             steps.append(s)
-            gammas.append(gamma_of(float(prefix)))
-            parts.append({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + "/")})
+            gammas.append(gamma_of(width))
+            parts.append(state)
     x = snapshot_coefficients(steps, gammas, step, gamma_of(sigma_rel))
     return {k: sum(float(xi) * p[k].double() for xi, p in zip(x, parts)).to(parts[0][k].dtype) for k in parts[0]}
 
