@@ -49,6 +49,7 @@ TINY_AUTOENCODER = ROOT / "configs" / "autoencoder_fashion_tiny.yaml"
 TINY_LATENT = ROOT / "configs" / "latent_fashion_tiny.yaml"
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
 TINY_CLIP = ROOT / "configs" / "clip_fashion_tiny.yaml"
+TINY_LOCKED_CLIP = ROOT / "configs" / "clip_fashion_locked_tiny.yaml"
 TINY_DREAMBOOTH = ROOT / "configs" / "dreambooth_fashion_tiny.yaml"
 SHARED_MODELS = ROOT.parent / "shared" / "models"
 SLOWEST_FIRST = ("test_notebook_runs", "test_two_processes_train", "test_the_book_trains",  # the longest, 30 s
@@ -151,6 +152,12 @@ def tiny_dreambooth_runs(tmp_path_factory, trained_tiny_text_run):
 def trained_tiny_clip(tmp_path_factory, fashion_mnist):
     """A finished tiny CLIP run (both towers)."""
     return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "clip", TINY_CLIP))
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_locked_clip(tmp_path_factory, fashion_mnist):
+    """A finished tiny CLIP run with a locked text tower (all-MiniLM-L6-v2) and a conv image tower."""
+    return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "locked_clip", TINY_LOCKED_CLIP))
 
 
 def losses(run_dir: Path) -> list[float]:

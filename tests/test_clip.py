@@ -228,8 +228,9 @@ def test_clip_on_the_command_line(trained_tiny_clip, trained_tiny_run, tmp_path)
                    "scores no images against text")
 
 
-def test_clip_score_and_ranking(trained_tiny_clip, trained_tiny_run, tmp_path):
-    stage, _, _ = load_run(trained_tiny_clip)
+@pytest.mark.parametrize("clip", ["trained_tiny_clip", "trained_tiny_locked_clip"])
+def test_clip_score_and_ranking(clip, trained_tiny_run, tmp_path, request):
+    trained_tiny_clip = request.getfixturevalue(clip)
     scorer = ClipScorer.from_run(trained_tiny_clip)
     images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8)
     prompts = ["a bag", "a boot", "a dress"] * 2

