@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -35,11 +36,12 @@ PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530  # of the Fashion-MNIST training set, pix
 FEATURE_DIM = 128
 
 
-def conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    """3x3 conv (same size) -> batch norm -> ReLU -> 2x2 max pool: halves height and width."""
+def conv_block(c_in: int, c_out: int, norm: Callable[[int], nn.Module] = nn.BatchNorm2d) -> nn.Sequential:
+    """3x3 conv (same size) -> ``norm`` (of c_out channels; batch norm) -> ReLU -> 2x2 max pool:
+    halves height and width."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
+        norm(c_out),
         nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
     )

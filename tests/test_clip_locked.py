@@ -1,6 +1,7 @@
 """Our CLIP with a locked pretrained text tower (conditioning/clip/towers.py): only the image side
 trains; the locked tower is in neither the optimizer nor a checkpoint; the saved folder gives the
-same embeddings; a text run takes the tower from the CLIP run; the augmentation keeps images whole."""
+same embeddings; two processes train as one; a text run takes the tower from the CLIP run; the
+augmentation keeps images whole."""
 
 import re
 
@@ -16,7 +17,7 @@ from ddpm.config import apply_overrides, read_yaml
 from ddpm.errors import UserError
 from ddpm.runs import load_config, load_run
 
-from .conftest import TINY_LOCKED_CLIP, assert_resume_is_exact
+from .conftest import TINY_LOCKED_CLIP, assert_resume_is_exact, assert_two_processes_train_like_one
 
 
 def locked_stage(*overrides: str):
@@ -73,6 +74,12 @@ def test_saved_folder_gives_the_same_embeddings(trained_tiny_locked_clip, fashio
 
 def test_resume_continues_the_same_locked_run_exactly(trained_tiny_locked_clip, tmp_path):
     assert_resume_is_exact(trained_tiny_locked_clip, tmp_path / "resumed")
+
+
+def test_two_processes_train_the_locked_clip_like_one(tmp_path, fashion_mnist):
+    """The conv tower normalises each image by itself (group norm): with the judge's batch norm each
+    process would normalise by its own half batch, and the runs would differ."""
+    assert_two_processes_train_like_one(tmp_path, TINY_LOCKED_CLIP)
 
 
 def test_a_text_run_takes_the_locked_tower_from_the_clip_run(trained_tiny_locked_clip):

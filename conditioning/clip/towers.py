@@ -40,7 +40,9 @@ from ddpm.judge import conv_block
 
 class ConvImageTower(nn.Module):
     """The judge's body (``ddpm/judge.py``) as an image tower: conv blocks that each halve the
-    image (28 -> 14 -> 7 -> 3 with three), then a linear layer and a ReLU.
+    image (28 -> 14 -> 7 -> 3 with three), then a linear layer and a ReLU. The judge's batch norm
+    is group norm here (8 channels a group): it normalises each image by itself, so N processes
+    train exactly as one holding the whole batch, and there are no running statistics.
 
     float B x 1 x 28 x 28 in [-1, 1] -> float B x width."""
 
@@ -49,8 +51,8 @@ class ConvImageTower(nn.Module):
         channels = [1, *channels]
         side = IMAGE_SIZE // 2 ** (len(channels) - 1)
         self.width = width
-        self.body = nn.Sequential(*(conv_block(a, b) for a, b in zip(channels, channels[1:])), nn.Flatten(),
-                                  nn.Linear(channels[-1] * side * side, width), nn.ReLU())
+        blocks = (conv_block(a, b, norm=lambda c: nn.GroupNorm(min(8, c), c)) for a, b in zip(channels, channels[1:]))
+        self.body = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(channels[-1] * side * side, width), nn.ReLU())
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.body(pixel_values)
