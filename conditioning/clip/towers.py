@@ -41,7 +41,7 @@ from ddpm.judge import conv_block
 class ConvImageTower(nn.Module):
     """The judge's body (``ddpm/judge.py``) as an image tower: conv blocks that each halve the
     image (28 -> 14 -> 7 -> 3 with three), then a linear layer and a ReLU. The judge's batch norm
-    is group norm here (8 channels a group): it normalises each image by itself, so N processes
+    is group norm here (8 groups): it normalises each image by itself, so N processes
     train exactly as one holding the whole batch, and there are no running statistics.
 
     float B x 1 x 28 x 28 in [-1, 1] -> float B x width."""
