@@ -133,7 +133,10 @@ def train(raw_config: dict) -> Path:
     # before prepare(): the EMA must copy the plain model
     ema = (EMA(model, cfg.ema_decay, cfg.ema_warmup_power) if cfg.ema_sigma_rel is None
            else PowerEMA(model, cfg.ema_sigma_rel))
-    profiles = [PowerEMA(model, sigma_rel) for sigma_rel in cfg.posthoc_ema]  # for post-hoc EMA, if asked
+    # for post-hoc EMA, if asked; the profile as wide as the trainer's own power EMA is that EMA
+    profiles = [ema if getattr(ema, "sigma_rel", None) == sigma_rel else PowerEMA(model, sigma_rel)
+                for sigma_rel in cfg.posthoc_ema]
+    averages = list(dict.fromkeys([ema, *profiles]))  # every EMA once
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas,
                                   fused=device.type == "cuda")
     lr_schedule = get_scheduler(cfg.lr_schedule if cfg.lr_schedule != "constant" else "constant_with_warmup",
@@ -141,7 +144,7 @@ def train(raw_config: dict) -> Path:
     if cfg.compile:
         model.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
-    for average in [ema, *profiles]:
+    for average in averages:
         average.model.to(device)
 
     start_step = 0
@@ -191,7 +194,7 @@ def train(raw_config: dict) -> Path:
                 for name, value in parts.items():
                     running[name] = running.get(name, 0) + value.detach() / cfg.grad_accum_steps
             lr_schedule.step()
-            for average in [ema, *profiles]:
+            for average in averages:
                 average.update(accelerator.unwrap_model(model))
             window_steps += 1
             done = step + 1
