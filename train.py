@@ -134,8 +134,7 @@ def train(raw_config: dict) -> Path:
     ema = (EMA(model, cfg.ema_decay, cfg.ema_warmup_power) if cfg.ema_sigma_rel is None
            else PowerEMA(model, cfg.ema_sigma_rel))
     # for post-hoc EMA, if asked; the profile as wide as the trainer's own power EMA is that EMA
-    profiles = [ema if getattr(ema, "sigma_rel", None) == sigma_rel else PowerEMA(model, sigma_rel)
-                for sigma_rel in cfg.posthoc_ema]
+    profiles = [ema if sigma_rel == cfg.ema_sigma_rel else PowerEMA(model, sigma_rel) for sigma_rel in cfg.posthoc_ema]
     averages = list(dict.fromkeys([ema, *profiles]))  # every EMA once
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas,
                                   fused=device.type == "cuda")
