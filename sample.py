@@ -7,7 +7,7 @@
     python sample.py runs/ddpm_fashion_quick --evaluate --n 1000       # judge's metrics
     python sample.py runs/ddpm_fashion_quick --sweep 0 1 2 3 5 8       # guidance sweep
     python sample.py runs/latent_fashion_quick --class all              # a latent run: the same
-    python sample.py runs/autoencoder_fashion_quick --evaluate --n 10000  # PSNR, judge accuracy
+    python sample.py runs/autoencoder_fashion_quick --evaluate --n 10000  # PSNR, judge accuracy, reconstruction FD
     python sample.py runs/clip_fashion_quick --evaluate --n 10000         # zero-shot accuracy, recall
     python sample.py runs/text_fashion_clip_quick --evaluate --clip runs/clip_fashion_quick   # + CLIP score
     python sample.py runs/text_fashion_clip_quick --class all --n 8 --rank 2 --clip runs/clip_fashion_quick

@@ -23,12 +23,13 @@ sys.path.insert(0, str(ROOT))  # so that the project imports when run as a scrip
 
 from conditioning.finetune.dreambooth import DreamBoothLDM, dreambooth_report, subject_likeness  # noqa: E402
 from conditioning.finetune.lora import WEIGHTS_NAME  # noqa: E402
-from ddpm.checkpoint import weights_file  # noqa: E402
+from conditioning.text.encoder import LEARNED_EMBEDS  # noqa: E402
+from ddpm.checkpoint import load_tensors, weights_file  # noqa: E402
 from ddpm.errors import UserError, cli_errors  # noqa: E402
 from ddpm.evaluate import markdown_table  # noqa: E402
 from ddpm.plots import training_minutes  # noqa: E402
 from ddpm.provenance import provenance  # noqa: E402
-from ddpm.runs import load_for_sampling, load_scorer  # noqa: E402
+from ddpm.runs import load_for_sampling, load_run, load_scorer  # noqa: E402
 
 
 def training_cost(run_dir: Path, model) -> dict[str, float]:
@@ -37,6 +38,8 @@ def training_cost(run_dir: Path, model) -> dict[str, float]:
     lora = (final / WEIGHTS_NAME)
     saved = lora if lora.is_file() else weights_file(final / "unet")
     trainable = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name or not lora.is_file())
+    if (final / LEARNED_EMBEDS).is_file():  # the identifier's word embedding trained too
+        trainable += sum(v.numel() for v in load_tensors(final / LEARNED_EMBEDS).values())
     return {"trainable_parameters": trainable, "minutes": training_minutes(run_dir),
             "saved_mb": saved.stat().st_size / 2**20}
 
@@ -57,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         stage, model, _ = load_for_sampling(run)
         if not isinstance(stage, DreamBoothLDM):
             raise UserError(f"{run} is a '{stage.name}' run, not a DreamBooth run")
-        if i == 0:  # the starting model, asked the same prompts
+        if i == 0:  # the starting model, asked the same prompts by a stage that has learnt no words
             likeness = subject_likeness(stage, scorer)
             rows["subject pictures (ceiling)"] = likeness.ceiling()
-            before = dreambooth_report(stage, stage.starting_model().eval(), likeness, args.n, args.n_classes)
+            start = load_run(run)[0]
+            before = dreambooth_report(start, start.starting_model().eval(), likeness, args.n, args.n_classes)
             rows[f"before: {stage.config.init_from}"] = before
         rows[run] = training_cost(Path(run), model) | dreambooth_report(stage, model, likeness, args.n, args.n_classes)
     if args.out:
@@ -74,10 +78,12 @@ COLUMNS = [  # (heading, key, format)
     ("trainable params", "trainable_parameters", "{:,.0f}"), ("minutes", "minutes", "{:.1f}"),
     ("saved MB", "saved_mb", "{:.2f}"),
     ("subject: judge", "judge_subject", "{:.3f}"), ("rest of class: judge", "judge_rest", "{:.3f}"),
+    ("subject rate", "subject_rate", "{:.3f}"),
     ("subject: CLIP", "clip_subject", "{:.3f}"), ("rest: CLIP", "clip_rest", "{:.3f}"),
     ("rephrased: subject judge", "rephrased_judge_subject", "{:.3f}"),
     ("rephrased: CLIP score", "rephrased_clip_score", "{:.2f}"),
     ("class prompt: subject judge", "class_prompt_subject_judge", "{:.3f}"),
+    ("class prompt: subject rate", "class_prompt_subject_rate", "{:.3f}"),
     ("judge acc, subject prompt", "subject_accuracy", "{:.3f}"),
     ("judge acc, other classes", "other_classes_accuracy", "{:.3f}"), ("diversity", "diversity", "{:.2f}"),
 ]

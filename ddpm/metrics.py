@@ -177,13 +177,18 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0,
 
 
 @functools.lru_cache(maxsize=16)
+def floor_images(n: int, root: str | None = None) -> torch.Tensor:
+    """uint8 n x 28 x 28: the real *training* images (fixed, seeded, class-balanced) of ``real_floor``."""
+    train = load_fashion_mnist("train", root=root)
+    return train.images[balanced_subset(train.labels, n)]
+
+
 def real_floor(judge: Judge, n: int, root: str | None = None) -> float:
-    """FD between n real *training* images (fixed, seeded, class-balanced) and the test set.
+    """FD between n real training images (``floor_images``) and the test set.
 
     That is the FD a perfect generator would get with n samples: print it beside every FD.
     """
-    train = load_fashion_mnist("train", root=root)
-    feats, _ = embed(judge, train.images[balanced_subset(train.labels, n)])
+    feats, _ = embed(judge, floor_images(n, root))
     return frechet_distance(feats, reference_stats(judge, "test", root).features)
 
 

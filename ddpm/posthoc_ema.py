@@ -126,6 +126,15 @@ def reconstruct(run_dir: Path, sigma_rel: float, step: int | None = None) -> dic
     return {k: sum(float(xi) * p[k].double() for xi, p in zip(x, parts)).to(parts[0][k].dtype) for k in parts[0]}
 
 
+def load_average(model: torch.nn.Module, weights: dict[str, torch.Tensor], run_dir: Path) -> None:
+    """A rebuilt average into the run's saved network; a UserError if the snapshots hold other tensors."""
+    differ = sorted(set(weights) ^ set(model.state_dict()))
+    if differ:
+        raise UserError(f"{run_dir}'s snapshots and its saved network differ in {differ[:2]}: post-hoc EMA rebuilds "
+                        f"a network that trained alone (not, e.g., DreamBooth's subject.learn_identifier)")
+    model.load_state_dict(weights)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ddpm.posthoc_ema", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         if len(args.sigma_rel) != 1:
             raise UserError("--save keeps one EMA: give one --sigma-rel")
-        model.load_state_dict(reconstruct(run_dir, args.sigma_rel[0], args.step))
+        load_average(model, reconstruct(run_dir, args.sigma_rel[0], args.step), run_dir)
         stage.save_final(model, run_dir / "final")
         (run_dir / "final" / "posthoc_ema.json").write_text(
             json.dumps({"sigma_rel": args.sigma_rel[0], "step": args.step or list_snapshots(run_dir)[-1][0]}))
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     print(provenance(["python", "-m", "ddpm.posthoc_ema", *(sys.argv[1:] if argv is None else argv)]))
     print(f"{'sigma_rel':>9} {'accuracy':>9} {'FD':>8} {'floor':>7} {'diversity':>10} {'speckle':>8}")
     for sigma_rel in args.sigma_rel:
-        model.load_state_dict(reconstruct(run_dir, sigma_rel, args.step))
+        load_average(model, reconstruct(run_dir, sigma_rel, args.step), run_dir)
         r = evaluate_model(stage, model, args.n, seed=args.seed)
         print(f"{sigma_rel:>9g} {r['accuracy']:>9.3f} {r['fd']:>8.3f} {r['fd_floor']:>7.3f} {r['diversity']:>10.3f} "
               f"{r['speckle']:>8.2f}", flush=True)

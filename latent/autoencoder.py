@@ -41,7 +41,7 @@ from ddpm.data import to_model_space
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
-from ddpm.metrics import psnr
+from ddpm.metrics import embed, floor_images, frechet_distance, psnr, real_floor, reference_stats
 from ddpm.plots import save_grid
 
 from .space import LatentSpace
@@ -198,16 +198,25 @@ class AutoencoderStage(Stage):
     @torch.no_grad()
     def evaluate(self, model, n: int) -> dict:
         """On the first n real test images: mean PSNR (dB) of the reconstructions, and the
-        judge's accuracy on the reconstructions and on the originals."""
-        test = load_fashion_mnist("test", root=self.config.data.root, hub_name=self.config.data.hub_name)
+        judge's accuracy on the reconstructions and on the originals. And the ceiling of every
+        latent model on this autoencoder: the FD to the test set of the reconstructions of the n
+        training images the FD floor uses (``floor_images``), beside that floor."""
+        data = self.config.data
+        test = load_fashion_mnist("test", root=data.root, hub_name=data.hub_name)
         images, labels = test.images[:n], test.labels[:n]
         space = self.latent_space(model)
-        recon = torch.cat([space.reconstruct(chunk).cpu() for chunk in images.split(500)])
+
+        def reconstruct(images):
+            return torch.cat([space.reconstruct(chunk).cpu() for chunk in images.split(500)])
+
+        recon = reconstruct(images)
         judge = cached_judge()
+        recon_floor, _ = embed(judge, reconstruct(floor_images(n, data.root)))
         return {"eval_psnr": psnr(recon, images).mean().item(),
                 "eval_recon_accuracy": accuracy(judge, LabelledImages(recon, labels)),
                 "eval_real_accuracy": accuracy(judge, LabelledImages(images, labels)),
-                "eval_n": len(images)}
+                "eval_recon_fd": frechet_distance(recon_floor, reference_stats(judge, "test", data.root).features),
+                "eval_fd_floor": real_floor(judge, n, data.root), "eval_n": len(images)}
 
     # -- saving and loading -----------------------------------------------------------
 

@@ -12,7 +12,8 @@ import train
 from conditioning.text.captions import class_captions, class_prompt
 from conditioning.finetune.dreambooth import subject_prompt
 from conditioning.finetune.lora import WEIGHTS_NAME
-from conditioning.finetune.subject import choose_subject, read_subject, rest_of_class
+from conditioning.finetune.subject import Likeness, choose_subject, read_subject, rest_of_class
+from ddpm.checkpoint import load_tensors
 from ddpm.data import load_fashion_mnist
 from ddpm.errors import UserError
 from ddpm.plots import read_metrics
@@ -179,6 +180,67 @@ def test_loss_halves_are_logged_and_full_fine_tunes_export_a_pipeline(full_run, 
     assert not any("prior_loss" in r for r in read_metrics(no_prior / "metrics.jsonl"))
 
 
+def test_a_learnt_identifier_trains_with_the_unet_and_names_the_subject(trained_tiny_text_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    straight = train.train(dreambooth_config(tmp_path / "learnt", trained_tiny_text_run,
+                                             subject={"learn_identifier": True}))
+    stage, model, folder = load_for_sampling(straight)
+    base_stage, _, _ = load_for_sampling(trained_tiny_text_run)
+    encoder, token = stage.text_encoder(), stage.identifier_id
+    learnt = load_tensors(folder / "learned_embeds.safetensors")["<|spare_0|>"]
+    start = base_stage.text_encoder().model.get_input_embeddings().weight[token]
+    assert learnt.shape == start.shape and not torch.allclose(learnt, start)  # it trained
+    # encode_with_word is the encoder with that row replaced, and differentiable in it
+    vector = start.clone().requires_grad_(True)
+    states = base_stage.text_encoder().encode_with_word(stage.instance_prompt, token, vector)
+    assert torch.allclose(states, base_stage.embed([stage.instance_prompt])[0], atol=1e-6)
+    states.sum().backward()
+    assert vector.grad.abs().max() > 0
+    # after loading, the instance prompt means the learnt word; prompts without it are unchanged
+    assert torch.equal(encoder.model.get_input_embeddings().weight[token], learnt)
+    assert not torch.allclose(stage.embed([stage.instance_prompt]), base_stage.embed([stage.instance_prompt]))
+    assert torch.equal(stage.embed(["a photo of a bag"]), base_stage.embed(["a photo of a bag"]))
+    learnt_states = stage.embed([stage.instance_prompt])
+    stage.starting_model()  # init_from's UNet alone: this stage keeps its own text encoder
+    assert stage.text_encoder() is encoder and torch.equal(stage.embed([stage.instance_prompt]), learnt_states)
+    # unet/ is the UNet alone; the exported pipeline's text encoder knows the word
+    assert "identifier_embedding" not in model.state_dict()
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token], learnt)
+    # a checkpoint carries the word with the EMA weights, and resuming continues exactly
+    checkpoint = load_for_sampling(straight / "checkpoints" / "step-00000006")[1]
+    assert torch.equal(checkpoint.identifier_embedding.detach(), learnt)
+    assert_resume_is_exact(straight, tmp_path / "resumed")
+    # LoRA: the word beside the adapters, and --lora on the text run loads both
+    lora = train.train(dreambooth_config(tmp_path / "lora", trained_tiny_text_run, lora={"rank": 2},
+                                         subject={"learn_identifier": True}))
+    assert (lora / "final" / "learned_embeds.safetensors").is_file()
+    arrays = []
+    for args in ([str(lora)], [str(trained_tiny_text_run), "--lora", str(lora / "final")]):
+        out = tmp_path / f"{len(arrays)}.npy"
+        result = run("sample.py", *args, "--prompt", stage.instance_prompt, "--n", "2", "--steps", "2",
+                     "--save-array", str(out), "--out", str(tmp_path / "grid.png"))
+        assert result.returncode == 0, result.stderr
+        arrays.append(np.load(out))
+    assert np.array_equal(*arrays)
+    # diffusers: the adapters with load_lora_weights, the word into its row of the text encoder's embeddings
+    pipe = StableDiffusionPipeline.from_pretrained(trained_tiny_text_run / "final", safety_checker=None,
+                                                   local_files_only=True)
+    pipe.load_lora_weights(lora / "final")
+    with torch.no_grad():
+        pipe.text_encoder.get_input_embeddings().weight[token] = load_tensors(
+            lora / "final" / "learned_embeds.safetensors")["<|spare_0|>"]
+    ids = pipe.tokenizer(stage.instance_prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    lora_stage = load_for_sampling(lora)[0]
+    assert torch.allclose(pipe.text_encoder(ids).last_hidden_state[0], lora_stage.embed([stage.instance_prompt])[0],
+                          atol=1e-5)
+    bad = {"<|spare_0|>": torch.zeros(3)}
+    with pytest.raises(UserError, match="not a token of this text encoder's tokenizer with"):
+        stage.learn_words(bad)
+
+
 def test_resume_continues_the_same_lora_run_exactly(lora_run, tmp_path):
     assert_resume_is_exact(lora_run, tmp_path / "resumed")
 
@@ -228,6 +290,15 @@ def test_the_default_subject_is_a_distinctive_group_of_test_images(fashion_mnist
     assert sorted(chosen.tolist()) == [3, 17, 25] and coherence == pytest.approx(1.0) and distinctness < 0.5
 
 
+def test_the_subject_rate_counts_the_subject_and_few_other_bags(fashion_mnist):
+    subject = read_subject("bag")
+    rest = rest_of_class("Bag", subject)
+    likeness = Likeness(subject, rest)
+    assert likeness(rest)["subject_rate"] == pytest.approx(0.05, abs=0.002)  # real other bags: 5%, by construction
+    assert likeness(subject)["subject_rate"] == likeness.ceiling()["subject_rate"] == 1.0
+    assert likeness(rest[:8])["subject_rate"] < likeness(torch.cat([subject, rest[:4]]))["subject_rate"]
+
+
 def test_subject_prompts():
     assert subject_prompt("a photo of {}", "<|spare_3|>", "Ankle boot") == "a photo of an <|spare_3|> ankle boot"
     assert subject_prompt("{} on a black background", "", "Trouser") == "a pair of trousers on a black background"
@@ -242,8 +313,9 @@ def test_the_report_measures_before_and_after(lora_run, trained_tiny_clip, tmp_p
     ceiling, before, after = rows.values()
     assert ceiling["judge_subject"] > 0.5  # the subject's pictures are alike
     assert after["trainable_parameters"] < 0.1 * sum(p.numel() for p in load_for_sampling(lora_run)[1].parameters())
+    assert ceiling["subject_rate"] == 1.0
     for key in ("judge_subject", "judge_rest", "clip_subject", "rephrased_clip_score", "class_prompt_subject_judge",
-                "other_classes_accuracy", "diversity"):
+                "subject_rate", "class_prompt_subject_rate", "other_classes_accuracy", "diversity"):
         assert np.isfinite(before[key]) and np.isfinite(after[key])
     assert "| subject pictures (ceiling) |" in printed and "versions: torch" in printed
 

@@ -59,6 +59,8 @@ def test_autoencoder_learns_to_reconstruct(tmp_path, fashion_mnist):
     before = stage.evaluate(AutoencoderStage(stage.config).build_model(), 200)
     after = stage.evaluate(stage.load_model(run_dir / "final"), 200)
     assert after["eval_psnr"] > before["eval_psnr"] + 3, (before, after)
+    # the ceiling of latent models on it: its reconstructions' FD, above the real floor, falls with training
+    assert after["eval_fd_floor"] == before["eval_fd_floor"] < after["eval_recon_fd"] < before["eval_recon_fd"]
 
 
 def test_discriminator_and_decoder_losses_move_only_their_own_network():

@@ -93,3 +93,18 @@ def test_autoguidance_loads_its_weak_model_or_says_what_is_missing(trained_tiny_
     assert images.shape == (3, 28, 28) and images.dtype == torch.uint8
     with pytest.raises(UserError, match="sample.guide_with=checkpoints/step-00000003: .* holds no model"):
         load_for_sampling(trained_tiny_run, overrides=["sample.guide_with=checkpoints/step-00000003"])
+
+
+def test_a_run_whose_model_is_more_than_its_network_is_one_line(trained_tiny_text_run, tmp_path, capsys):
+    import train
+    from ddpm.posthoc_ema import main
+
+    from .conftest import dreambooth_config
+
+    learnt = train.train(dreambooth_config(tmp_path / "db", trained_tiny_text_run, subject={"learn_identifier": True},
+                                           train={"posthoc_ema": [0.05, 0.1], "posthoc_every": 3}))
+    capsys.readouterr()
+    for args in (["--save"], ["--n", "4"]):
+        assert main([str(learnt), "--sigma-rel", "0.05", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "differ in ['identifier_embedding']" in err, err

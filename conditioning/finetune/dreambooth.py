@@ -34,10 +34,19 @@ training caption of the image's class at every step, not always the class prompt
 training exactly, every phrasing included.
 ``lora.rank`` > 0 trains low-rank adapters on the UNet's attention instead of the whole UNet
 (``lora.py``).
+
+The prior keeps the other classes but not the class prompt itself: "a photo of a bag" drifts to
+the subject too, because the frozen text tower moves "a <|spare_0|> bag" about as far from "a
+bag" as an adjective does, and the UNet answers nearby conditions alike. ``subject.learn_identifier``
+lets the identifier's word embedding train with the UNet (textual inversion, Gal et al. 2023, the
+rest of the text tower frozen): the instance prompt's hidden states are computed at every step
+from that vector (``identifier_states``), so the loss can move the word itself away from "bag"
+instead of bending the UNet's answer to everything near it.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -47,9 +56,10 @@ from typing import Literal
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import extract_model_from_parallel
 from PIL import Image
 
-from ddpm.checkpoint import load_tensors, weights_file
+from ddpm.checkpoint import load_tensors, save_tensors, weights_file
 from ddpm.config import build
 from ddpm.data import class_index, load_fashion_mnist, read_image
 from ddpm.errors import UserError
@@ -57,12 +67,14 @@ from ddpm.evaluate import cached_judge, evaluate_model
 from ddpm.metrics import diversity, embed
 
 from conditioning.text.captions import NAMES, TEMPLATES, CaptionTable, class_prompt, with_article
-from conditioning.finetune.lora import LoraSettings, add_lora, load_lora, save_lora
+from conditioning.finetune.lora import LoraSettings, add_lora, save_lora
+from conditioning.text.encoder import LEARNED_EMBEDS
 from conditioning.text.stage import TextConditionedLDM, TextDDPMConfig, started_from
 from conditioning.finetune.subject import DEFAULT_SUBJECT, Likeness, read_subject, rest_of_class, subject_class
 
 FROM_BASE = ("model", "autoencoder", "text_encoder", "captions")  # fixed by init_from's weights
 INSTANCE_TEMPLATE = "a photo of {}"  # the template of the instance and class prompts
+INSTANCE_CAPTION = 1  # the instance prompt's caption id (0 is the empty prompt)
 
 
 @dataclasses.dataclass
@@ -70,6 +82,7 @@ class SubjectConfig:
     images: str = DEFAULT_SUBJECT  # a folder of 28 x 28 PNGs, or a subject shipped in conditioning/subjects/
     class_name: str | None = None  # its Fashion-MNIST class; default: the folder's subject.json
     identifier: str = "<|spare_0|>"  # one token of the tokenizer, bound to the subject by training
+    learn_identifier: bool = False  # textual inversion: the identifier's word embedding trains with the UNet
 
 
 @dataclasses.dataclass
@@ -122,7 +135,7 @@ class DreamBoothLDM(TextConditionedLDM):
         self.class_prompt = class_prompt(self.subject_class)
         self.prior_classes = self.class_names if config.prior.classes == "all" else [self.subject_class]
         self.prior_prompts = [class_prompt(c) for c in self.prior_classes]
-        first = ("", self.instance_prompt, *self.prior_prompts)  # caption ids 0, 1, 2, ...
+        first = ("", self.instance_prompt, *self.prior_prompts)  # caption ids 0, INSTANCE_CAPTION, 2, ...
         self.captions = CaptionTable(self.class_names, first)  # then every class's training captions
         self.training_prompts = self.captions.prompts if config.prior.captions == "training" else list(first)
 
@@ -143,13 +156,18 @@ class DreamBoothLDM(TextConditionedLDM):
         return self._space
 
     def starting_model(self):
-        """init_from's UNet, as it finished training."""
-        return TextConditionedLDM.load_model(self, self.base_final)
+        """init_from's UNet, as it finished training (its text encoder and autoencoder are loaded
+        when first asked for, and stay this run's)."""
+        return self._network(self.base_final)
 
     @functools.cached_property
     def starting_weights_digest(self) -> str:
         """A digest of init_from's UNet weights: class images made by other weights are not these."""
         return hashlib.blake2b(weights_file(self.base_final / "unet").read_bytes(), digest_size=8).hexdigest()
+
+    @functools.cached_property
+    def identifier_id(self) -> int:
+        return self.check_identifier()
 
     def check_identifier(self) -> int:
         """The identifier's token id; a UserError if the tokenizer splits it or does not know it."""
@@ -279,20 +297,52 @@ class DreamBoothLDM(TextConditionedLDM):
         """The DreamBooth batch of 2B: the instance rows, then the class rows."""
         return {k: torch.cat([v, batch[f"prior_{k}"]]) for k, v in batch.items() if not k.startswith("prior_")}
 
+    def model_condition(self, batch) -> dict[str, torch.Tensor]:
+        """Stage 3's hidden states of each row's caption; with ``subject.learn_identifier`` the
+        instance prompt's are those of the identifier's embedding as it is now (``identifier_states``)."""
+        condition = super().model_condition(batch)
+        if "identifier_states" in batch:
+            is_instance = (batch["captions"] == INSTANCE_CAPTION)[:, None, None]
+            condition["encoder_hidden_states"] = torch.where(is_instance, batch["identifier_states"],
+                                                             condition["encoder_hidden_states"])
+        return condition
+
+    def identifier_states(self, model) -> torch.Tensor:
+        """float 77 x D: the instance prompt through the frozen text encoder, the identifier's word
+        embedding being the model's ``identifier_embedding`` (so its gradient reaches that vector)."""
+        vector = extract_model_from_parallel(model).identifier_embedding
+        return self.text_encoder().encode_with_word(self.instance_prompt, self.identifier_id, vector)
+
     def loss(self, model, batch) -> dict[str, torch.Tensor]:
         """instance_loss + prior.weight * prior_loss, both halves in one forward pass."""
+        rows = self.stacked(batch) if self.prior else dict(batch)
+        if self.config.subject.learn_identifier:
+            rows["identifier_states"] = self.identifier_states(model)
+        losses = self.example_losses(model, rows)
         if not self.prior:
-            return {"loss": self.example_losses(model, batch).mean()}
+            return {"loss": losses.mean()}
         b = len(batch["x0"])
-        losses = self.example_losses(model, self.stacked(batch))
         instance, prior = losses[:b].mean(), losses[b:].mean()
         return {"loss": instance + self.config.prior.weight * prior, "instance_loss": instance, "prior_loss": prior}
 
     # -- the model: init_from's UNet, whole or with adapters -----------------------------------
 
     def build_model(self):
+        """init_from's UNet (with adapters, if ``lora.rank``); with ``subject.learn_identifier`` it also
+        holds the identifier's word embedding, starting from the tokenizer's own, as a parameter."""
         unet = self.starting_model()
-        return add_lora(unet, self.config.lora) if self.config.lora.rank else unet
+        if self.config.lora.rank:
+            unet = add_lora(unet, self.config.lora)
+        if self.config.subject.learn_identifier:
+            start = self.text_encoder().model.get_input_embeddings().weight[self.identifier_id]
+            unet.register_parameter("identifier_embedding", torch.nn.Parameter(start.detach().clone()))
+        return unet
+
+    def preview(self, model, path: Path, title: str = "") -> Path:
+        """Stage 3's preview; a model in training names the subject with its identifier as it is now."""
+        if self.config.subject.learn_identifier:
+            self.learn_words({self.config.subject.identifier: model.identifier_embedding})
+        return super().preview(model, path, title)
 
     def preview_rows(self, n: int):
         """The instance prompt, the same in another phrasing, the class prompt, and every other class."""
@@ -302,27 +352,41 @@ class DreamBoothLDM(TextConditionedLDM):
         return rows, self.prompt_condition([p for p in rows for _ in range(n)])
 
     def save_final(self, model, folder: Path) -> None:
-        """LoRA: the adapters alone (diffusers' LoRA format); else a whole Stable Diffusion folder.
-        Both with ``dreambooth.json``: the prompts that call the subject up."""
+        """LoRA: the adapters alone (diffusers' LoRA format); else a whole Stable Diffusion folder
+        (its text encoder with the learnt identifier). Both with ``dreambooth.json`` (the prompts
+        that call the subject up) and, with ``subject.learn_identifier``, ``learned_embeds.safetensors``
+        ({identifier: its learnt word embedding}, which ``--lora`` loads with the adapters)."""
+        identifier = self.config.subject.identifier
+        if self.config.subject.learn_identifier:
+            words = {identifier: model.identifier_embedding}
+            self.learn_words(words)  # so that the text encoder saved is the one that names the subject
+            model = copy.deepcopy(model)
+            del model.identifier_embedding  # unet/ holds the UNet's own weights only
         if self.config.lora.rank:
             folder.mkdir(parents=True)
             save_lora(model, folder)
         else:
             super().save_final(model, folder)
+        if self.config.subject.learn_identifier:
+            save_tensors(words, folder / LEARNED_EMBEDS)
         info = {"init_from": self.config.init_from, "instance_prompt": self.instance_prompt,
-                "class_prompt": self.class_prompt, "identifier": self.config.subject.identifier,
+                "class_prompt": self.class_prompt, "identifier": identifier,
+                "learned_identifier": self.config.subject.learn_identifier,
                 "class": self.subject_class, "lora_rank": self.config.lora.rank}
         (folder / "dreambooth.json").write_text(json.dumps(info, indent=1) + "\n")
 
     def load_model(self, folder: Path):
-        """A ``final/`` folder (adapters on init_from's UNet, or a whole UNet) or a checkpoint."""
+        """A ``final/`` folder (adapters on init_from's UNet, or a whole UNet) or a checkpoint; a learnt
+        identifier becomes the text encoder's."""
         if (folder / "ema").is_dir():  # a checkpoint: init_from's UNet (with adapters), then its EMA weights
             model = self.build_model()
             model.load_state_dict(load_tensors(weights_file(folder / "ema")))
+            if self.config.subject.learn_identifier:
+                self.learn_words({self.config.subject.identifier: model.identifier_embedding})
             return model
         if self.config.lora.rank:
-            return load_lora(self.starting_model(), folder)
-        return super().load_model(folder)
+            return self.add_adapters(self.starting_model(), folder)
+        return super().load_model(folder)  # its text_encoder/ holds the learnt identifier
 
 
 def subject_prompt(template: str, identifier: str, class_name: str) -> str:
@@ -351,8 +415,8 @@ def dreambooth_report(stage: DreamBoothLDM, model, likeness: Likeness, n: int = 
       other test images of the class;
     * prompt fidelity: ``rephrased_*``: the subject in the other training templates ("a product
       photo of a <id> bag"): likeness, and the CLIP score against the prompt without the identifier;
-    * prior preservation: ``class_prompt_subject_judge``: how like the subject the plain class
-      prompt's samples are (it should not grow);
+    * prior preservation: ``class_prompt_subject_judge`` and ``class_prompt_subject_rate``: how like the
+      subject the plain class prompt's samples are, and how many are the subject (neither should grow);
     * other classes: the judge's accuracy on n_classes samples of every class's prompts, the
       subject's class apart; ``diversity``: mean pairwise judge-feature distance of the subject samples.
     """
@@ -372,7 +436,9 @@ def dreambooth_report(stage: DreamBoothLDM, model, likeness: Likeness, n: int = 
     report |= {f"rephrased_{k}": v for k, v in likeness(images).items()}
     report["rephrased_clip_score"] = likeness.scorer.score(images, [subject_prompt(t, "", stage.subject_class)
                                                            for t in rephrased]).mean().item()
-    report["class_prompt_subject_judge"] = likeness(samples([stage.class_prompt] * n))["judge_subject"]
+    class_prompt = likeness(samples([stage.class_prompt] * n))
+    report |= {"class_prompt_subject_judge": class_prompt["judge_subject"],
+               "class_prompt_subject_rate": class_prompt["subject_rate"]}
     per_class = evaluate_model(stage, model, n_classes, seed=seed, progress=True)["per_class_accuracy"]
     report["class_accuracy"] = per_class[c]
     report["other_classes_accuracy"] = sum(a for i, a in enumerate(per_class) if i != c) / (len(per_class) - 1)

@@ -134,12 +134,17 @@ def rest_of_class(class_name: str, subject: torch.Tensor) -> torch.Tensor:
 class Likeness:
     """Mean cosine similarity of images to the subject's pictures and to the rest of its class, in
     two embeddings: the judge's features (what the DreamBooth paper's DINO score measures) and, with
-    a ``scorer``, our CLIP's image embeddings (its CLIP-I)."""
+    a ``scorer``, our CLIP's image embeddings (its CLIP-I); and the *subject rate*: the share of
+    images that are the subject, i.e. more like its pictures (mean judge cosine) than 95% of the
+    class's other test images are (so 5% of real other bags count, by construction)."""
+
+    RATE_QUANTILE = 0.95
 
     def __init__(self, subject: torch.Tensor, rest: torch.Tensor, scorer=None):
         self.scorer = scorer
         self.subject = {name: f(subject) for name, f in self.embeddings().items()}
         self.rest = {name: f(rest) for name, f in self.embeddings().items()}
+        self.subject_threshold = torch.quantile(self.likeness(self.rest["judge"], "judge"), self.RATE_QUANTILE).item()
 
     def embeddings(self) -> dict:
         judge = cached_judge()
@@ -148,22 +153,33 @@ class Likeness:
             out["clip"] = self.scorer.image_embeds
         return out
 
+    def likeness(self, embeddings: torch.Tensor, name: str) -> torch.Tensor:
+        """float N: each embedding's mean cosine to the subject's pictures in embedding ``name``."""
+        return (embeddings @ self.subject[name].T).mean(1)
+
     def __call__(self, images: torch.Tensor) -> dict[str, float]:
-        """``<embedding>_subject`` and ``<embedding>_rest``: mean cosines of ``images`` to each."""
+        """``<embedding>_subject`` and ``<embedding>_rest``: mean cosines of ``images`` to each;
+        ``subject_rate``: the share of ``images`` that are the subject."""
         out = {}
         for name, f in self.embeddings().items():
             e = f(images)
-            out[f"{name}_subject"] = (e @ self.subject[name].T).mean().item()
+            likeness = self.likeness(e, name)
+            out[f"{name}_subject"] = likeness.mean().item()
             out[f"{name}_rest"] = (e @ self.rest[name].T).mean().item()
+            if name == "judge":
+                out["subject_rate"] = (likeness > self.subject_threshold).float().mean().item()
         return out
 
     def ceiling(self) -> dict[str, float]:
-        """The subject's pictures among themselves (each pair once): what a perfect copy would score."""
+        """The subject's pictures among themselves (each to the others): what a perfect copy would score."""
         out = {}
         for name, e in self.subject.items():
             k = len(e)
-            out[f"{name}_subject"] = (((e @ e.T).sum() - k) / (k * (k - 1))).item()
+            likeness = ((e @ e.T).sum(1) - 1) / (k - 1)
+            out[f"{name}_subject"] = likeness.mean().item()
             out[f"{name}_rest"] = (e @ self.rest[name].T).mean().item()
+            if name == "judge":
+                out["subject_rate"] = (likeness > self.subject_threshold).float().mean().item()
         return out
 
 

