@@ -126,6 +126,18 @@ def test_class_rows_are_captioned_with_their_class_prompt_or_training_captions(t
         assert len({p for row in prompts for p in row}) > 2 * len(stage.class_names), "several phrasings per class"
 
 
+def assert_lora_samples_as_its_run(lora_run, text_run, prompt: str, tmp_path) -> None:
+    """sample.py: the LoRA run, and the text run with --lora, give the same pixels."""
+    arrays = []
+    for args in ([str(lora_run)], [str(text_run), "--lora", str(lora_run / "final")]):
+        out = tmp_path / f"{len(arrays)}.npy"
+        result = run("sample.py", *args, "--prompt", prompt, "--n", "2", "--steps", "2",
+                     "--save-array", str(out), "--out", str(tmp_path / "grid.png"))
+        assert result.returncode == 0, result.stderr
+        arrays.append(np.load(out))
+    assert np.array_equal(*arrays)
+
+
 def test_lora_trains_only_adapters_and_loads_in_diffusers(lora_run, trained_tiny_text_run, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -153,15 +165,7 @@ def test_lora_trains_only_adapters_and_loads_in_diffusers(lora_run, trained_tiny
         theirs = pipe.unet(x, t, **condition).sample
     assert torch.allclose(ours, theirs, atol=1e-5)
 
-    # sample.py: the LoRA run, and the text run with --lora, give the same pixels
-    arrays = []
-    for args in ([str(lora_run)], [str(trained_tiny_text_run), "--lora", str(folder)]):
-        out = tmp_path / f"{len(arrays)}.npy"
-        result = run("sample.py", *args, "--prompt", stage.instance_prompt, "--n", "2", "--steps", "2",
-                     "--save-array", str(out), "--out", str(tmp_path / "grid.png"))
-        assert result.returncode == 0, result.stderr
-        arrays.append(np.load(out))
-    assert np.array_equal(*arrays)
+    assert_lora_samples_as_its_run(lora_run, trained_tiny_text_run, stage.instance_prompt, tmp_path)
     one_line_error(run("sample.py", str(trained_tiny_text_run), "--lora", str(trained_tiny_text_run / "final"),
                        "--prompt", "a bag"), "holds no LoRA")
 
@@ -216,14 +220,7 @@ def test_a_learnt_identifier_trains_with_the_unet_and_names_the_subject(trained_
     lora = train.train(dreambooth_config(tmp_path / "lora", trained_tiny_text_run, lora={"rank": 2},
                                          subject={"learn_identifier": True}))
     assert (lora / "final" / "learned_embeds.safetensors").is_file()
-    arrays = []
-    for args in ([str(lora)], [str(trained_tiny_text_run), "--lora", str(lora / "final")]):
-        out = tmp_path / f"{len(arrays)}.npy"
-        result = run("sample.py", *args, "--prompt", stage.instance_prompt, "--n", "2", "--steps", "2",
-                     "--save-array", str(out), "--out", str(tmp_path / "grid.png"))
-        assert result.returncode == 0, result.stderr
-        arrays.append(np.load(out))
-    assert np.array_equal(*arrays)
+    assert_lora_samples_as_its_run(lora, trained_tiny_text_run, stage.instance_prompt, tmp_path)
     # diffusers: the adapters with load_lora_weights, the word into its row of the text encoder's embeddings
     pipe = StableDiffusionPipeline.from_pretrained(trained_tiny_text_run / "final", safety_checker=None,
                                                    local_files_only=True)
