@@ -176,13 +176,13 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0,
     return torch.cat(picks)
 
 
-@functools.lru_cache(maxsize=16)
 def floor_images(n: int, root: str | None = None) -> torch.Tensor:
     """uint8 n x 28 x 28: the real *training* images (fixed, seeded, class-balanced) of ``real_floor``."""
     train = load_fashion_mnist("train", root=root)
     return train.images[balanced_subset(train.labels, n)]
 
 
+@functools.lru_cache(maxsize=16)
 def real_floor(judge: Judge, n: int, root: str | None = None) -> float:
     """FD between n real training images (``floor_images``) and the test set.
 
