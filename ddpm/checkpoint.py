@@ -16,6 +16,7 @@ checkpoint is found; ``resume=latest`` then falls back to the newest good one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
@@ -122,8 +123,21 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     device = torch.device(device)
-    try:  # safetensors takes "cuda:1" but not "cpu:0" (Accelerate's device on several CPU processes)
+    with readable(path):  # safetensors takes "cuda:1" but not "cpu:0" (Accelerate's device on several CPU processes)
         return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
+
+
+def tensor_names(path: Path) -> list[str]:
+    """The names of a safetensors file's tensors, read without loading them."""
+    with readable(path), safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+@contextlib.contextmanager
+def readable(path: Path):
+    """A safetensors file that cannot be read becomes one UserError naming it."""
+    try:
+        yield
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e})") from None
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_name, load_tensors, save_tensors
+from .checkpoint import checkpoint_name, load_tensors, save_tensors, tensor_names
 from .ema import PowerEMA, gamma_of
 from .errors import UserError, cli_errors
 
@@ -116,14 +116,22 @@ def reconstruct(run_dir: Path, sigma_rel: float, step: int | None = None) -> dic
     used = [(s, path) for s, path in snapshots if s <= step]
     if not used:
         raise UserError(f"{run_dir} has no snapshot at or before step {step}; the first is at {snapshots[0][0]}")
-    steps, gammas, parts = [], [], []
-    for s, path in used:
+    profiles = [(s, width) for s, path in used for width in snapshot_widths(path)]
+    x = snapshot_coefficients([s for s, _ in profiles], [gamma_of(w) for _, w in profiles], step, gamma_of(sigma_rel))
+    coefficient = dict(zip(profiles, x.tolist()))
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for s, path in used:  # one snapshot in memory at a time
         for width, state in split_profiles(load_tensors(path)).items():
-            steps.append(s)
-            gammas.append(gamma_of(width))
-            parts.append(state)
-    x = snapshot_coefficients(steps, gammas, step, gamma_of(sigma_rel))
-    return {k: sum(float(xi) * p[k].double() for xi, p in zip(x, parts)).to(parts[0][k].dtype) for k in parts[0]}
+            for k, v in state.items():
+                total[k] = total.get(k, 0) + coefficient[s, width] * v.double()
+                dtypes[k] = v.dtype
+    return {k: v.to(dtypes[k]) for k, v in total.items()}
+
+
+def snapshot_widths(path: Path) -> list[float]:
+    """The sigma_rels a snapshot holds, read from its tensor names without loading them."""
+    return sorted({float(name.split("/", 1)[0]) for name in tensor_names(path)})
 
 
 def load_average(model: torch.nn.Module, weights: dict[str, torch.Tensor], run_dir: Path) -> None:

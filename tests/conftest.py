@@ -50,6 +50,7 @@ TINY_LATENT = ROOT / "configs" / "latent_fashion_tiny.yaml"
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
 TINY_CLIP = ROOT / "configs" / "clip_fashion_tiny.yaml"
 TINY_LOCKED_CLIP = ROOT / "configs" / "clip_fashion_locked_tiny.yaml"
+TINY_ALIGNED_CLIP = ROOT / "configs" / "clip_fashion_aligned_tiny.yaml"
 TINY_DREAMBOOTH = ROOT / "configs" / "dreambooth_fashion_tiny.yaml"
 SHARED_MODELS = ROOT.parent / "shared" / "models"
 SLOWEST_FIRST = ("test_notebook_runs", "test_two_processes_train", "test_the_book_trains",  # the longest, 30 s

@@ -3,6 +3,7 @@ as a metric and ranker; stage 3 on its frozen text tower."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,14 +12,15 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 import train
 from conditioning.text.captions import NAMELESS, CaptionTable, class_captions, prompts_for
-from conditioning.clip.stage import (SPARE_TOKENS, ClipScorer, ClipStage, build_tokenizer, contrastive_loss, describes,
-                                     pretrained_word_embeddings)
+from conditioning.clip.stage import (SPARE_TOKENS, ClipScorer, ClipStage, alignment_loss, build_tokenizer,
+                                     contrastive_loss, describes, pretrained_word_embeddings)
 from ddpm.checkpoint import save_tensors
 from ddpm.config import apply_overrides, read_yaml
+from ddpm.errors import UserError
 from ddpm.plots import read_metrics
 from ddpm.runs import load_config, load_run
 
-from .conftest import (ROOT, SHARED_MODELS, TINY_CLIP, TINY_TEXT, assert_resume_is_exact,
+from .conftest import (ROOT, SHARED_MODELS, TINY_ALIGNED_CLIP, TINY_CLIP, TINY_TEXT, assert_resume_is_exact,
                        assert_two_processes_train_like_one, one_line_error, run, tiny_config)
 
 
@@ -211,8 +213,8 @@ def test_resume_continues_the_same_clip_run_exactly(trained_tiny_clip, tmp_path)
 def test_two_processes_train_clip_like_one(tmp_path, fashion_mnist):
     """Each process scores its pairs against the whole gathered batch, so two processes give the
     loss and the weights of one; also with captions that name no garment, whose images' rows are
-    averaged over the whole batch."""
-    assert_two_processes_train_like_one(tmp_path, TINY_CLIP, "captions.p_nameless=0.3")
+    averaged over the whole batch, and with the alignment loss, whose rows are too."""
+    assert_two_processes_train_like_one(tmp_path, TINY_ALIGNED_CLIP, "captions.p_nameless=0.3")
 
 
 def test_clip_on_the_command_line(trained_tiny_clip, trained_tiny_run, tmp_path):
@@ -358,3 +360,64 @@ def test_clip_on_attribute_captions(tmp_path, fashion_mnist):
     report = stage.evaluate(stage.load_model(run_dir / "final"), 200)
     assert {"eval_attribute_brightness", "eval_attribute_size", "eval_attribute_texture", "eval_attribute_held_out",
             "eval_attribute_text_to_image_r1", "eval_attribute_text_to_image_r5"} <= set(report)
+
+
+# -- our text tower aligned with a locked sentence encoder (model.align) --------------------------
+
+
+def test_alignment_loss_compares_cosines_so_a_rotation_costs_nothing():
+    torch.manual_seed(0)
+    theirs = torch.randn(12, 8)
+    rotation = torch.linalg.qr(torch.randn(8, 8)).Q
+    assert alignment_loss(theirs @ rotation, theirs) < 1e-10
+    assert alignment_loss(3 * theirs, theirs) < 1e-10  # lengths do not count
+    assert alignment_loss(torch.randn(12, 8), theirs) > 0.05
+
+
+def test_aligned_batch_and_the_tower_learns_the_locked_encoders_cosines(fashion_mnist):
+    """Phrases of vocabulary words follow the captions; each text's target is the locked encoder's
+    embedding of it (a caption with words dropped: of the whole caption); a few steps move the
+    trained tower's cosines towards the locked encoder's."""
+    stage = tiny_stage(TINY_ALIGNED_CLIP, "model.align.weight=10", "captions.word_dropout=0.5")
+    raw = stage.load_data()
+    raw = {k: v[:16] for k, v in raw.items()}
+    batch = stage.make_batch(raw, torch.Generator().manual_seed(0))
+    assert batch["input_ids"].shape[0] == batch["align_targets"].shape[0] == 16 + 8
+    texts = stage.tokenizer().batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert all(t.startswith("a photo of a ") for t in texts[16:]) and len(set(texts[16:])) > 1
+    encoder = stage.sentence_encoder()
+    torch.testing.assert_close(batch["align_targets"][16:], encoder.sentence_embeds(texts[16:]))
+    assert any(text not in stage._sentences for text in texts[:16])  # captions with words dropped...
+    whole = torch.stack(list(stage._sentences.values()))  # ...and every caption's target a whole caption's
+    assert all((row == whole).all(1).any() for row in batch["align_targets"][:16])
+
+    torch.manual_seed(0)
+    model = stage.build_model()
+    optimizer = torch.optim.AdamW(train.parameter_groups(model, 0.0), lr=3e-3)
+
+    def misalignment():
+        pooled = model.text_model(input_ids=batch["input_ids"]).pooler_output
+        return alignment_loss(pooled, batch["align_targets"]).item()
+
+    before = misalignment()
+    for _ in range(40):
+        loss = stage.loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert misalignment() < before / 2
+
+
+def test_resume_continues_an_aligned_run_exactly(tmp_path, fashion_mnist):
+    straight = train.train(tiny_config(tmp_path / "straight", TINY_ALIGNED_CLIP))
+    assert_resume_is_exact(straight, tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("align, message", [
+    ("{phrases: 65, words: 64}", "0 < phrases <= words"),
+    ("{weight: 0}", "weight > 0"),
+    ("{encoder: no/such/folder}", "no/such/folder"),
+])
+def test_bad_alignment_settings_are_one_clear_error(align, message, fashion_mnist):
+    with pytest.raises(UserError, match=re.escape(message)):
+        tiny_stage(TINY_CLIP, f"model.align={align}").load_data()

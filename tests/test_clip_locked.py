@@ -93,6 +93,7 @@ def test_a_text_run_takes_the_locked_tower_from_the_clip_run(trained_tiny_locked
     (["model.text={hidden_size: 16}"], "model.text configures a trained text tower"),
     (["model.vision={patch_size: 4}"], "unknown key model.patch_size"),
     (["data.shift=14"], "data.shift must be in [0, 14)"),
+    (["model.align={}"], "model.align teaches a trained text tower"),
 ])
 def test_bad_locked_configs_are_one_clear_error(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):

@@ -31,10 +31,15 @@ share of the captions for a bare template ("a photo of"), which describes every 
 has only ever read captions naming a garment names one for any text, and reads a word it cannot
 place ("par ka") as some garment; one that has read nameless captions can also say "none".
 
-A text tower trained here stays capped by what 320 captions say. ``model.locked_text_tower``
-(configs/clip_fashion_locked_quick.yaml) makes the text tower a pretrained sentence encoder,
-locked, and ``model.image_tower: conv`` the judge's small CNN; see ``towers.py``. ``data.shift``
-moves the training images by a few pixels, an augmentation that keeps the class, as flips do.
+A text tower trained here stays capped by what 320 captions say; two ways past that.
+``model.align`` (configs/clip_fashion_aligned_quick.yaml) keeps the tower, per-token states and all,
+and adds a second loss that teaches it a locked sentence encoder's geometry: the cosines between its
+pooled states of the batch's texts are to be all-MiniLM-L6-v2's cosines between the same texts
+(``alignment_loss``), on the captions and on "a photo of a <word>" for thousands of words no caption
+holds. ``model.locked_text_tower`` (configs/clip_fashion_locked_quick.yaml) makes the text tower that
+pretrained sentence encoder, locked, and ``model.image_tower: conv`` the judge's small CNN; see
+``towers.py``. ``data.shift`` moves the training images by a few pixels, an augmentation that keeps
+the class, as flips do.
 
 The trained model is saved with ``save_pretrained`` beside its tokenizer: ``CLIPModel``,
 ``CLIPTextModel`` and ``CLIPTokenizer`` all load ``runs/NAME/final``, and a text run takes its
@@ -77,6 +82,7 @@ from conditioning.text.captions import (NAMELESS, NAMES, CaptionConfig, attribut
                                         class_prompt, named_bins, phrasings_of, prompts_for)
 from conditioning.text.encoder import MAX_LENGTH, MINILM_PACKAGE, FrozenTextEncoder
 
+ALIGN_LENGTH = 24  # tokens the encoder model.align names reads: the longest caption, and fewer to pad than 77
 SPARE_TOKENS = tuple(f"<|spare_{i}|>" for i in range(32))  # unused words, for teaching the model new ones
 
 
@@ -109,6 +115,23 @@ def build_tokenizer() -> CLIPTokenizer:
 
 
 @dataclasses.dataclass
+class AlignConfig:
+    """``model.align``: our trained text tower kept, and pulled towards a locked sentence encoder's
+    geometry by a second loss (``alignment_loss``) on the captions and on phrases made of words
+    the captions never hold."""
+
+    encoder: str = MINILM_PACKAGE  # the locked sentence encoder (a text-encoder source)
+    weight: float = 1.0  # of the alignment loss, beside the contrastive loss
+    words: int = 16384  # "a photo of a <word>" for CLIP's first this many whole-word tokens (a BPE's most frequent)
+    phrases: int = 64  # of those phrases in each batch, beside its captions
+
+    def __post_init__(self):
+        if self.weight <= 0 or self.words < 1 or not 0 < self.phrases <= self.words:
+            raise UserError(f"model.align needs weight > 0 and 0 < phrases <= words; got weight {self.weight}, "
+                            f"words {self.words}, phrases {self.phrases}")
+
+
+@dataclasses.dataclass
 class ClipModelConfig:
     """The ``model`` section: the two towers (``CLIPTextConfig`` / ``CLIPVisionConfig`` keyword
     arguments) and the shared embedding width."""
@@ -126,8 +149,12 @@ class ClipModelConfig:
     locked_text_tower: str | None = None
     image_tower: Literal["vit", "conv"] = "vit"  # conv: towers.ConvImageTower (needs a locked text tower)
     text_head: Literal["linear", "none"] = "linear"  # on a locked tower: a linear map from the identity, or none
+    align: AlignConfig | None = None  # keep the trained text tower, and teach it a locked encoder's geometry
 
     def __post_init__(self):
+        if self.align is not None and self.locked_text_tower is not None:
+            raise UserError("model.align teaches a trained text tower a locked encoder's geometry; "
+                            "with model.locked_text_tower there is none to teach: remove one of them")
         if self.locked_text_tower is None and self.image_tower == "conv":
             raise UserError("model.image_tower: conv needs model.locked_text_tower (transformers' CLIPModel, "
                             "which holds our trained text tower, has a ViT image tower only)")
@@ -230,6 +257,26 @@ def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, labe
     return (image_to_text + text_to_image) / 2
 
 
+def alignment_loss(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """How far the cosines between our text tower's texts are from a locked encoder's cosines
+    between the same texts: the mean squared difference of the two cosine matrices, this process's
+    rows against the global batch's columns (relational distillation: no map between the two
+    spaces is learnt, and any rotation of ours is as good).
+
+    ours: float b x width, our tower's pooled states; theirs: float b x width', the locked encoder's
+    sentence embeddings of the same b texts."""
+    ours, theirs = F.normalize(ours, dim=-1), F.normalize(theirs, dim=-1)
+    return F.mse_loss(ours @ gather(ours).T, theirs @ gather(theirs).T)
+
+
+def vocabulary_phrases(tokenizer: CLIPTokenizer, n: int) -> list[str]:
+    """ "a photo of a <word>" for the first ``n`` whole words (three letters or more) of the
+    tokenizer's vocabulary, in the order BPE merged them: roughly from the most frequent down."""
+    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    words = [token[: -len("</w>")] for token, _ in vocabulary if token.endswith("</w>")]
+    return [f"a photo of a {word}" for word in words if len(word) >= 3 and word.isascii() and word.isalpha()][:n]
+
+
 def describes(caption_labels: torch.Tensor, named: torch.Tensor | None, image_labels: torch.Tensor,
               bins: torch.Tensor | None) -> torch.Tensor:
     """bool captions x images: the caption names the image's class or none (-1), and each bin it
@@ -288,7 +335,10 @@ class ClipStage(Stage):
         self._nouns = [next(j for j, w in enumerate(caption.split()) if w in nouns[c])
                        for caption, c in zip(self.captions.prompts, classes)]
         self._most_words = max(len(caption.split()) for caption in self.captions.prompts)
-        self._sentences: dict[str, torch.Tensor] | None = None  # with a locked tower: each caption's embedding
+        # with a locked tower, or one to align with: its embedding of each caption (and of the phrases)
+        self._sentences: dict[str, torch.Tensor] | None = None
+        self._phrase_ids: torch.Tensor | None = None  # with model.align: W x L token ids of the vocabulary phrases
+        self._phrase_embeds: torch.Tensor | None = None  # W x width, the locked encoder's embeddings of them
 
     def tokenizer(self) -> CLIPTokenizer:
         return build_tokenizer()
@@ -299,8 +349,10 @@ class ClipStage(Stage):
         return self.config.model.locked_text_tower is not None
 
     def sentence_encoder(self) -> FrozenTextEncoder:
-        """The locked text tower (loaded once)."""
-        return locked_encoder(self.config.model.locked_text_tower)
+        """The locked text tower, or the encoder ``model.align`` names (loaded once)."""
+        if self.locked:
+            return locked_encoder(self.config.model.locked_text_tower)
+        return locked_encoder(self.config.model.align.encoder, ALIGN_LENGTH)
 
     # -- training ---------------------------------------------------------------------
 
@@ -308,10 +360,20 @@ class ClipStage(Stage):
         """images: uint8 N x 28 x 28, labels: int64 N. The captions are tokenized here, once,
         padded to the longest (with the causal text tower, padding after the end-of-text token
         changes nothing before it, and the embedding is read at the end-of-text token)."""
-        self._caption_ids = self.tokenizer()(self.captions.prompts, padding="longest", return_tensors="pt").input_ids
-        if self.locked:  # a locked tower gives each caption one fixed embedding: compute them once
+        tokenizer, align = self.tokenizer(), self.config.model.align
+        phrases = [] if align is None else vocabulary_phrases(tokenizer, align.words)
+        length = max(len(ids) for ids in tokenizer([*self.captions.prompts, *phrases]).input_ids)
+        self._caption_ids = tokenizer(self.captions.prompts, padding="max_length", max_length=length,
+                                      return_tensors="pt").input_ids
+        if self.locked or align:  # the locked encoder's embedding of each caption, computed once
             texts = [*self.captions.prompts, *NAMELESS]
             self._sentences = dict(zip(texts, self.sentence_encoder().sentence_embeds(texts)))
+        if align:
+            self._phrase_ids = tokenizer(phrases, padding="max_length", max_length=length,
+                                         return_tensors="pt").input_ids
+            self._phrase_embeds = torch.cat([
+                self.sentence_encoder().sentence_embeds(phrases[start : start + 1024])
+                for start in tqdm(range(0, len(phrases), 1024), desc="phrases to align with", leave=False)])
         data = load_training_set(self.config.data)
         if self.config.captions.attributes:  # each image's attribute bins, for its captions and its positives
             data["attributes"] = bins_for(self.config.data).bins(data["images"], data["labels"])
@@ -344,10 +406,27 @@ class ClipStage(Stage):
                                                   return_tensors="pt").input_ids.to(labels.device)
         else:
             batch["input_ids"] = self._caption_ids[captions]
+        if self.config.model.align:
+            batch["input_ids"], batch["align_targets"] = self.with_phrases(batch["input_ids"], captions, texts,
+                                                                           generator)
         if "attributes" in raw:
             batch["attributes"] = raw["attributes"]
             batch["named"] = torch.tensor([named_bins(text) for text in texts], device=labels.device)
         return batch
+
+    def with_phrases(self, input_ids: torch.Tensor, captions: torch.Tensor, texts: list[str],
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model.align.phrases`` random vocabulary phrases after the B captions: their token ids,
+        int64 (B + P) x L, and the locked encoder's embeddings of all B + P texts, float (B + P) x width.
+        A caption with words dropped is given its whole caption's embedding: dropping words is meant
+        not to change what it says (and the embeddings stay those computed once, before training)."""
+        which = torch.randint(len(self._phrase_ids), (self.config.model.align.phrases,), generator=generator,
+                              device=captions.device).cpu()
+        keys = [text if text in self._sentences else self.captions.prompts[i]
+                for text, i in zip(texts, captions.tolist())]
+        targets = torch.cat([torch.stack([self._sentences[key] for key in keys]), self._phrase_embeds[which]])
+        return (torch.cat([input_ids, self._phrase_ids[which].to(input_ids.device)]),
+                targets.to(input_ids.device))
 
     def drop_words(self, captions: torch.Tensor, generator: torch.Generator) -> list[str]:
         """The captions at ``captions`` (indices into the table), each word but the garment's noun
@@ -394,13 +473,17 @@ class ClipStage(Stage):
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.locked:
             image_embeds, text_embeds = model(batch["pixel_values"], batch["sentence_embeds"])
-        else:
+        else:  # input_ids: the B captions, then (with model.align) the vocabulary phrases
             out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
-            image_embeds, text_embeds = out.image_embeds, out.text_embeds
+            image_embeds, text_embeds = out.image_embeds, out.text_embeds[: len(batch["labels"])]
         logit_scale = getattr(model, "module", model).logit_scale  # under DDP, the wrapped model's
-        return contrastive_loss(image_embeds, text_embeds, batch["labels"], logit_scale,
+        loss = contrastive_loss(image_embeds, text_embeds, batch["labels"], logit_scale,
                                 self.config.model.max_logit_scale, batch.get("named"), batch.get("attributes"),
                                 batch.get("caption_labels"))
+        if "align_targets" in batch:  # the tower itself (its pooled state), not the projection, learns the geometry
+            loss = loss + self.config.model.align.weight * alignment_loss(out.text_model_output.pooler_output,
+                                                                          batch["align_targets"])
+        return loss
 
     # -- looking at it ----------------------------------------------------------------
 
@@ -466,9 +549,9 @@ class ClipStage(Stage):
 
 
 @lru_cache(maxsize=2)
-def locked_encoder(source: str) -> FrozenTextEncoder:
+def locked_encoder(source: str, max_length: int = MAX_LENGTH) -> FrozenTextEncoder:
     """A locked text tower, loaded once per process."""
-    return FrozenTextEncoder.from_pretrained(source)
+    return FrozenTextEncoder.from_pretrained(source, max_length=max_length)
 
 
 def cached_word_embeddings(tokenizer: CLIPTokenizer, width: int) -> torch.Tensor:
