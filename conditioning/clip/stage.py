@@ -358,8 +358,9 @@ class ClipStage(Stage):
 
     def load_data(self) -> dict[str, torch.Tensor]:
         """images: uint8 N x 28 x 28, labels: int64 N. The captions are tokenized here, once,
-        padded to the longest (with the causal text tower, padding after the end-of-text token
-        changes nothing before it, and the embedding is read at the end-of-text token)."""
+        padded to the longest (with ``model.align``, of them and the vocabulary phrases; with the causal
+        text tower, padding after the end-of-text token changes nothing before it, and the embedding is
+        read at the end-of-text token)."""
         tokenizer, align = self.tokenizer(), self.config.model.align
         phrases = [] if align is None else vocabulary_phrases(tokenizer, align.words)
         length = max(len(ids) for ids in tokenizer([*self.captions.prompts, *phrases]).input_ids)
