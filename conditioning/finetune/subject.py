@@ -157,6 +157,10 @@ class Likeness:
         """float N: each embedding's mean cosine to the subject's pictures in embedding ``name``."""
         return (embeddings @ self.subject[name].T).mean(1)
 
+    def rate(self, judge_likeness: torch.Tensor) -> float:
+        """The share of images whose likeness to the subject (mean judge cosine, float N) passes the threshold."""
+        return (judge_likeness > self.subject_threshold).float().mean().item()
+
     def __call__(self, images: torch.Tensor) -> dict[str, float]:
         """``<embedding>_subject`` and ``<embedding>_rest``: mean cosines of ``images`` to each;
         ``subject_rate``: the share of ``images`` that are the subject."""
@@ -167,7 +171,7 @@ class Likeness:
             out[f"{name}_subject"] = likeness.mean().item()
             out[f"{name}_rest"] = (e @ self.rest[name].T).mean().item()
             if name == "judge":
-                out["subject_rate"] = (likeness > self.subject_threshold).float().mean().item()
+                out["subject_rate"] = self.rate(likeness)
         return out
 
     def ceiling(self) -> dict[str, float]:
@@ -179,7 +183,7 @@ class Likeness:
             out[f"{name}_subject"] = likeness.mean().item()
             out[f"{name}_rest"] = (e @ self.rest[name].T).mean().item()
             if name == "judge":
-                out["subject_rate"] = (likeness > self.subject_threshold).float().mean().item()
+                out["subject_rate"] = self.rate(likeness)
         return out
 
 
