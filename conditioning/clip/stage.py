@@ -363,15 +363,14 @@ class ClipStage(Stage):
         read at the end-of-text token)."""
         tokenizer, align = self.tokenizer(), self.config.model.align
         phrases = [] if align is None else vocabulary_phrases(tokenizer, align.words)
-        length = max(len(ids) for ids in tokenizer([*self.captions.prompts, *phrases]).input_ids)
-        self._caption_ids = tokenizer(self.captions.prompts, padding="max_length", max_length=length,
-                                      return_tensors="pt").input_ids
+        ids = tokenizer.pad({"input_ids": tokenizer([*self.captions.prompts, *phrases]).input_ids},
+                            padding="longest", return_tensors="pt").input_ids
+        self._caption_ids, phrase_ids = ids.split([len(self.captions.prompts), len(phrases)])
         if self.locked or align:  # the locked encoder's embedding of each caption, computed once
             texts = [*self.captions.prompts, *NAMELESS]
             self._sentences = dict(zip(texts, self.sentence_encoder().sentence_embeds(texts)))
         if align:
-            self._phrase_ids = tokenizer(phrases, padding="max_length", max_length=length,
-                                         return_tensors="pt").input_ids
+            self._phrase_ids = phrase_ids
             self._phrase_embeds = torch.cat([
                 self.sentence_encoder().sentence_embeds(phrases[start : start + 1024])
                 for start in tqdm(range(0, len(phrases), 1024), desc="phrases to align with", leave=False)])

@@ -338,10 +338,16 @@ class DreamBoothLDM(TextConditionedLDM):
             unet.register_parameter("identifier_embedding", torch.nn.Parameter(start.detach().clone()))
         return unet
 
+    def learn_identifier(self, model) -> dict[str, torch.Tensor]:
+        """The model's identifier embedding made the text encoder's word; {identifier: vector}."""
+        words = {self.config.subject.identifier: model.identifier_embedding}
+        self.learn_words(words)
+        return words
+
     def preview(self, model, path: Path, title: str = "") -> Path:
         """Stage 3's preview; a model in training names the subject with its identifier as it is now."""
         if self.config.subject.learn_identifier:
-            self.learn_words({self.config.subject.identifier: model.identifier_embedding})
+            self.learn_identifier(model)
         return super().preview(model, path, title)
 
     def preview_rows(self, n: int):
@@ -358,8 +364,7 @@ class DreamBoothLDM(TextConditionedLDM):
         ({identifier: its learnt word embedding}, which ``--lora`` loads with the adapters)."""
         identifier = self.config.subject.identifier
         if self.config.subject.learn_identifier:
-            words = {identifier: model.identifier_embedding}
-            self.learn_words(words)  # so that the text encoder saved is the one that names the subject
+            words = self.learn_identifier(model)  # so that the text encoder saved is the one that names the subject
             model = copy.deepcopy(model)
             del model.identifier_embedding  # unet/ holds the UNet's own weights only
         if self.config.lora.rank:
@@ -382,7 +387,7 @@ class DreamBoothLDM(TextConditionedLDM):
             model = self.build_model()
             model.load_state_dict(load_tensors(weights_file(folder / "ema")))
             if self.config.subject.learn_identifier:
-                self.learn_words({self.config.subject.identifier: model.identifier_embedding})
+                self.learn_identifier(model)
             return model
         if self.config.lora.rank:
             return self.add_adapters(self.starting_model(), folder)
