@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 
 from conditioning.image.inpaint import (MaskConfig, draw_masks, fixed_masks, latent_cells, mark_cells, masked, padded,
                                         put_back_known, stroke_masks)
 from conditioning.image.structure import structure_maps, to_latent_grid
 from conditioning.image.upscale import PIPELINE_SCALING_FACTOR, fold_scaling_factor, low_res_of
+from conditioning.text.stage import started_from
 from ddpm.data import to_model_space, to_pixels
 from ddpm.diffusion import make_sampler
 from ddpm.errors import UserError
@@ -46,6 +48,20 @@ def test_widened_unet_starts_as_the_text_run_computes(image_runs, trained_tiny_t
 
 def test_resume_continues_the_same_inpainting_run_exactly(image_runs, tmp_path):
     assert_resume_is_exact(image_runs["inpaint"], tmp_path / "resumed")
+
+
+def test_a_fine_tune_takes_the_noise_schedule_of_the_run_it_starts_from(tmp_path):
+    base = tmp_path / "text_run"
+    (base / "final" / "unet").mkdir(parents=True)
+    (base / "final" / "unet" / "config.json").write_text("{}")
+    schedule = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
+    (base / "config.yaml").write_text(yaml.safe_dump({"stage": "text", "diffusion": {**schedule, "p_uncond": 0.2}}))
+    sections = {"init_from": str(base), "diffusion": {"p_uncond": 0.1, "prediction_type": "v_prediction"}}
+    # what the fine-tune leaves out is the run's schedule, not the default (linear, eps); its own keys stay
+    assert started_from(sections, (), (), "a test")["diffusion"] == {**schedule, "p_uncond": 0.1}
+    sections["diffusion"]["beta_schedule"] = "linear"
+    with pytest.raises(UserError, match="beta_schedule is 'linear' but init_from"):
+        started_from(sections, (), (), "a test")
 
 
 def test_training_masks_are_seeded_and_of_every_kind():

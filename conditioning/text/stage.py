@@ -82,7 +82,8 @@ def started_from(sections: dict, fixed: tuple[str, ...], inherited: tuple[str, .
     """A fine-tune's config sections when it starts from the finished text run ``sections["init_from"]``:
     the ``fixed`` sections (what the run's weights were made with) are the run's, and a config that gives
     them otherwise is refused; each ``inherited`` section is the run's with this config's keys on top;
-    the noise schedule must be the run's. ``what`` names the fine-tune in errors."""
+    the noise schedule is the run's (``SCHEDULE``: a config may repeat it, not change it, and what it leaves
+    out is not the default but the run's). ``what`` names the fine-tune in errors."""
     init_from = sections["init_from"]
     base = base_sections(init_from, what)
     given = [k for k in fixed if k in sections and sections[k] != base.get(k)]
@@ -97,6 +98,7 @@ def started_from(sections: dict, fixed: tuple[str, ...], inherited: tuple[str, .
     merged = {**sections, **{k: base[k] for k in fixed if k in base}}
     for key in inherited:
         merged[key] = {**(base.get(key) or {}), **(sections.get(key) or {})}
+    merged["diffusion"] = {**(merged.get("diffusion") or {}), **{k: theirs[k] for k in SCHEDULE if k in theirs}}
     return merged
 
 
