@@ -157,33 +157,29 @@ class Likeness:
         """float N: each embedding's mean cosine to the subject's pictures in embedding ``name``."""
         return (embeddings @ self.subject[name].T).mean(1)
 
-    def rate(self, judge_likeness: torch.Tensor) -> float:
-        """The share of images whose likeness to the subject (mean judge cosine, float N) passes the threshold."""
-        return (judge_likeness > self.subject_threshold).float().mean().item()
+    def scores(self, name: str, embeddings: torch.Tensor, likeness: torch.Tensor) -> dict[str, float]:
+        """``<name>_subject``: the mean of ``likeness`` (float N, each image's mean cosine to the subject);
+        ``<name>_rest``: the images' mean cosine to the rest of the class; for the judge, ``subject_rate``:
+        the share of images whose likeness passes the threshold."""
+        out = {f"{name}_subject": likeness.mean().item(),
+               f"{name}_rest": (embeddings @ self.rest[name].T).mean().item()}
+        if name == "judge":
+            out["subject_rate"] = (likeness > self.subject_threshold).float().mean().item()
+        return out
 
     def __call__(self, images: torch.Tensor) -> dict[str, float]:
-        """``<embedding>_subject`` and ``<embedding>_rest``: mean cosines of ``images`` to each;
-        ``subject_rate``: the share of ``images`` that are the subject."""
+        """``scores`` of ``images`` in every embedding (``subject_rate``: the share that are the subject)."""
         out = {}
         for name, f in self.embeddings().items():
             e = f(images)
-            likeness = self.likeness(e, name)
-            out[f"{name}_subject"] = likeness.mean().item()
-            out[f"{name}_rest"] = (e @ self.rest[name].T).mean().item()
-            if name == "judge":
-                out["subject_rate"] = self.rate(likeness)
+            out.update(self.scores(name, e, self.likeness(e, name)))
         return out
 
     def ceiling(self) -> dict[str, float]:
         """The subject's pictures among themselves (each to the others): what a perfect copy would score."""
         out = {}
         for name, e in self.subject.items():
-            k = len(e)
-            likeness = ((e @ e.T).sum(1) - 1) / (k - 1)
-            out[f"{name}_subject"] = likeness.mean().item()
-            out[f"{name}_rest"] = (e @ self.rest[name].T).mean().item()
-            if name == "judge":
-                out["subject_rate"] = self.rate(likeness)
+            out.update(self.scores(name, e, ((e @ e.T).sum(1) - 1) / (len(e) - 1)))
         return out
 
 
