@@ -8,15 +8,25 @@ N(mu, sigma^2) over latents z (C x h x w, by default 4 x 8 x 8: 4x fewer numbers
 pixels); the decoder maps a sample z = mu + sigma * eps back to an image. The loss, as for
 Stable Diffusion's VAE (all terms are means over pixels or latent values):
 
-    reconstruction   |x - D(z)|   (or (x - D(z))^2)
-    + kl_weight   * KL(q(z|x) || N(0, I))       tiny: it only keeps the latents from drifting
-    + disc_weight * hinge GAN loss               optional, from step disc_start
+    L_rec =  |x - D(z)|   (or (x - D(z))^2)
+           + perceptual_weight * d(x, D(z))        a distance between features (latent/perceptual.py)
+    loss  =  L_rec
+           + kl_weight * KL(q(z|x) || N(0, I))     tiny: it only keeps the latents from drifting
+           + lambda * L_GAN                        optional, from step disc_start
 
 The GAN term pits the decoder against a patch discriminator that scores every overlapping
 patch of an image as real or reconstructed, which rewards sharp texture over the blur an
-L1/L2 loss settles for. Both networks are one model here, trained by one optimizer: the
-decoder's adversarial term is computed with the discriminator frozen, and the
-discriminator's own term on detached reconstructions, so each loss moves only its network.
+L1/L2 loss settles for: L_GAN = -mean(D_patch(D(z))), the hinge loss's generator half. Its
+weight lambda is ``disc_weight``, or with ``adaptive_disc_weight`` (Esser et al. 2021, eq. 7,
+as Stable Diffusion's VAE was trained) ``disc_weight`` times
+
+    |grad of L_rec| / (|grad of L_GAN| + 1e-4),   both gradients at the decoder's last layer,
+
+so the adversarial push on the decoder's output stays in proportion to the reconstruction's
+pull, whatever the scale of the discriminator's logits. Both networks are one model here,
+trained by one optimizer: the decoder's adversarial term is computed with the discriminator
+frozen, and the discriminator's own term on detached reconstructions, so each loss moves only
+its network.
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from diffusers import AutoencoderKL
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -44,6 +56,7 @@ from ddpm.judge import accuracy
 from ddpm.metrics import embed, floor_images, frechet_distance, psnr, real_floor, reference_stats
 from ddpm.plots import save_grid
 
+from .perceptual import RandomFeatureDistance
 from .space import LatentSpace
 
 
@@ -74,6 +87,18 @@ def frozen(module: nn.Module):
     finally:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
+
+
+def adaptive_gan_weight(reconstruction: torch.Tensor, gan: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """|grad reconstruction| / (|grad gan| + 1e-4) at ``last_layer``, in [0, 1e4], a constant for
+    backward. With several processes the gradients are those of the whole batch's loss (averaged
+    over processes first), so two processes weigh the GAN term as one would."""
+    grads = [torch.autograd.grad(term, last_layer, retain_graph=True)[0] for term in (reconstruction, gan)]
+    if dist.is_available() and dist.is_initialized():
+        for grad in grads:
+            dist.all_reduce(grad)
+            grad /= dist.get_world_size()
+    return (grads[0].norm() / (grads[1].norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
 class AutoencoderWithDiscriminator(ModelMixin, ConfigMixin):
@@ -112,14 +137,16 @@ class AutoencoderWithDiscriminator(ModelMixin, ConfigMixin):
 class AutoencoderLossConfig:
     reconstruction: Literal["l1", "mse"] = "l1"
     kl_weight: float = 1e-6
+    perceptual_weight: float = 0.0  # 0: no perceptual term
     disc_weight: float = 0.0  # 0: no discriminator
+    adaptive_disc_weight: bool = False  # scale disc_weight by the ratio of the two terms' gradients
     disc_start: int = 0  # the step from which the GAN terms count (let reconstructions form first)
     disc_channels: int = 64
     disc_layers: int = 2
 
     def __post_init__(self):
-        if self.kl_weight < 0 or self.disc_weight < 0 or self.disc_start < 0:
-            raise UserError("loss.kl_weight, loss.disc_weight and loss.disc_start must be >= 0")
+        if min(self.kl_weight, self.perceptual_weight, self.disc_weight, self.disc_start) < 0:
+            raise UserError("loss.kl_weight, loss.perceptual_weight, loss.disc_weight and loss.disc_start must be >= 0")
 
 
 @dataclasses.dataclass
@@ -144,6 +171,7 @@ class AutoencoderStage(Stage):
         kwargs = {**defaults, **self.vae_kwargs}
         size = PADDED_SIZE // 2 ** (len(kwargs["block_out_channels"]) - 1)
         self.latent_shape = (kwargs["latent_channels"], size, size)
+        self.perceptual = RandomFeatureDistance(kwargs["in_channels"]) if config.loss.perceptual_weight else None
 
     # -- training ---------------------------------------------------------------------
 
@@ -165,19 +193,28 @@ class AutoencoderStage(Stage):
         c = self.config.loss
         return AutoencoderWithDiscriminator(self.vae_kwargs, c.disc_weight > 0, c.disc_channels, c.disc_layers)
 
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         c = self.config.loss
         x = batch["x"]
         out = model(x, batch["eps"])
         error = out["recon"] - x
-        reconstruction = error.abs().mean() if c.reconstruction == "l1" else error.pow(2).mean()
-        kl = 0.5 * (out["mean"].pow(2) + out["logvar"].exp() - 1 - out["logvar"]).mean()
-        loss = reconstruction + c.kl_weight * kl
+        parts = {"reconstruction": error.abs().mean() if c.reconstruction == "l1" else error.pow(2).mean()}
+        rec = parts["reconstruction"]
+        if self.perceptual is not None:
+            parts["perceptual"] = self.perceptual.to(x.device)(x, out["recon"])
+            rec = rec + c.perceptual_weight * parts["perceptual"]
+        parts["kl"] = 0.5 * (out["mean"].pow(2) + out["logvar"].exp() - 1 - out["logvar"]).mean()
+        loss = rec + c.kl_weight * parts["kl"]
         if "fake_logits" in out:
-            decoder_gan = -out["fake_logits"].mean()
-            discriminator = F.relu(1 - out["real_logits"]).mean() + F.relu(1 + out["detached_fake_logits"]).mean()
-            loss = loss + batch["adversarial"].mean() * (c.disc_weight * decoder_gan + discriminator)
-        return loss
+            gan = -out["fake_logits"].mean()
+            weight = c.disc_weight
+            if c.adaptive_disc_weight:
+                last_layer = extract_model_from_parallel(model).vae.decoder.conv_out.weight
+                parts["gan_weight"] = weight = c.disc_weight * adaptive_gan_weight(rec, gan, last_layer)
+            parts["discriminator"] = (F.relu(1 - out["real_logits"]).mean()
+                                      + F.relu(1 + out["detached_fake_logits"]).mean())
+            loss = loss + batch["adversarial"].mean() * (weight * gan + parts["discriminator"])
+        return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
     # -- looking at it ----------------------------------------------------------------
 

@@ -319,7 +319,7 @@ def assert_same_training(a: Path, b: Path) -> None:
             # an attention key's bias adds the same amount to every key's score, which softmax
             # ignores: its gradient is 0 but for rounding, which Adam turns into steps of lr
             continue
-        torch.testing.assert_close(wa[k], wb[k], **TOLERANCE)
+        torch.testing.assert_close(wa[k], wb[k], **TOLERANCE, msg=lambda m: f"{k}: {m}")
 
 
 def assert_two_processes_train_like_one(tmp_path: Path, config: Path, *overrides: str) -> None:

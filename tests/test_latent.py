@@ -14,7 +14,8 @@ from ddpm.errors import UserError
 from ddpm.data import load_training_set
 from ddpm.runs import load_config, load_run
 from ddpm.metrics import psnr
-from latent.autoencoder import AutoencoderStage, AutoencoderWithDiscriminator
+from latent.autoencoder import AutoencoderStage, AutoencoderWithDiscriminator, adaptive_gan_weight
+from latent.perceptual import RandomFeatureDistance
 from latent.cache import cache_path, fingerprint, load_or_build, read_scaling_factor
 from latent.space import LatentSpace, load_autoencoder
 
@@ -87,9 +88,55 @@ def test_gan_terms_switch_on_at_disc_start():
         batch = stage.make_batch(raw, torch.Generator().manual_seed(0), step)
         assert batch["eps"].shape == (4, 4, 8, 8)
         model.zero_grad(set_to_none=True)
-        stage.loss(model, batch).backward()
+        stage.loss(model, batch)["loss"].backward()
         d_grad = sum(p.grad.abs().sum() for p in model.discriminator.parameters())
         assert (d_grad > 0) == expect_grad
+
+
+def test_adaptive_gan_weight_is_the_ratio_of_the_two_gradients_at_the_last_layer():
+    w = torch.randn(3, 4, requires_grad=True)
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    weight = adaptive_gan_weight((w * a).sum(), (w * b).sum(), w)
+    assert weight.item() == pytest.approx((a.norm() / (b.norm() + 1e-4)).item(), rel=1e-6)
+    assert not weight.requires_grad  # a constant for backward: it scales the GAN term, it is not minimised
+    assert adaptive_gan_weight((w * a).sum(), (w * 0).sum(), w).item() == 1e4  # no GAN gradient: the cap
+
+
+def autoencoder_stage(**loss) -> AutoencoderStage:
+    return AutoencoderStage.from_dict({"model": {"block_out_channels": [8, 8, 8], "norm_num_groups": 4,
+                                                 "down_block_types": ["DownEncoderBlock2D"] * 3,
+                                                 "up_block_types": ["UpDecoderBlock2D"] * 3},
+                                       "loss": {"disc_channels": 8, **loss}})
+
+
+def test_adaptive_weight_makes_the_gan_pull_at_the_output_disc_weight_times_the_reconstructions():
+    """SD's rule: at the decoder's last layer the weighted GAN term's gradient has disc_weight times
+    the norm of the reconstruction terms' (L1 + perceptual) gradient, whatever the logits' scale."""
+    stage = autoencoder_stage(disc_weight=0.5, adaptive_disc_weight=True, perceptual_weight=1.0)
+    model = stage.build_model()
+    batch = stage.make_batch({"images": some_images(4)}, torch.Generator().manual_seed(0), step=0)
+    parts = stage.loss(model, batch)
+    assert parts["gan_weight"] > 0 and parts["perceptual"] > 0
+    last = model.vae.decoder.conv_out.weight
+    out = model(batch["x"], batch["eps"])
+    rec = (out["recon"] - batch["x"]).abs().mean() + stage.perceptual(batch["x"], out["recon"])
+    gan = -out["fake_logits"].mean()
+    g_rec, g_gan = (torch.autograd.grad(t, last, retain_graph=True)[0].norm() for t in (rec, gan))
+    assert (parts["gan_weight"] * g_gan).item() == pytest.approx(0.5 * g_rec.item(), rel=1e-3)
+
+
+def test_perceptual_distance_is_fixed_has_no_weights_to_train_and_sees_blur():
+    a, b = RandomFeatureDistance(), RandomFeatureDistance()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # one seed: every process alike
+    assert not any(p.requires_grad for p in a.parameters())
+    x = some_images(8).float()[:, None] / 127.5 - 1
+    blurred = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    noisy = x + (blurred - x).abs().mean() * torch.randn_like(x).sign()  # the same L1 error as the blur
+    assert a(x, x).item() == 0
+    assert a(x, blurred) > 2 * a(x, noisy)  # a blur loses structure the L1 error does not weigh
+    stage = autoencoder_stage(perceptual_weight=1.0)
+    model = stage.build_model()
+    assert not any(name.startswith("perceptual") for name in model.state_dict())  # nothing saved, nothing trained
 
 
 def test_psnr():
@@ -252,6 +299,12 @@ def test_resume_continues_the_same_run_exactly(request, tmp_path, fixture):
     """6 steps straight == 3 steps, stop, resume, 3 more (the autoencoder's discriminator
     switches on at step 3, inside the resumed part)."""
     assert_resume_is_exact(request.getfixturevalue(fixture), tmp_path / "resumed")
+
+
+def test_two_processes_train_the_autoencoder_like_one(tmp_path):
+    """With the perceptual term, and the discriminator and its adaptive weight (gradients averaged
+    over both processes) on from step 3 of 6."""
+    assert_two_processes_train_like_one(tmp_path, TINY_AUTOENCODER)
 
 
 def test_two_processes_train_the_latent_stage_like_one(tmp_path, trained_tiny_autoencoder):
