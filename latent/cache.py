@@ -17,8 +17,9 @@ weights and config, the image size it is fed, and the images. Change any of them
 next run encodes again; a damaged cache file is rebuilt.
 
 The scaling factor is 1 / std over all cached latent values, so the scaled latents have
-std 1. It travels in the cache file's metadata and in the ``config.json`` of the autoencoder
-saved with a latent run (``final/vae``).
+std 1; with ``autoencoder.per_channel`` each channel's mean and std normalise that channel
+(``latent/space.py``). The statistics travel in the cache file's metadata, the factors in the
+autoencoder saved with a latent run (``final/vae``).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def load_or_build(space: LatentSpace, images: torch.Tensor, cache_dir: Path, fli
     """Unscaled latents of ``images`` (uint8 N x 28 x 28): ``latents`` N x C x h x w and, with
     ``flip``, ``latents_flipped`` of the mirrored images, from the cache or freshly encoded.
 
-    Sets ``space.scaling_factor`` from the cached statistics.
+    Sets the space's normalisation from the cached statistics (``LatentSpace.measure``).
     """
     path = cache_path(cache_dir, fingerprint(space, images, flip))
     cached = None
@@ -96,7 +97,7 @@ def load_or_build(space: LatentSpace, images: torch.Tensor, cache_dir: Path, fli
             stats["posterior_std_ratio"] = posterior_std.mean().item() * stats["scaling_factor"]
         _save_atomically(cached, path, {"stats": json.dumps(stats)})
         say(f"latent cache: encoded {len(images)} images{' and their mirror images' if flip else ''} -> {path}")
-    space.scaling_factor = stats["scaling_factor"]
+    space.measure(stats)
     say(describe(stats, space))
     return cached
 
@@ -119,7 +120,8 @@ def describe(stats: dict, space: LatentSpace) -> str:
     stds = ", ".join(f"{s:.3f}" for s in stats["channel_std"])
     own = space.vae.config.get("scaling_factor")
     line = (f"latents {'x'.join(map(str, space.latent_shape))}: per-channel mean [{means}], std [{stds}]; "
-            f"scaling factor 1/std = {stats['scaling_factor']:.5f} (the autoencoder's config says {own})")
+            f"scaling factor 1/std = {stats['scaling_factor']:.5f} (the autoencoder's config says {own})"
+            + ("; each channel normalised by its own mean and std" if space.per_channel else ""))
     if "posterior_std_ratio" in stats:
         line += f"; posterior std / latent std = {stats['posterior_std_ratio']:.4f}"
     return line

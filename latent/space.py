@@ -1,14 +1,23 @@
-"""An autoencoder as the diffusion model sees it: images <-> scaled latents.
+"""An autoencoder as the diffusion model sees it: images <-> normalised latents.
 
-    encode:  uint8 B x 28 x 28  ->  z = scaling_factor * E(x)         float B x C x h x w
-    decode:  z                  ->  D(z / scaling_factor) as pixels   uint8 B x 28 x 28
+    encode:  uint8 B x 28 x 28  ->  z = (E(x) - shift_factor) * scaling_factor        float B x C x h x w
+    decode:  z                  ->  D(z / scaling_factor + shift_factor) as pixels   uint8 B x 28 x 28
 
-The diffusion model never sees pixels, only z. Its noise schedule assumes data of about unit
-variance (at t = T the sample must be almost pure N(0, 1) noise), so z is multiplied by
-``scaling_factor`` = 1 / std of the autoencoder's latents on the training data. Stable
-Diffusion's 0.18215 is that number for its VAE on its images; ours is measured on ours
-(``latent/cache.py``). Encoding with one factor and decoding with another silently gives
-washed-out or blown-out samples, so one ``LatentSpace`` object does both.
+The diffusion model never sees pixels, only z. Its noise schedule assumes data of about zero
+mean and unit variance (at t = T the sample must be almost pure N(0, 1) noise), so the
+autoencoder's latents are normalised with factors measured on the training data
+(``latent/cache.py``). Stable Diffusion uses one number, ``scaling_factor`` = 1 / std over all
+latent values (0.18215 for its VAE on its images), and no shift; Stable Diffusion 3 also
+subtracts a ``shift_factor``. With ``per_channel`` each channel gets its own mean and std, as
+SD3 and FLUX do in spirit: our autoencoder's channels have means far from 0 and spreads that
+differ by more than 2x, which one number cannot fix. Encoding with one normalisation and decoding
+with another silently gives washed-out or blown-out samples, so one ``LatentSpace`` object does
+both.
+
+A saved latent space is a diffusers ``AutoencoderKL`` folder that Stable Diffusion's pipelines
+read, and they know only ``scaling_factor``: per-channel factors are folded into the weights of
+the autoencoder's 1 x 1 ``quant_conv`` and ``post_quant_conv`` (``folded``), so the saved
+autoencoder's own latents are already normalised, and its ``scaling_factor`` is 1.
 
 Any autoencoder works: our own 1-channel ``AutoencoderKL`` (``latent/autoencoder.py``) sees the
 padded 32 x 32 image; a pretrained RGB one (``stabilityai/sd-vae-ft-mse``,
@@ -18,6 +27,7 @@ padded 32 x 32 image; a pretrained RGB one (``stabilityai/sd-vae-ft-mse``,
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -40,19 +50,34 @@ def down_factor(vae) -> int:
 
 
 class LatentSpace:
-    """An autoencoder (eval mode, frozen) with the size it is fed and the latent scaling factor."""
+    """An autoencoder (eval mode, frozen) with the size it is fed and the latents' normalisation:
+    ``scaling_factor`` and ``shift_factor``, each a number or a tensor of one value per channel
+    (``per_channel``), measured from the cache unless given."""
 
     def __init__(self, vae: AutoencoderKL | AutoencoderTiny, image_size: int | None = None,
-                 scaling_factor: float | None = None):
+                 scaling_factor: float | torch.Tensor | None = None, per_channel: bool = False):
         self.vae = vae.eval().requires_grad_(False)
         self.factor = down_factor(vae)
         self.image_size = image_size or max(PADDED_SIZE, MIN_LATENT_SIZE * self.factor)
         if self.image_size % self.factor:
             raise UserError(f"autoencoder.image_size={self.image_size} must be a multiple of the "
                             f"autoencoder's down factor {self.factor}")
+        if per_channel and not has_quant_convs(vae):
+            raise UserError("autoencoder.per_channel needs an AutoencoderKL with quant_conv and post_quant_conv "
+                            "(where a saved run folds the factors in); set autoencoder.per_channel=false")
+        self.per_channel = per_channel
         self.scaling_factor = scaling_factor
+        self.shift_factor: float | torch.Tensor = 0.0
         self.channels = vae.config.latent_channels
         self.latent_size = self.image_size // self.factor
+
+    def measure(self, stats: dict) -> None:
+        """Set the normalisation from the latent cache's statistics (``latent/cache.py``)."""
+        if self.per_channel:
+            self.shift_factor = torch.tensor(stats["channel_mean"])
+            self.scaling_factor = 1 / torch.tensor(stats["channel_std"])
+        else:
+            self.scaling_factor = stats["scaling_factor"]
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -105,41 +130,82 @@ class LatentSpace:
         generator, the posterior mean."""
         out = self.vae.encode(self.padded_to_vae_input(x))
         if not hasattr(out, "latent_dist"):
-            return out.latents * self._factor()
+            return self.normalize(out.latents)
         mean, std = out.latent_dist.mean, out.latent_dist.std
         if generator is None:
-            return mean * self._factor()
+            return self.normalize(mean)
         noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
-        return (mean + std * noise) * self._factor()
+        return self.normalize(mean + std * noise)
 
     def encode_unscaled(self, images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 B x 28 x 28 -> B x C x h x w: the posterior mean, before scaling."""
         return self.posterior(images, flip)[0]
 
     def encode(self, images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 B x 28 x 28 -> scaled latents B x C x h x w (std about 1 over the data)."""
-        return self.encode_unscaled(images, flip) * self._factor()
+        """uint8 B x 28 x 28 -> normalised latents B x C x h x w (mean about 0, std about 1 over the data)."""
+        return self.normalize(self.encode_unscaled(images, flip))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents B x C x h x w -> uint8 B x 28 x 28."""
-        return self.vae_output_to_pixels(self.vae.decode(latents.to(self.device) / self._factor()).sample)
+        """Normalised latents B x C x h x w -> uint8 B x 28 x 28."""
+        return self.vae_output_to_pixels(self.vae.decode(self.denormalize(latents.to(self.device))).sample)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 B x 28 x 28 -> uint8 B x 28 x 28 through the autoencoder (no scaling involved)."""
         return self.vae_output_to_pixels(self.vae.decode(self.encode_unscaled(images)).sample)
 
-    def _factor(self) -> float:
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """The autoencoder's latents B x C x h x w -> (latents - shift_factor) * scaling_factor."""
+        shift, scale = self._factors(latents)
+        return (latents - shift) * scale
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> the autoencoder's: z / scaling_factor + shift_factor."""
+        shift, scale = self._factors(z)
+        return z / scale + shift
+
+    def _factors(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """shift_factor and scaling_factor, per-channel ones shaped C x 1 x 1 on ``like``'s device."""
         if self.scaling_factor is None:
             raise RuntimeError("the scaling factor is measured from the latent cache; build it first")
-        return self.scaling_factor
+        as_channels = (lambda f: f.to(like).view(-1, 1, 1)) if self.per_channel else (lambda f: f)
+        return as_channels(self.shift_factor), as_channels(self.scaling_factor)
 
     # -- saving ------------------------------------------------------------------------
 
+    def folded(self, scaling_factor: float = 1.0) -> "LatentSpace":
+        """The same latent space on a copy of the autoencoder whose own latents are
+        normalize(latents) / ``scaling_factor`` (both factors moved into its 1 x 1 quant_conv and
+        post_quant_conv), with ``scaling_factor`` in its config: a pipeline that knows only that
+        one number gets exactly our normalised latents, and the decoder sees the same numbers.
+        The posterior's std is scaled with its mean (its log-variance shifted)."""
+        if not has_quant_convs(self.vae):
+            raise UserError("folding the latent normalisation into an autoencoder needs its quant_conv and "
+                            "post_quant_conv; this one has none (use one of ours, or an SD VAE)")
+        c = self.channels
+        shift, scale = (torch.as_tensor(f, dtype=torch.float32).reshape(-1).expand(c)
+                        for f in self._factors(torch.zeros(())))
+        k = (scale / scaling_factor).to(self.device)  # per channel: folded latents = (latents - shift) * k
+        shift = shift.to(self.device)
+        vae = copy.deepcopy(self.vae)
+        with torch.no_grad():
+            post = vae.post_quant_conv
+            post.bias += post.weight[:, :, 0, 0] @ shift  # D's input is folded / k + shift
+            post.weight /= k.view(1, -1, 1, 1)
+            mean, logvar = slice(0, c), slice(c, 2 * c)
+            vae.quant_conv.weight[mean] *= k.view(-1, 1, 1, 1)
+            vae.quant_conv.bias[mean] = (vae.quant_conv.bias[mean] - shift) * k
+            vae.quant_conv.bias[logvar] += 2 * k.log()  # std x k
+        vae.register_to_config(scaling_factor=scaling_factor)
+        return LatentSpace(vae, self.image_size, scaling_factor)
+
     def save_pretrained(self, folder: Path) -> None:
-        """The autoencoder with *our* scaling factor in its config.json, plus the image size."""
-        self.vae.register_to_config(scaling_factor=self._factor())
+        """The autoencoder with *our* scaling factor in its config.json (per-channel factors folded
+        into its weights first), plus the image size."""
+        if self.per_channel:
+            return self.folded(1.0).save_pretrained(folder)
+        self.vae.register_to_config(scaling_factor=self._factors(torch.zeros(()))[1])
         self.vae.save_pretrained(folder)
         (folder / "latent_space.json").write_text(json.dumps({"image_size": self.image_size}))
 
@@ -149,6 +215,10 @@ class LatentSpace:
         vae = load_autoencoder(str(folder))
         size = json.loads((folder / "latent_space.json").read_text())["image_size"]
         return cls(vae, size, vae.config.scaling_factor)
+
+
+def has_quant_convs(vae) -> bool:
+    return isinstance(vae, AutoencoderKL) and vae.config.use_quant_conv and vae.config.use_post_quant_conv
 
 
 def load_autoencoder(source: str, subfolder: str | None = None) -> AutoencoderKL | AutoencoderTiny:

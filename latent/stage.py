@@ -35,6 +35,7 @@ class AutoencoderSourceConfig:
     source: str = "runs/autoencoder_fashion_quick"  # our autoencoder run, a diffusers folder, or a Hub name
     subfolder: str | None = None  # e.g. "vae" inside a whole Stable Diffusion repository
     image_size: int | None = None  # pixels per side fed to it; default: 32, or 8 x its down factor if larger
+    per_channel: bool = False  # normalise each latent channel by its own mean and std (else: one scaling factor)
     cache_dir: str | None = None  # default: RUN/latent_cache for our runs, else runs/latent_cache/NAME
     encode_batch_size: int = 256
 
@@ -68,11 +69,11 @@ class LatentDDPM(ClassConditionedDDPM):
         """The frozen autoencoder, loaded on first use (its factor is set by ``load_data``)."""
         if self._space is None:
             a = self.config.autoencoder
-            self._space = LatentSpace(load_autoencoder(a.source, a.subfolder), a.image_size)
+            self._space = LatentSpace(load_autoencoder(a.source, a.subfolder), a.image_size, per_channel=a.per_channel)
         return self._space
 
     def load_data(self) -> dict[str, torch.Tensor]:
-        """Scaled latents N x C x h x w (and of the mirrored images, with ``data.flip``) and
+        """Normalised latents N x C x h x w (and of the mirrored images, with ``data.flip``) and
         labels, from the latent cache; encodes the training set first if there is none."""
         data = load_training_set(self.config.data)
         a = self.config.autoencoder
@@ -81,7 +82,7 @@ class LatentDDPM(ClassConditionedDDPM):
         with state.main_process_first():  # one process encodes, the others then read the cache
             cached = load_or_build(space, data["images"], a.cache_folder(), self.config.data.flip,
                                    a.encode_batch_size, say=print if state.is_main_process else lambda _: None)
-        return {"labels": data["labels"], **{k: v * space.scaling_factor for k, v in cached.items()}}
+        return {"labels": data["labels"], **{k: space.normalize(v) for k, v in cached.items()}}
 
     def clean_sample(self, raw: dict[str, torch.Tensor], flip: torch.Tensor | None) -> torch.Tensor:
         """x0 for a batch: the cached latents of each image or, where ``flip``, of its mirror image."""

@@ -14,7 +14,7 @@ from PIL import Image
 from conditioning.image.inpaint import (MaskConfig, draw_masks, fixed_masks, latent_cells, mark_cells, masked, padded,
                                         put_back_known, stroke_masks)
 from conditioning.image.structure import structure_maps, to_latent_grid
-from conditioning.image.upscale import PIPELINE_SCALING_FACTOR, fold_scaling_factor, low_res_of
+from conditioning.image.upscale import PIPELINE_SCALING_FACTOR, low_res_of
 from conditioning.text.stage import started_from
 from ddpm.data import to_model_space, to_pixels
 from ddpm.diffusion import make_sampler
@@ -129,22 +129,6 @@ def test_structure_maps_follow_edges_and_a_blank_map_is_no_nan():
     grid = to_latent_grid(maps, 8)
     assert torch.isfinite(grid).all() and grid.shape == (2, 1, 8, 8)
     assert grid[0].min() == -1 and grid[0].max() == 1 and (grid[1] == -1).all()
-
-
-def test_folding_the_scaling_factor_keeps_latents_and_decodes(trained_tiny_autoencoder):
-    from latent.space import load_autoencoder
-
-    vae = load_autoencoder(str(trained_tiny_autoencoder))
-    folded = fold_scaling_factor(vae, 0.7)
-    assert folded.config.scaling_factor == PIPELINE_SCALING_FACTOR
-    x = torch.rand(3, 1, 32, 32) * 2 - 1
-    with torch.no_grad():
-        ours, theirs = vae.encode(x).latent_dist, folded.encode(x).latent_dist
-        assert torch.allclose(theirs.mean * PIPELINE_SCALING_FACTOR, ours.mean * 0.7, atol=1e-5)
-        assert torch.allclose(theirs.std * PIPELINE_SCALING_FACTOR, ours.std * 0.7, atol=1e-5)
-        z = torch.randn(3, 4, 8, 8)
-        assert torch.allclose(folded.decode(z / PIPELINE_SCALING_FACTOR).sample, vae.decode(z / 0.7).sample,
-                              atol=1e-4)
 
 
 def _pixels(pipeline_output: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 import train
 from ddpm.config import read_yaml
 from ddpm.errors import UserError
-from ddpm.data import load_training_set
+from ddpm.data import DataConfig, load_training_set
 from ddpm.runs import load_config, load_run
 from ddpm.metrics import psnr
 from latent.autoencoder import AutoencoderStage, AutoencoderWithDiscriminator, adaptive_gan_weight
@@ -227,6 +227,49 @@ def test_cache_is_built_once_reused_and_invalidated(tmp_path):
     said.clear()
     load_or_build(LatentSpace(tiny_kl()), images, tmp_path, flip=True, say=said.append)
     assert any("damaged" in line for line in said) and read_scaling_factor(path) == pytest.approx(factor)
+
+
+STATS = {"scaling_factor": 0.7, "channel_mean": [0.5, -1.0, 2.0, 0.0], "channel_std": [2.0, 0.5, 1.0, 3.0]}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_folding_the_normalisation_keeps_latents_and_decodes(trained_tiny_autoencoder, per_channel):
+    """A pipeline that knows only scaling_factor (0.08333, the upscaler's) gets our normalised latents
+    from the folded autoencoder, and its decoder sees the same numbers."""
+    space = LatentSpace(load_autoencoder(str(trained_tiny_autoencoder)), per_channel=per_channel)
+    space.measure(STATS)
+    folded = space.folded(0.08333)
+    assert folded.vae.config.scaling_factor == 0.08333 and space.vae.config.scaling_factor != 0.08333
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    scale = torch.tensor(STATS["channel_std"]).view(-1, 1, 1).reciprocal() if per_channel else 0.7
+    with torch.no_grad():
+        ours, theirs = space.vae.encode(x).latent_dist, folded.vae.encode(x).latent_dist
+        torch.testing.assert_close(theirs.mean * 0.08333, space.normalize(ours.mean), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs.std * 0.08333, ours.std * scale, atol=1e-5, rtol=1e-4)
+        z = torch.randn(3, 4, 8, 8)
+        torch.testing.assert_close(folded.vae.decode(folded.denormalize(z)).sample,
+                                   space.vae.decode(space.denormalize(z)).sample, atol=1e-4, rtol=1e-4)
+
+
+def test_per_channel_latents_are_standardised_and_saved_folded(trained_tiny_autoencoder, tmp_path):
+    space = LatentSpace(load_autoencoder(str(trained_tiny_autoencoder)), per_channel=True)
+    images = load_training_set(DataConfig(limit=64))["images"]
+    cached = load_or_build(space, images, tmp_path / "cache", flip=False, say=lambda _: None)
+    z = space.normalize(cached["latents"]).transpose(0, 1).flatten(1)
+    torch.testing.assert_close(z.mean(1), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(1), torch.ones(4), atol=1e-4, rtol=0)
+    space.save_pretrained(tmp_path / "vae")
+    saved = LatentSpace.from_pretrained(tmp_path / "vae")  # what final/vae and diffusers' pipelines read
+    assert saved.vae.config.scaling_factor == 1.0 and not saved.per_channel
+    torch.testing.assert_close(saved.encode(images[:8]), space.encode(images[:8]), atol=1e-4, rtol=1e-4)
+    assert (saved.decode(space.encode(images[:8])).int() - space.decode(space.encode(images[:8])).int()).abs().max() <= 1
+
+
+def test_per_channel_needs_quant_convs():
+    with pytest.raises(UserError, match="per_channel"):
+        LatentSpace(AutoencoderTiny(in_channels=1, out_channels=1, encoder_block_out_channels=(8, 8, 8, 8),
+                                    decoder_block_out_channels=(8, 8, 8, 8), num_encoder_blocks=(1, 1, 1, 1),
+                                    num_decoder_blocks=(1, 1, 1, 1)), per_channel=True)
 
 
 def test_one_scaling_factor_from_cache_to_training_to_decoding(trained_tiny_latent_run):

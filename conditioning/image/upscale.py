@@ -15,16 +15,14 @@ of the large one), and at sampling time ``upscale.noise_level`` chooses how much
 closest to the input, larger levels let the model invent more.
 
 diffusers' ``StableDiffusionUpscalePipeline`` sets every VAE's ``scaling_factor`` to 0.08333.
-Ours is measured from data (``latent/cache.py``), so ``final/vae`` is our autoencoder with that
-factor folded into its weights (``fold_scaling_factor``): the pipeline's 0.08333 then gives
-exactly our latents.
+Ours is measured from data (``latent/cache.py``), so ``final/vae`` is our autoencoder with our
+normalisation folded into its weights (``LatentSpace.folded``): the pipeline's 0.08333 then
+gives exactly our latents.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 from pathlib import Path
 
 import torch
@@ -37,7 +35,6 @@ from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
 from ddpm.metrics import psnr, ssim
-from latent.space import LatentSpace
 
 from conditioning.image.stage import ImageConditionedConfig, ImageConditionedLDM
 
@@ -74,26 +71,6 @@ def bicubic(low_res: torch.Tensor) -> torch.Tensor:
 def shown(low_res: torch.Tensor) -> torch.Tensor:
     """float B x 1 x 8 x 8 -> uint8 B x 28 x 28 with each low-res pixel a 4 x 4 block, to look at."""
     return to_pixels(F.interpolate(low_res.float(), size=PADDED_SIZE, mode="nearest"))
-
-
-def fold_scaling_factor(vae, factor: float, target: float = PIPELINE_SCALING_FACTOR):
-    """A copy of an ``AutoencoderKL`` whose latents are k = factor / target times the original's
-    (quant_conv's mean outputs and the posterior's std grow by k; post_quant_conv divides by k),
-    with ``scaling_factor`` = target: target x its latents = factor x the original's, and the
-    decoder sees the same numbers."""
-    if not (vae.config.get("use_quant_conv", True) and vae.config.get("use_post_quant_conv", True)):
-        raise UserError("the upscaler's export folds the latent scaling factor into the autoencoder's quant_conv "
-                        "and post_quant_conv; this autoencoder has none (use one of ours, or an SD VAE)")
-    k = factor / target
-    vae = copy.deepcopy(vae)
-    c = vae.config.latent_channels
-    with torch.no_grad():
-        vae.quant_conv.weight[:c] *= k  # the posterior's mean
-        vae.quant_conv.bias[:c] *= k
-        vae.quant_conv.bias[c:] += 2 * math.log(k)  # its log-variance: std x k
-        vae.post_quant_conv.weight /= k
-    vae.register_to_config(scaling_factor=target)
-    return vae
 
 
 def read_low_res(path: str) -> torch.Tensor:
@@ -195,11 +172,9 @@ class SuperResolutionLDM(ImageConditionedLDM):
 
     def save_final(self, model, folder: Path) -> None:
         """A ``StableDiffusionUpscalePipeline`` folder: stage 3's, with ``low_res_scheduler/`` and the
-        autoencoder's factor folded in (``fold_scaling_factor``)."""
+        autoencoder's normalisation folded in for the pipeline's scaling factor."""
         super().save_final(model, folder)
-        space = self.latent_space()
-        folded = fold_scaling_factor(space.vae, space.scaling_factor)
-        LatentSpace(folded, space.image_size, PIPELINE_SCALING_FACTOR).save_pretrained(folder / "vae")
+        self.latent_space().folded(PIPELINE_SCALING_FACTOR).save_pretrained(folder / "vae")
         self.low_res_scheduler.save_pretrained(folder / "low_res_scheduler")
 
     def pipeline_extras(self) -> dict:
