@@ -344,10 +344,21 @@ def test_resume_continues_the_same_run_exactly(request, tmp_path, fixture):
     assert_resume_is_exact(request.getfixturevalue(fixture), tmp_path / "resumed")
 
 
+EVERY_LOSS_TERM = {"perceptual_weight": 1.0, "disc_weight": 0.5, "adaptive_disc_weight": True}
+
+
 def test_two_processes_train_the_autoencoder_like_one(tmp_path):
     """With the perceptual term, and the discriminator and its adaptive weight (gradients averaged
     over both processes) on from step 3 of 6."""
-    assert_two_processes_train_like_one(tmp_path, TINY_AUTOENCODER)
+    assert_two_processes_train_like_one(tmp_path, TINY_AUTOENCODER,
+                                        *(f"loss.{k}={str(v).lower()}" for k, v in EVERY_LOSS_TERM.items()))
+
+
+def test_resume_is_exact_with_every_autoencoder_loss_term(tmp_path):
+    run = train.train(tiny_config(tmp_path / "straight", TINY_AUTOENCODER, loss=EVERY_LOSS_TERM))
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"reconstruction", "perceptual", "kl", "gan_weight", "discriminator"} <= logged.keys()
+    assert_resume_is_exact(run, tmp_path / "resumed")
 
 
 def test_two_processes_train_the_latent_stage_like_one(tmp_path, trained_tiny_autoencoder):
