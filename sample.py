@@ -42,7 +42,8 @@ from ddpm.errors import UserError, cli_errors
 from ddpm.judge import accuracy
 from ddpm.plots import append_metrics, rows_of, save_grid
 from ddpm.provenance import provenance
-from ddpm.runs import load_for_sampling, load_scorer, model_step, run_dir_of, sample_inputs
+from ddpm.run_folder import model_step, run_dir_of
+from ddpm.runs import load_for_sampling, load_scorer, sample_inputs
 from ddpm.web import MAX_IMAGE_STEPS, MAX_UPLOAD_MB, MAX_WAITING, serve
 
 

@@ -33,7 +33,7 @@ from .diffusion import clip_denoised, make_sampler, predicted_x0, sample_loop
 from .errors import UserError
 from .evaluate import as_metrics, evaluate_model
 from .plots import save_grid
-from .runs import run_dir_of
+from .run_folder import run_dir_of
 
 Condition = dict[str, torch.Tensor]  # network keyword arguments, and "concat" channels; batch first
 

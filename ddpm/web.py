@@ -39,7 +39,8 @@ from .data import IMAGE_SIZE, class_index, read_image
 from .diffusion import SAMPLERS
 from .errors import UserError
 from .plots import rows_of, tile
-from .runs import load_for_sampling, run_dir_of
+from .run_folder import run_dir_of
+from .runs import load_for_sampling
 
 MAX_IMAGES = 64
 MAX_GUIDANCE = 20.0

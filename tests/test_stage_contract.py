@@ -175,6 +175,60 @@ def test_a_new_stage_is_served_by_sample_py_and_the_page_unchanged(trained_tiny_
         page.generate(Request(class_name="Bag", n=3, steps=2))
 
 
+PACKAGES = ("ddpm", "latent", "conditioning")
+
+
+def module_name(path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(path, modules: set[str]) -> set[str]:
+    """The project modules a module imports anywhere in it (inside functions too), and those a string
+    "module:Class" names (the stage registry's, which ``importlib`` imports)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([node.module] if node.module else []))
+            found |= {base} | {f"{base}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and ":" in node.value:
+            found.add(node.value.split(":")[0])
+    resolved = set()
+    for imported in found:
+        while imported and imported not in modules:
+            imported = imported.rpartition(".")[0]
+        if imported and imported != name:
+            resolved.add(imported)
+    return resolved
+
+
+def test_no_import_cycles():
+    """No module of ddpm, latent or conditioning imports one that imports it back, however indirectly,
+    counting imports inside functions and the registry's module paths."""
+    paths = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    graph = {name: project_imports(path, set(paths)) for name, path in paths.items()}
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        return seen
+
+    for name in graph:
+        assert name not in reaches(name), f"{name} imports a module that imports it back: " \
+            f"{sorted(m for m in graph[name] if name in reaches(m))}"
+
+
 def test_dependencies_point_one_way():
     """ddpm imports neither later stage; latent does not import conditioning."""
     for package, forbidden in (("ddpm", {"latent", "conditioning"}), ("latent", {"conditioning"})):

@@ -74,7 +74,7 @@ from ddpm.data import CLASS_NAMES, IMAGE_SIZE, DataConfig, load_fashion_mnist, l
 from ddpm.errors import UserError
 from ddpm.plots import save_grid
 from ddpm.evaluate import best_of_groups
-from ddpm.runs import load_scorer
+from ddpm.run_folder import load_trained
 
 from conditioning.clip.towers import ConvImageTower, LockedTextClip
 from conditioning.text.attributes import ATTRIBUTES, bins_for
@@ -608,7 +608,8 @@ class ClipScorer:
     @classmethod
     def from_run(cls, path: str | Path) -> "ClipScorer":
         """A CLIP run directory (its final model, else its newest good checkpoint)."""
-        return load_scorer(path)
+        stage, model, _ = load_trained(ClipStage, path)
+        return stage.scorer(model)
 
     @property
     def device(self) -> torch.device:

@@ -36,7 +36,7 @@ from ddpm.errors import UserError
 from ddpm.evaluate import markdown_table
 from ddpm.metrics import balanced_subset
 from ddpm.plots import save_grid
-from ddpm.runs import load_for_sampling
+from ddpm.run_folder import load_trained
 
 from conditioning.text.stage import TextConditionedLDM, TextDDPMConfig, started_from
 
@@ -144,7 +144,7 @@ class ImageConditionedLDM(TextConditionedLDM):
         """(stage, model) of the ``init_from`` text run, what this run is measured against; or None."""
         if not self.config.init_from:
             return None
-        return load_for_sampling(self.config.init_from, device)[:2]
+        return load_trained(TextConditionedLDM, self.config.init_from, device)[:2]
 
     def inputs_from(self, images: torch.Tensor, **options) -> dict[str, torch.Tensor]:
         """What a real image gives as this stage's input (its low-resolution copy, a mask, a map)."""
