@@ -85,6 +85,14 @@ def test_every_stage_declares_its_capabilities(name):
         assert cls.generate_prompts is not Stage.generate_prompts
 
 
+@pytest.mark.parametrize("name", list(STAGES))
+def test_a_stage_is_composed_not_stacked(name):
+    """Above a registered stage's class are at most the project's ``Stage`` and ``DiffusionStage``: what it
+    diffuses on and what it is conditioned on are objects it holds (``space``, ``condition``), not bases."""
+    above = [c for c in stage_class(name).__mro__[1:] if c.__module__.split(".")[0] in PACKAGES]
+    assert above in ([Stage], [DiffusionStage, Stage]), f"{name}: {[c.__qualname__ for c in above]}"
+
+
 def test_unknown_capability_is_refused():
     with pytest.raises(AssertionError, match="unknown conditions"):
         Capabilities(conditions=("smell",))
