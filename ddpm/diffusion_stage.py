@@ -27,11 +27,12 @@ from diffusers import DDPMScheduler
 
 from .contract import Stage
 from .data import CLASS_NAMES, PADDED_SIZE, load_training_set, to_model_space, to_pixels
-from .diffusion import SAMPLERS, condition_dropout_mask, diffusion_loss, draw_timesteps_and_noise, guide
+from .diffusion import condition_dropout_mask, diffusion_loss, draw_timesteps_and_noise, guide
 from .diffusion import clip_denoised, make_sampler, predicted_x0, sample_loop
 from .errors import UserError
 from .evaluate import as_metrics, evaluate_model
 from .plots import save_grid
+from .request import check_request
 from .run_folder import run_dir_of
 
 NetworkInputs = dict[str, torch.Tensor]  # network keyword arguments, and "concat" channels; batch first
@@ -127,18 +128,13 @@ class Condition:
 
     It owns the null condition (``null_condition``), the network inputs it makes (``model_condition``, a
     ``NetworkInputs`` dict), the data it needs beside the space's (``load_data``) and from each
-    training example (``batch_entries``), the requests it answers (``kinds``: what
-    ``generate`` takes) and their ``generate``. ``stage`` is the diffusion stage it conditions."""
+    training example (``batch_entries``) and its ``generate``. ``stage`` is the diffusion stage it
+    conditions."""
 
-    kinds: tuple[str, ...] = ()  # the contract's conditions ``generate`` answers: "class", "prompt"
     extra_channels: int = 0  # input channels concatenated to x_t
 
     def __init__(self, stage):
         self.stage, self.config = stage, stage.config
-
-    @classmethod
-    def from_dict(cls, sections: dict) -> "DiffusionStage":
-        return super().from_dict(cls.recipe.sections(cls, sections))
 
     def network_args(self) -> dict:
         """The network's constructor arguments for the condition (``num_class_embeds``, ...)."""
@@ -359,8 +355,7 @@ class DiffusionStage(Stage):
         """
         settings = self.sampling_settings(guidance=guidance, scheduler=scheduler, steps=steps, seed=seed)
         guidance, scheduler, steps, seed = (settings[k] for k in ("guidance", "scheduler", "steps", "seed"))
-        if not 0 <= strength <= 1:
-            raise UserError(f"strength must be in [0, 1], got {strength}")
+        check_request(strength=strength)
         device = next(model.parameters()).device
         model.eval()
         if self.guide_model is not None:
@@ -393,11 +388,7 @@ class DiffusionStage(Stage):
         s = self.config.sample
         settings = {"guidance": s.guidance if guidance is None else guidance, "scheduler": scheduler or s.scheduler,
                     "steps": steps or s.steps, "seed": s.seed if seed is None else seed}
-        if settings["scheduler"] not in SAMPLERS:
-            raise UserError(f"unknown scheduler {settings['scheduler']!r}; valid: {', '.join(SAMPLERS)}")
-        if settings["steps"] < 1 or settings["guidance"] < 0:
-            raise UserError(f"steps must be at least 1 and guidance at least 0, got {settings['steps']} and "
-                            f"{settings['guidance']:g}")
+        check_request(**settings)
         return settings
 
     def generate(self, model, labels: torch.Tensor, **settings) -> torch.Tensor:
@@ -406,6 +397,13 @@ class DiffusionStage(Stage):
 
     def generate_prompts(self, model, prompts: list[str], **settings) -> torch.Tensor:
         return self.condition.generate_prompts(model, prompts, **settings)
+
+    def generate_rows(self, model, kind: str, rows: list[str], *, phrasings: str = "train", **settings) -> torch.Tensor:
+        """A class's rows are its names (``generate``, with ``phrasings``), a prompt's its text."""
+        if kind == "class":
+            labels = torch.tensor([self.class_names.index(r) for r in rows], dtype=torch.long)
+            return self.generate(model, labels, phrasings=phrasings, **settings)
+        return self.generate_prompts(model, rows, **settings)
 
     def generate_composed(self, model, prompts: list[str], weights: list[float], n: int, **settings) -> torch.Tensor:
         return self.condition.generate_composed(model, prompts, weights, n, **settings)

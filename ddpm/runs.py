@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .contract import SampleInput, Stage
+from .contract import ConditionKind, SampleInput, Stage
 from .errors import UserError
 from .run_folder import configured, load_trained, run_config, run_path
 
@@ -48,6 +48,16 @@ def sample_inputs() -> dict[str, tuple[SampleInput, list[str]]]:
     for name in STAGES:
         for item in stage_class(name).capabilities.inputs:
             found.setdefault(item.name, (item, []))[1].append(name)
+    return found
+
+
+def declared_conditions() -> dict[str, tuple[ConditionKind, list[str]]]:
+    """Every kind of condition a registered stage can be asked for (``capabilities.conditions``) by name,
+    with the stages asked for it: what ``sample.py`` makes its flags from."""
+    found: dict[str, tuple[ConditionKind, list[str]]] = {}
+    for name in STAGES:
+        for kind in stage_class(name).capabilities.conditions:
+            found.setdefault(kind.name, (kind, []))[1].append(name)
     return found
 
 

@@ -21,7 +21,7 @@ import torch
 from diffusers import UNet2DModel
 
 from .config import check_model_keys
-from .contract import Capabilities
+from .contract import CLASS, Capabilities
 from .data import DataConfig
 from .diffusion_stage import Condition, DiffusionConfig, DiffusionStage, NetworkInputs, SampleConfig
 from .errors import UserError
@@ -40,8 +40,6 @@ class DDPMConfig:
 
 class ClassLabel(Condition):
     """The class label, through the UNet's class embedding; ``null_label`` = 10 means "no class"."""
-
-    kinds = ("class",)
 
     def __init__(self, stage):
         super().__init__(stage)
@@ -75,6 +73,6 @@ class ClassConditionedDDPM(DiffusionStage):
 
     name = "ddpm"
     Config = DDPMConfig
-    capabilities = Capabilities(conditions=("class",), generates=True, evaluates=True)
+    capabilities = Capabilities(conditions=(CLASS,), generates=True, evaluates=True)
     Condition = ClassLabel
     model_class = UNet2DModel

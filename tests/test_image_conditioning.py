@@ -217,10 +217,10 @@ def test_the_page_serves_runs_that_sample_from_input_images(image_runs, tmp_path
                           ("inpaint", Request(init_image=str(picture), inputs={"mask": str(mask)})),
                           ("structure", Request(inputs={"structure": str(picture)}))):
         page = Explorer(image_runs[name])
-        result = page.generate(dataclasses.replace(request, condition="prompt", prompt="a shirt", n=2, steps=2))
+        result = page.generate(dataclasses.replace(request, condition="prompt", value="a shirt", n=2, steps=2))
         assert same_as_command(result, tmp_path), name
         with pytest.raises(UserError, match="upload the"):
-            page.generate(Request(condition="prompt", prompt="a shirt", n=2, steps=2))
+            page.generate(Request(condition="prompt", value="a shirt", n=2, steps=2))
 
 
 def test_sampling_from_input_images_on_the_command_line(image_runs, trained_tiny_text_run, tmp_path, fashion_mnist):

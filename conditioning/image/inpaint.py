@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from ddpm.contract import Capabilities, SampleInput
+from ddpm.contract import CLASS, PROMPT, Capabilities, SampleInput
 from ddpm.data import IMAGE_SIZE, PAD, LabelledImages, read_image, to_model_space
 from ddpm.diffusion import make_sampler, sample_loop
 from ddpm.diffusion_stage import DiffusionStage
@@ -263,7 +263,7 @@ class InpaintingLDM(DiffusionStage):
 
     name = "inpaint"
     Config = InpaintDDPMConfig
-    capabilities = Capabilities(conditions=("class", "prompt"), generates=True, evaluates=True, inputs=(
+    capabilities = Capabilities(conditions=(CLASS, PROMPT), generates=True, evaluates=True, inputs=(
         SampleInput("mask", "28 x 28, white where the --init-image is to be painted", read_mask,
                     with_init_image=True),))
     Space, Condition, recipe, model_class = Latents, MaskedImage, FromTextRun(), UNet2DConditionModel

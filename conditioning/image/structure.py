@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from ddpm.contract import Capabilities, SampleInput
+from ddpm.contract import CLASS, PROMPT, Capabilities, SampleInput
 from ddpm.data import LabelledImages, read_image, to_model_space
 from ddpm.evaluate import cached_judge
 from ddpm.diffusion_stage import DiffusionStage
@@ -96,7 +96,7 @@ class StructureLDM(DiffusionStage):
 
     name = "structure"
     Config = ImageConditionedConfig
-    capabilities = Capabilities(conditions=("class", "prompt"), generates=True, evaluates=True, inputs=(
+    capabilities = Capabilities(conditions=(CLASS, PROMPT), generates=True, evaluates=True, inputs=(
         SampleInput("structure", "make garments with this image's edges",
                     lambda path: structure_maps(read_image(path, "--structure"))),))
     Space, Condition, recipe, model_class = Latents, EdgeMap, FromTextRun(), UNet2DConditionModel

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from ddpm.contract import Capabilities, SampleInput
+from ddpm.contract import CLASS, PROMPT, Capabilities, SampleInput
 from ddpm.data import IMAGE_SIZE, PADDED_SIZE, LabelledImages, read_image, to_model_space, to_pixels
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
@@ -187,7 +187,7 @@ class SuperResolutionLDM(DiffusionStage):
 
     name = "upscale"
     Config = UpscaleDDPMConfig
-    capabilities = Capabilities(conditions=("class", "prompt"), inputs=(LOW_RES_INPUT,), generates=True,
+    capabilities = Capabilities(conditions=(CLASS, PROMPT), inputs=(LOW_RES_INPUT,), generates=True,
                                 evaluates=True)
     Space, Condition, recipe, model_class = Latents, LowResolution, FromTextRun(), UNet2DConditionModel
     report_table = staticmethod(ImageChannels.report_table)

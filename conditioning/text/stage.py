@@ -27,7 +27,7 @@ from transformers import CLIPTextModel
 
 from ddpm.checkpoint import load_tensors
 from ddpm.config import check_model_keys, read_yaml
-from ddpm.contract import Capabilities
+from ddpm.contract import CLASS, PROMPT, Capabilities
 from ddpm.data import load_training_set
 from ddpm.diffusion_stage import Condition, DiffusionStage, NetworkInputs
 from ddpm.errors import UserError
@@ -106,7 +106,6 @@ class Prompt(Condition):
     """A prompt's hidden states from a frozen text encoder, read by cross-attention; the empty prompt
     (caption 0) is the null condition."""
 
-    kinds = ("class", "prompt")
     pipeline_class = "StableDiffusionPipeline"  # the diffusers pipeline that loads final/ (with a CLIP encoder)
 
     def __init__(self, stage):
@@ -255,7 +254,7 @@ class TextConditionedLDM(DiffusionStage):
 
     name = "text"
     Config = TextDDPMConfig
-    capabilities = Capabilities(conditions=("class", "prompt"), generates=True, evaluates=True, composes=True,
+    capabilities = Capabilities(conditions=(CLASS, PROMPT), generates=True, evaluates=True, composes=True,
                                 adapters=True, measures=("attributes",))
     Space = Latents
     Condition = Prompt
