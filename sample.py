@@ -164,7 +164,8 @@ def check_asked(stage, args, inputs: dict, declared: dict, kinds: dict) -> None:
         raise UserError(f"{item.flag} is for a '{' or '.join(stages)}' run; {run}")
     prompts = can.asks("prompt")
     wants = [("--lora", args.lora, can.adapters, "takes adapters"),
-             *((f"--{name}", vars(args)[name], can.asks(name) or not can.generates, f"takes {name}s") for name in kinds),
+             *((f"--{name}", vars(args)[name], can.asks(name) or not can.generates, f"takes {name}s")
+               for name in kinds),
              ("--negative-prompt", args.negative_prompt, prompts, "takes prompts"),
              ("--phrasings", args.phrasings != "train", prompts, "takes prompts"),
              ("--weights", args.weights, can.composes, "composes prompts"),

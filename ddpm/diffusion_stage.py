@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from diffusers import DDPMScheduler
 
 from .contract import Stage
 from .data import CLASS_NAMES, PADDED_SIZE, load_training_set, to_model_space, to_pixels
-from .diffusion import condition_dropout_mask, diffusion_loss, draw_timesteps_and_noise, guide
+from .diffusion import Diffusion, condition_dropout_mask, diffusion_loss, draw_timesteps_and_noise, guide
 from .diffusion import clip_denoised, make_sampler, predicted_x0, sample_loop
 from .errors import UserError
 from .evaluate import as_metrics, evaluate_model
@@ -235,9 +234,9 @@ class DiffusionStage(Stage):
         self.space = self.Space(config)
         self.condition = self.Condition(self)
         d = config.diffusion
-        # clip_sample is for pipelines that load final/scheduler (our samplers use clip_denoised)
-        self.scheduler = DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
-                                       prediction_type=d.prediction_type, clip_sample=self.space.data_range is not None)
+        self.diffusion = Diffusion(d.prediction_type, d.beta_schedule, d.num_train_timesteps, d.lognormal_noise,
+                                   d.snr_gamma, d.sigma_data, clip_sample=self.space.data_range is not None)
+        self.scheduler = self.diffusion.scheduler  # diffusers' DDPMScheduler: the schedule's abar_t, add_noise
         self.guide_model = None  # autoguidance's weaker model: loaded with the run's (``load_model``)
 
     def __getattr__(self, name: str):
@@ -277,8 +276,7 @@ class DiffusionStage(Stage):
         flip = torch.rand(n, generator=generator, device=device) < 0.5 if self.config.data.flip else None
         x0 = self.space.clean_sample(raw, flip)
         dropped = condition_dropout_mask(n, self.config.diffusion.p_uncond, generator, device)
-        lognormal = self.config.diffusion.lognormal_noise
-        timesteps, noise = draw_timesteps_and_noise(x0, self.scheduler, generator, lognormal)
+        timesteps, noise = draw_timesteps_and_noise(x0, self.diffusion, generator)
         return {"x0": x0, "timesteps": timesteps, "noise": noise,
                 **self.condition.batch_entries(raw, dropped, flip, generator)}
 
@@ -292,9 +290,7 @@ class DiffusionStage(Stage):
         """The denoising loss of each example of a batch: float B."""
         x_t = self.scheduler.add_noise(batch["x0"], batch["noise"], batch["timesteps"])
         prediction = self.denoise(model, x_t, batch["timesteps"], self.condition.model_condition(batch))
-        d = self.config.diffusion
-        return diffusion_loss(self.scheduler, prediction, batch["x0"], batch["noise"], batch["timesteps"],
-                              d.snr_gamma, d.sigma_data)
+        return diffusion_loss(self.diffusion, prediction, batch["x0"], batch["noise"], batch["timesteps"])
 
     # -- sampling ---------------------------------------------------------------------
 
@@ -334,15 +330,15 @@ class DiffusionStage(Stage):
             *cond, uncond = self.denoise(model, torch.cat([x] * len(branches)), t, stacked).chunk(len(branches))
             out = guide(cond if weights is not None else cond[0], uncond, guidance, weights)
         if self.config.sample.clip_denoised and self.space.data_range is not None:
-            out = clip_denoised(self.scheduler, out, x, t, self.space.data_range)
+            out = clip_denoised(self.diffusion, out, x, t, self.space.data_range)
         return out
 
     @torch.no_grad()
-    def sample(self, model, condition: NetworkInputs | list[NetworkInputs], null: NetworkInputs, *, guidance: float | None = None,
-               scheduler: str | None = None, steps: int | None = None, seed: int | None = None,
-               batch_size: int = 500, progress: bool = False, init_images: torch.Tensor | None = None,
-               strength: float = 1.0, on_step: Callable | None = None, weights: list[float] | None = None
-               ) -> torch.Tensor:
+    def sample(self, model, condition: NetworkInputs | list[NetworkInputs], null: NetworkInputs, *,
+               guidance: float | None = None, scheduler: str | None = None, steps: int | None = None,
+               seed: int | None = None, batch_size: int = 500, progress: bool = False,
+               init_images: torch.Tensor | None = None, strength: float = 1.0, on_step: Callable | None = None,
+               weights: list[float] | None = None) -> torch.Tensor:
         """One image per entry of ``condition`` (and of ``null``, its CFG branch): uint8 N x 28 x 28.
         With ``weights``, ``condition`` is a list of conditions (N entries each), composed (``guide``).
 
@@ -360,7 +356,7 @@ class DiffusionStage(Stage):
         model.eval()
         if self.guide_model is not None:
             self.guide_model.to(device).eval()
-        sampler = make_sampler(scheduler, self.scheduler)
+        sampler = make_sampler(scheduler, self.diffusion)
         n = len(next(iter(null.values())))
         out = []
         for i, index in enumerate(torch.arange(n).split(batch_size)):
@@ -373,7 +369,7 @@ class DiffusionStage(Stage):
             init = init_images[index].to(device) if init_images is not None else None
             noise, init, net_cond, net_uncond = self.condition.sampling_inputs(cond, uncond, init, generator)
             watch = None if on_step is None else (
-                lambda i, n, t, x_t, out: on_step(i, n, t, x_t, predicted_x0(self.scheduler, out, x_t, t)))
+                lambda i, n, t, x_t, out: on_step(i, n, t, x_t, predicted_x0(self.diffusion, out, x_t, t)))
             with _autocast(device):
                 x0 = sample_loop(lambda x, t: self.predict(model, x, t, net_cond, net_uncond, guidance, weights),
                                  sampler, noise, steps, generator, progress=progress, init=init, strength=strength,

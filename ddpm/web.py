@@ -8,8 +8,9 @@ x0_hat the network predicts from it, every few steps.
 
 Its controls follow what the stage declares (``stage.capabilities``), never its name: a field per
 kind of condition (a list of its choices, the classes, or text, a prompt), a negative prompt for
-"prompt", an upload per input image, img2img for every stage that generates. ``Explorer`` does the work and is plain Python (tested in-process); ``build_page``
-only lays Gradio components around ``Explorer.answer``.
+"prompt", an upload per input image, img2img for every stage that generates. ``Explorer`` does
+the work and is plain Python (tested in-process); ``build_page`` only lays Gradio components
+around ``Explorer.answer``.
 
 Many browsers at once: the model answers one request at a time, first come first served
 (``Line``); at most ``max_waiting`` more wait their turn, each shown how many are ahead of it,
@@ -173,7 +174,7 @@ class Explorer:
         self.inputs = self.stage.capabilities.inputs  # the images every sample starts from: one upload each
         self.marks_up_init_image = self.stage.capabilities.marks_up_init_image  # the picture is an input
         self.conditions = {kind.name: kind for kind in self.stage.capabilities.conditions}  # a field each
-        self.max_steps = self.stage.scheduler.config.num_train_timesteps
+        self.max_steps = self.stage.diffusion.num_train_timesteps
         self.inputs_dir = run_dir_of(self.folder) / "samples" / "web"  # img2img inputs, for the commands
 
     def defaults(self) -> Request:
@@ -311,7 +312,8 @@ def build_page(explorer: Explorer):
                                      visible=len(explorer.conditions) > 1)
                 values = [gr.Dropdown(list(kind.choices(explorer.stage)), value=d.value, label=name.capitalize(),
                                       elem_id=name) if kind.choices else
-                          gr.Textbox(label=name.capitalize(), elem_id=name) for name, kind in explorer.conditions.items()]
+                          gr.Textbox(label=name.capitalize(), elem_id=name)
+                          for name, kind in explorer.conditions.items()]
                 negative = gr.Textbox(label="Negative prompt", visible=asks_prompts)
                 guidance = gr.Slider(0, MAX_GUIDANCE, value=d.guidance, step=0.5, label="Guidance w",
                                      elem_id="guidance")

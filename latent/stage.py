@@ -3,9 +3,9 @@
     python train.py configs/latent_fashion_quick.yaml
     python sample.py runs/latent_fashion_quick --class all
 
-Nothing about the diffusion changes, only its space (``Latents``): the UNet denoises scaled latents (by default 4 x 8 x 8
-instead of 1 x 32 x 32, 4x fewer numbers and 16x fewer positions), and a sample becomes an
-image only at the very end, through the autoencoder's decoder. The autoencoder is ours
+Nothing about the diffusion changes, only its space (``Latents``): the UNet denoises scaled
+latents (by default 4 x 8 x 8 instead of 1 x 32 x 32, 4x fewer numbers and 16x fewer positions),
+and a sample becomes an image only at the very end, through the autoencoder's decoder. The autoencoder is ours
 (``autoencoder.source`` = an autoencoder run) or a pretrained one (a diffusers folder or a
 Hub name); it stays frozen, and the training set is encoded once (``latent/cache.py``).
 

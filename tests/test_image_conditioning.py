@@ -17,7 +17,7 @@ from conditioning.image.structure import structure_maps, to_latent_grid
 from conditioning.image.upscale import PIPELINE_SCALING_FACTOR, fold_scaling_factor, low_res_of
 from conditioning.text.stage import started_from
 from ddpm.data import to_model_space, to_pixels
-from ddpm.diffusion import make_sampler
+from ddpm.diffusion import Diffusion, make_sampler
 from ddpm.errors import UserError
 from ddpm.runs import load_for_sampling
 from ddpm.web import Explorer, Request
@@ -104,9 +104,7 @@ def test_the_mask_channel_and_the_masked_picture_agree_cell_for_cell(image_runs,
 
 
 def test_the_known_region_is_put_back_at_the_noise_level_of_the_sample():
-    from diffusers import DDPMScheduler
-
-    sampler = make_sampler("dpm++", DDPMScheduler(num_train_timesteps=1000))
+    sampler = make_sampler("dpm++", Diffusion())
     sampler.set_timesteps(5)
     known, noise, z = torch.randn(3, 2, 4, 8, 8).unbind(0)
     paint = latent_cells(padded(fixed_masks("left", 2)), 8)
@@ -166,7 +164,7 @@ def test_exported_folders_load_in_diffusers_pipelines_and_sample_the_same(image_
 
     def pipeline(cls, name, **kwargs):
         pipe = cls.from_pretrained(image_runs[name] / "final", local_files_only=True, **kwargs)
-        pipe.scheduler = make_sampler("dpm++", load_for_sampling(image_runs[name])[0].scheduler)
+        pipe.scheduler = make_sampler("dpm++", load_for_sampling(image_runs[name])[0].diffusion)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

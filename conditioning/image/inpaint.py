@@ -230,14 +230,16 @@ class MaskedImage(ImageChannels):
         """With ``inpaint.keep_known``, the known region put back after every step (``put_back_known``)."""
         if not self.config.inpaint.keep_known:
             return None
-        known, paint = known_region(self.stage.space.measured_latent_space(), condition["image"], condition["mask"], noise)
+        space = self.stage.space.measured_latent_space()
+        known, paint = known_region(space, condition["image"], condition["mask"], noise)
         return put_back_known(sampler, noise, known, paint)
 
     def pipeline_callback(self, images: torch.Tensor, masks: torch.Tensor, noise: torch.Tensor):
         """``inpaint.keep_known`` for ``StableDiffusionInpaintPipeline``, which puts the known region back
         only for a 4-channel UNet: its ``callback_on_step_end``. images uint8 N x 28 x 28, masks bool
         N x 28 x 28, noise the pipeline's starting latents (its generator's first draw, N x C x h x w)."""
-        known, paint = known_region(self.stage.space.measured_latent_space(), to_model_space(images), padded(masks), noise)
+        space = self.stage.space.measured_latent_space()
+        known, paint = known_region(space, to_model_space(images), padded(masks), noise)
 
         def callback(pipe, i, t, tensors):
             timesteps = pipe.scheduler.timesteps
@@ -332,7 +334,7 @@ def inpaint_without_training(stage: TextConditionedLDM, model, images: torch.Ten
         noise = torch.randn((len(index), *stage.sample_shape), generator=generator, device=device)
         known, paint = known_region(space, to_model_space(images[index].to(device)), padded(masks[index].to(device)),
                                     noise)
-        sampler = make_sampler(settings["scheduler"], stage.scheduler)
+        sampler = make_sampler(settings["scheduler"], stage.diffusion)
         z = sample_loop(lambda z, t: stage.predict(model, z, t, condition, null, guidance), sampler, noise, steps,
                         generator, progress=progress, after_step=put_back_known(sampler, noise, known, paint))
         out.append(stage.to_images(z).cpu())

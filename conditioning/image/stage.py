@@ -117,7 +117,8 @@ class ImageChannels(Prompt):
         return self.stage.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
 
     def generate_composed(self, *args, **kwargs):
-        raise UserError(f"--weights composes prompts of a text run; a '{self.stage.name}' run takes one prompt per image")
+        raise UserError(f"--weights composes prompts of a text run; a '{self.stage.name}' run takes one prompt per "
+                        f"image")
 
     # -- looking at it: test images in, the model's answers out ----------------------------------
 
