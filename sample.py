@@ -36,18 +36,22 @@ import numpy as np
 import torch
 
 from ddpm import evaluate as ev
-from ddpm.data import IMAGE_SIZE, LabelledImages, class_index, read_image
+from ddpm.contract import CLASS
+from ddpm.data import LabelledImages
 from ddpm.diffusion import SAMPLERS
 from ddpm.errors import UserError, cli_errors
 from ddpm.judge import accuracy
 from ddpm.plots import append_metrics, rows_of, save_grid
 from ddpm.provenance import provenance
-from ddpm.runs import load_for_sampling, load_scorer, model_step, run_dir_of, sample_inputs
+from ddpm.run_folder import model_step, run_dir_of
+from ddpm.request import check_request, read_inputs
+from ddpm.runs import declared_conditions, load_for_sampling, load_scorer, sample_inputs
 from ddpm.web import MAX_IMAGE_STEPS, MAX_UPLOAD_MB, MAX_WAITING, serve
 
 
-def parse_args(argv: list[str] | None, declared: dict) -> argparse.Namespace:
-    """The command line; ``declared``: ``sample_inputs()``, the input images stages declare, a flag each."""
+def parse_args(argv: list[str] | None, declared: dict, kinds: dict) -> argparse.Namespace:
+    """The command line; ``declared``: ``sample_inputs()``, the input images stages declare, a flag each;
+    ``kinds``: ``declared_conditions()``, what stages can be asked for, a flag each."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run directory or checkpoint folder")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -55,8 +59,9 @@ def parse_args(argv: list[str] | None, declared: dict) -> argparse.Namespace:
                              "sample.guidance_interval=null, sample.clip_denoised=false, "
                              "sample.guide_with=checkpoints/step-00000900 (autoguidance), upscale.noise_level=50, "
                              "inpaint.keep_known=false")
-    parser.add_argument("--class", dest="classes", action="append", default=None,
-                        help='class index or name ("9", "ankle boot"), or "all"; repeat for several')
+    for kind, stages in kinds.values():
+        parser.add_argument(f"--{kind.name}", dest=kind.name, action="append", default=None,
+                            help=f"{kind.help} (a run of: {', '.join(stages)})")
     parser.add_argument("--n", type=int, default=None,
                         help="samples per class (default 8); with --evaluate/--sweep: in all (default 1000)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's config)")
@@ -68,8 +73,6 @@ def parse_args(argv: list[str] | None, declared: dict) -> argparse.Namespace:
                         help="also save the samples (uint8 N x 28 x 28) and PATH_labels.npy")
     parser.add_argument("--evaluate", action="store_true", help="score a balanced set with the judge")
     parser.add_argument("--sweep", type=float, nargs="+", metavar="W", help="evaluate at each guidance scale")
-    parser.add_argument("--prompt", dest="prompts", action="append", default=None,
-                        help='one grid row per prompt ("" is unconditional); repeat for several')
     parser.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
                         help="one row that composes the --prompt's, each pulling with its weight "
                              "(negative: pushing away), e.g. --prompt 'a dark coat' --prompt 'a small coat' "
@@ -112,31 +115,30 @@ def parse_args(argv: list[str] | None, declared: dict) -> argparse.Namespace:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    declared = sample_inputs()  # the input images every stage declares
-    args = parse_args(argv, declared)
+    declared, kinds = sample_inputs(), declared_conditions()  # what every stage declares
+    args = parse_args(argv, declared, kinds)
     if args.web:
         return serve(args.run, args.device, args.host, args.port, max_waiting=args.max_waiting,
                      max_image_steps=args.max_image_steps, max_upload_mb=args.max_upload_mb)
-    if args.n <= 0 or (args.steps is not None and args.steps <= 0):
-        raise UserError("--n and --steps must be positive")
-    if not 0 <= args.strength <= 1:
-        raise UserError(f"--strength must be in [0, 1], got {args.strength}")
+    check_request(n=args.n, strength=args.strength, **({} if args.steps is None else {"steps": args.steps}))
     if args.rank is not None and not (args.clip and 0 < args.rank <= args.n):
         raise UserError("--rank K needs --clip CLIP_RUN and 0 < K <= --n (the candidates per row)")
-    inputs, init_images = read_inputs(args, declared)  # fail before loading models
+    # the images, read before loading models: they fail first
+    inputs, init_images = read_inputs(args.init_image, vars(args), tuple(item for item, _ in declared.values()))
     clip = load_scorer(args.clip) if args.clip else None
     stage, model, folder = load_for_sampling(args.run, args.device, args.overrides)
     can = stage.capabilities
-    check_asked(stage, args, inputs, declared)
+    check_asked(stage, args, inputs, declared, kinds)
     if args.lora:
         stage.add_adapters(model, args.lora)
     if not can.generates:  # a run that makes no new images (it reconstructs, or scores): its numbers or preview
         return inspect_run(stage, model, folder, args)
     if args.attributes and not (args.evaluate or args.sweep):
         raise UserError("--attributes is measured with --evaluate or --sweep W [W ...]")
-    if args.weights and len(args.weights) != len(args.prompts or []):
+    prompts = vars(args).get("prompt") or []
+    if args.weights and len(args.weights) != len(prompts):
         raise UserError(f"--weights needs one weight per --prompt: {len(args.weights)} weights, "
-                        f"{len(args.prompts or [])} prompts")
+                        f"{len(prompts)} prompts")
     if can.inputs and (args.evaluate or args.sweep):
         return evaluate_image_run(stage, model, folder, args, inputs)
     if args.evaluate or args.sweep:
@@ -145,42 +147,25 @@ def main(argv: list[str] | None = None) -> int:
                     progress=True, negative_prompt=args.negative_prompt)
     if can.inputs:
         settings["inputs"] = inputs
+    kind, rows = rows_asked(stage, args, kinds)
     if init_images is not None:
-        n = args.n * (1 if args.weights else len(args.prompts or classes_asked(args, stage)))
+        n = args.n * (1 if args.weights else len(rows))
         settings.update(init_images=init_images.expand(n, -1, -1), strength=args.strength)
     if args.weights:
         return sample_composed(stage, model, folder, args, settings)
-    if args.prompts:
-        return sample_prompts(stage, model, folder, args, settings, clip)
-    return sample_classes(stage, model, folder, args, settings, clip)
+    return sample_rows(stage, model, folder, args, settings, kind, rows, clip)
 
 
-def read_inputs(args, declared: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The input images given (each read by the stage input that declares its flag), and the
-    --init-image for img2img (None when an input marks it up instead: it is then ``inputs["image"]``)."""
-    inputs = {}
-    for item, _ in declared.values():
-        path = vars(args)[item.name]
-        if path is None:
-            continue
-        if item.with_init_image:
-            if not args.init_image:
-                raise UserError(f"{item.flag} needs --init-image, the picture it marks up")
-            inputs["image"] = read_image(args.init_image, sizes=(IMAGE_SIZE,))
-        inputs[item.name] = item.read(path)
-    init_images = read_image(args.init_image) if args.init_image and "image" not in inputs else None
-    return inputs, init_images
-
-
-def check_asked(stage, args, inputs: dict, declared: dict) -> None:
+def check_asked(stage, args, inputs: dict, declared: dict, kinds: dict) -> None:
     """One clear line for anything asked of a run that its stage does not declare it can do."""
     can, run = stage.capabilities, f"{args.run} is a '{stage.name}' run"
     for name in sorted(set(inputs) - {i.name for i in can.inputs} - {"image"}):  # image: what a mask marks up
         item, stages = declared[name]
         raise UserError(f"{item.flag} is for a '{' or '.join(stages)}' run; {run}")
-    prompts = "prompt" in can.conditions
+    prompts = can.asks("prompt")
     wants = [("--lora", args.lora, can.adapters, "takes adapters"),
-             ("--prompt", args.prompts, prompts, "takes prompts"),
+             *((f"--{name}", vars(args)[name], can.asks(name) or not can.generates, f"takes {name}s")
+               for name in kinds),
              ("--negative-prompt", args.negative_prompt, prompts, "takes prompts"),
              ("--phrasings", args.phrasings != "train", prompts, "takes prompts"),
              ("--weights", args.weights, can.composes, "composes prompts"),
@@ -211,37 +196,35 @@ def report_evaluation(stage, folder: Path, args, report: dict) -> None:
     append_metrics(run_dir_of(folder) / "metrics.jsonl", {"step": model_step(folder), **report})
 
 
-def classes_asked(args, stage) -> list[int]:
-    wanted = args.classes or ["all"]
-    if "all" in wanted:
-        return list(range(len(stage.class_names)))
-    return [class_index(c, stage.class_names) for c in wanted]
+def rows_asked(stage, args, kinds: dict):
+    """The condition kind asked for (one of ``kinds`` the stage declares) and its grid rows; every class
+    when none is asked for."""
+    asked = [name for name in kinds if vars(args)[name]]
+    if len(asked) > 1:
+        raise UserError(f"ask for one kind of condition at a time, not {' and '.join('--' + a for a in asked)}")
+    if not asked:
+        return CLASS, CLASS.rows(stage, "all")
+    kind = next(k for k in stage.capabilities.conditions if k.name == asked[0])
+    return kind, [row for value in vars(args)[kind.name] for row in kind.rows(stage, value)]
 
 
-def sample_classes(stage, model, folder: Path, args, settings: dict, clip=None) -> None:
-    """--class: one row per class asked for (a run that takes prompts: prompts of that class)."""
-    classes = classes_asked(args, stage)
-    labels = torch.tensor(classes).repeat_interleave(args.n)
-    images = stage.generate(model, labels, phrasings=args.phrasings, **settings)
+def sample_rows(stage, model, folder: Path, args, settings: dict, kind, rows: list[str], clip=None) -> None:
+    """One grid row per row asked for: a class (a run that takes prompts: prompts of that class), a
+    prompt, or a value of the stage's own kind of condition."""
+    asked = [row for row in rows for _ in range(args.n)]
+    images = stage.generate_rows(model, kind.name, asked, phrasings=args.phrasings, **settings)
+    labels = torch.tensor([stage.class_names.index(r) if kind.name == CLASS.name else -1 for r in asked])
     if args.rank:
-        images, labels = rank_candidates(clip.score_classes(images, labels, args.phrasings), images, labels, args)
-    write_samples(stage, folder, args, images, labels, [stage.class_names[c] for c in classes])
-
-
-def sample_prompts(stage, model, folder: Path, args, settings: dict, clip=None) -> None:
-    """--prompt: one row per prompt."""
-    prompts = [p for p in args.prompts for _ in range(args.n)]
-    images = stage.generate_prompts(model, prompts, **settings)
-    labels = torch.full((len(prompts),), -1)
-    if args.rank:
-        images, labels = rank_candidates(clip.score(images, prompts), images, labels, args)
-    write_samples(stage, folder, args, images, labels, args.prompts)
+        scores = clip.score_classes(images, labels, args.phrasings) if labels[0] >= 0 else clip.score(images, asked)
+        images, labels = rank_candidates(scores, images, labels, args)
+    write_samples(stage, folder, args, images, labels, rows)
 
 
 def sample_composed(stage, model, folder: Path, args, settings: dict) -> None:
     """--prompt ... --weights ...: one row, the prompts composed."""
-    images = stage.generate_composed(model, args.prompts, args.weights, args.n, **settings)
-    row = " + ".join(f"{w:g} x {p!r}" for w, p in zip(args.weights, args.prompts))
+    prompts = vars(args)["prompt"]
+    images = stage.generate_composed(model, prompts, args.weights, args.n, **settings)
+    row = " + ".join(f"{w:g} x {p!r}" for w, p in zip(args.weights, prompts))
     write_samples(stage, folder, args, images, torch.full((args.n,), -1), [row])
 
 

@@ -93,10 +93,10 @@ def measure(run: Path, out_dir: Path, n: int) -> dict:
     """The stage's own measures of a finished run, at its sampling settings."""
     stage, model, _ = load_for_sampling(run, "cuda" if torch.cuda.is_available() else "cpu")
     if stage.name == "dreambooth":
-        from conditioning.clip.stage import ClipScorer
+        from ddpm.runs import load_scorer
         from conditioning.finetune.dreambooth import dreambooth_report, subject_likeness
 
-        likeness = subject_likeness(stage, ClipScorer.from_run(out_dir / "clip_fashion"))
+        likeness = subject_likeness(stage, load_scorer(out_dir / "clip_fashion"))
         return dreambooth_report(stage, model, likeness, n=n, n_classes=n)
     return stage.evaluate(model, n)
 

@@ -102,7 +102,7 @@ def generate_request(client, seed: int, class_name: str, n: int, steps: int, gui
                      init_image=None, **submit):
     """The page's Generate through Gradio's client: ``client.submit(...)`` returns the job (its result:
     grid PNG path, timing line, command, trajectory PNG, trajectory caption)."""
-    return client.submit("class", class_name, "", "", guidance, scheduler, steps, seed, n, init_image, 0.6,
+    return client.submit("class", class_name, "", guidance, scheduler, steps, seed, n, init_image, 0.6,
                          api_name="/generate", **submit)
 
 

@@ -21,8 +21,29 @@ import torch
 from torch import nn
 
 from .config import build
+from .data import class_index
 
-CONDITIONS = ("class", "prompt")  # what a sample can be asked for
+
+@dataclasses.dataclass(frozen=True)
+class ConditionKind:
+    """What a sample can be asked for: one ``sample.py`` flag (``--`` + ``name``, repeatable, a grid row
+    per value) and one field of the web page, a list of ``choices(stage)`` or else free text.
+    ``rows(stage, value)``: the rows one value asks for (``--class all``: every class), or a ``UserError``;
+    the stage's ``generate_rows`` makes their images."""
+
+    name: str
+    help: str
+    rows: Callable[["Stage", str], list[str]] = lambda stage, value: [value]
+    choices: Callable[["Stage"], tuple[str, ...]] | None = None
+
+
+def class_rows(stage: "Stage", value: str) -> list[str]:
+    return list(stage.class_names) if value == "all" else [stage.class_names[class_index(value, stage.class_names)]]
+
+
+CLASS = ConditionKind("class", 'class index or name ("9", "ankle boot"), or "all"; repeat for several', class_rows,
+                      lambda stage: tuple(stage.class_names))
+PROMPT = ConditionKind("prompt", 'one grid row per prompt ("" is unconditional); repeat for several')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +68,7 @@ class SampleInput:
 class Capabilities:
     """What a stage declares it can do; ``sample.py`` and the web page offer what these allow."""
 
-    conditions: tuple[str, ...] = ()  # subset of CONDITIONS: what ``generate`` accepts
+    conditions: tuple[ConditionKind, ...] = ()  # what ``generate_rows`` accepts: CLASS, PROMPT, a stage's own
     inputs: tuple[SampleInput, ...] = ()  # the images every sample starts from (``generate``'s ``inputs``)
     generates: bool = False  # samples new images from noise (else: reconstructs its inputs)
     evaluates: bool = False  # has ``evaluate`` (the judge's numbers, or the autoencoder's PSNR)
@@ -61,9 +82,13 @@ class Capabilities:
         """Whether an input marks up the ``--init-image`` picture, which is then no img2img start."""
         return any(i.with_init_image for i in self.inputs)
 
+    def asks(self, name: str) -> bool:
+        """Whether a sample can be asked for the condition kind ``name``."""
+        return any(kind.name == name for kind in self.conditions)
+
     def __post_init__(self):
-        unknown = set(self.conditions) - set(CONDITIONS)
-        assert not unknown, f"unknown conditions {unknown}; known: {CONDITIONS}"
+        unknown = [c for c in self.conditions if not isinstance(c, ConditionKind)]
+        assert not unknown, f"unknown conditions {unknown}: declare each as a ConditionKind"
 
 
 class Stage:
@@ -131,8 +156,13 @@ class Stage:
         """One image per class label (int64 N) -> uint8 N x 28 x 28."""
         raise NotImplementedError
 
+    def generate_rows(self, model: nn.Module, kind: str, rows: list[str], **settings) -> torch.Tensor:
+        """One image per row, a value of the condition kind named ``kind`` (``ConditionKind.rows``) -> uint8
+        N x 28 x 28; what ``sample.py`` and the page call for every kind."""
+        raise NotImplementedError
+
     def generate_prompts(self, model: nn.Module, prompts: list[str], **settings) -> torch.Tensor:
-        """One image per prompt (when "prompt" is in ``capabilities.conditions``) -> uint8 N x 28 x 28."""
+        """One image per prompt (when ``capabilities.asks("prompt")``) -> uint8 N x 28 x 28."""
         raise NotImplementedError
 
     def generate_composed(self, model: nn.Module, prompts: list[str], weights: list[float], n: int,

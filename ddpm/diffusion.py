@@ -1,4 +1,5 @@
-"""The maths of a denoising diffusion model, on top of diffusers' schedulers.
+"""The maths of a denoising diffusion model, on top of diffusers' schedulers. Every function reads
+the diffusion settings by name from a ``Diffusion`` (prediction type, schedule, loss weighting).
 
 Forward (noising) process, in closed form for any timestep t in 0..T-1:
 
@@ -31,6 +32,7 @@ saturated blocks; not clipping at all leaves overshooting pixels in the result a
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Callable
 
@@ -56,28 +58,46 @@ SAMPLERS = {
 }
 
 
-def draw_timesteps_and_noise(x0: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator,
-                             lognormal: tuple[float, float] | None = None):
+@dataclasses.dataclass
+class Diffusion:
+    """The diffusion settings by name, which the loss and the samplers read: what the network predicts, the
+    noise schedule, how timesteps are drawn and the loss weighted. ``scheduler``, diffusers' ``DDPMScheduler``
+    built from them, holds the schedule's abar_t (``alphas_cumprod``) and is saved for pipelines."""
+
+    prediction_type: str = "epsilon"  # what the network predicts: eps ("epsilon") or v ("v_prediction")
+    beta_schedule: str = "linear"  # the noise schedule: "linear", "scaled_linear" or "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000  # T
+    lognormal_noise: tuple[float, float] | None = None  # timesteps by ln sigma ~ N(P_mean, P_std^2); None: uniform
+    snr_gamma: float | None = None  # the loss weighting: min-SNR-gamma,
+    sigma_data: float | None = None  # or EDM's for data of this std; neither: plain MSE
+    clip_sample: bool = False  # for pipelines that load the scheduler (our samplers use ``clip_denoised``)
+
+    def __post_init__(self):
+        self.scheduler = DDPMScheduler(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
+                                       prediction_type=self.prediction_type, clip_sample=self.clip_sample)
+
+
+def draw_timesteps_and_noise(x0: torch.Tensor, diffusion: Diffusion, generator: torch.Generator):
     """Timesteps (B, int64) and noise shaped like x0. The timesteps are uniform over *all* of 0..T-1
-    (DDPM), or, with ``lognormal`` = (P_mean, P_std), those whose noise level sigma_t (``sigmas``) is
+    (DDPM), or, with ``lognormal_noise`` = (P_mean, P_std), those whose noise level sigma_t (``sigmas``) is
     nearest to a draw of ln sigma ~ N(P_mean, P_std^2) (EDM, Karras et al. 2022, table 1): most
     training then goes to the middle noise levels, where the samples' shapes are decided."""
-    n = x0.shape[0]
+    n, lognormal = x0.shape[0], diffusion.lognormal_noise
     if lognormal is None:
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=x0.device)
+        t = torch.randint(0, diffusion.num_train_timesteps, (n,), generator=generator, device=x0.device)
     else:
         log_sigma = lognormal[0] + lognormal[1] * torch.randn(n, generator=generator, device=x0.device)
-        table = sigmas(scheduler).log().to(x0.device)
+        table = sigmas(diffusion).log().to(x0.device)
         t = torch.searchsorted(table, log_sigma).clamp(1, len(table) - 1)
         t = t - ((log_sigma - table[t - 1]) < (table[t] - log_sigma)).long()  # the nearer of the two neighbours
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return t, noise
 
 
-def sigmas(scheduler: DDPMScheduler) -> torch.Tensor:
+def sigmas(diffusion: Diffusion) -> torch.Tensor:
     """The noise-to-signal ratio sigma_t = sqrt((1 - abar_t) / abar_t) of each training timestep (float T,
     rising: 0.01 to 157 for the linear schedule): x_t / sqrt(abar_t) = x0 + sigma_t eps, EDM's noisy sample."""
-    abar = scheduler.alphas_cumprod.double()
+    abar = diffusion.scheduler.alphas_cumprod.double()
     return ((1 - abar) / abar).sqrt().float()
 
 
@@ -87,23 +107,22 @@ def condition_dropout_mask(batch_size: int, p_uncond: float, generator: torch.Ge
     return torch.rand(batch_size, generator=generator, device=device) < p_uncond
 
 
-def snr(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
+def snr(diffusion: Diffusion, t: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio abar_t / (1 - abar_t) at timesteps t (B)."""
-    abar = scheduler.alphas_cumprod.to(t.device)[t]
+    abar = diffusion.scheduler.alphas_cumprod.to(t.device)[t]
     return abar / (1 - abar)
 
 
-def diffusion_loss(scheduler: DDPMScheduler, prediction: torch.Tensor, x0: torch.Tensor,
-                   noise: torch.Tensor, t: torch.Tensor, snr_gamma: float | None = None,
-                   sigma_data: float | None = None) -> torch.Tensor:
+def diffusion_loss(diffusion: Diffusion, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                   t: torch.Tensor) -> torch.Tensor:
     """MSE between the network's prediction and its target, per example: float B (the loss is
     their mean).
 
-    With ``snr_gamma`` (min-SNR-gamma, Hang et al. 2023), low-noise timesteps, whose
+    With ``diffusion.snr_gamma`` (min-SNR-gamma, Hang et al. 2023), low-noise timesteps, whose
     targets are easy and whose gradients would dominate, are weighted down to
     min(SNR, gamma) / SNR for eps-prediction (/ (SNR + 1) for v-prediction).
 
-    With ``sigma_data`` (the data's std), EDM's weighting (Karras et al. 2022, eq. 8 and table 1):
+    With ``diffusion.sigma_data`` (the data's std), EDM's weighting (Karras et al. 2022, eq. 8 and table 1):
     lambda(sigma) ||x0_hat - x0||^2 with lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2,
     which makes the loss of EDM's preconditioned network F uniform over noise levels. A VP network's
     clean-sample error is sigma times its eps error (x0_hat = x_t / a - sigma eps_hat) and b times
@@ -112,19 +131,18 @@ def diffusion_loss(scheduler: DDPMScheduler, prediction: torch.Tensor, x0: torch
     For sigma_data = 1 the v MSE is EDM's loss unweighted: v-prediction *is* EDM's preconditioning
     (c_in, c_skip, c_out) for data of unit std, with the timestep t as c_noise.
     """
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = scheduler.get_velocity(x0, noise, t)
+    eps = diffusion.prediction_type == "epsilon"
+    target = noise if eps else diffusion.scheduler.get_velocity(x0, noise, t)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+    sigma_data, snr_gamma = diffusion.sigma_data, diffusion.snr_gamma
     if sigma_data is not None:
-        sigma2 = 1 / snr(scheduler, t)
+        sigma2 = 1 / snr(diffusion, t)
         weight = (sigma2 + sigma_data**2) / sigma_data**2
-        return per_sample * (weight if scheduler.config.prediction_type == "epsilon" else weight / (1 + sigma2))
+        return per_sample * (weight if eps else weight / (1 + sigma2))
     if snr_gamma is None:
         return per_sample
-    s = snr(scheduler, t)
-    weight = s.clamp(max=snr_gamma) / (s if scheduler.config.prediction_type == "epsilon" else s + 1)
+    s = snr(diffusion, t)
+    weight = s.clamp(max=snr_gamma) / (s if eps else s + 1)
     return per_sample * weight
 
 
@@ -141,7 +159,7 @@ def guide(cond: torch.Tensor | list[torch.Tensor], uncond: torch.Tensor, guidanc
     return uncond + guidance * sum(weight * (c - uncond) for weight, c in zip(weights, cond))
 
 
-def clip_denoised(scheduler: DDPMScheduler, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+def clip_denoised(diffusion: Diffusion, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                   limit: float = 1.0) -> torch.Tensor:
     """The network output (eps or v, like x_t) re-expressed so that its clean-sample estimate
     x0_hat lies in [-limit, limit]. x_t is the variance-preserving noisy sample at the training
@@ -151,25 +169,25 @@ def clip_denoised(scheduler: DDPMScheduler, output: torch.Tensor, x_t: torch.Ten
         eps:  x0_hat = (x_t - b eps) / a         v:  x0_hat = a x_t - b v
         eps' = (x_t - a clip(x0_hat)) / b        v' = a eps' - b clip(x0_hat)
     """
-    a, b = _signal_and_noise_scales(scheduler, t, x_t.device)
-    x0 = predicted_x0(scheduler, output, x_t, t).clamp(-limit, limit)
+    a, b = _signal_and_noise_scales(diffusion, t, x_t.device)
+    x0 = predicted_x0(diffusion, output, x_t, t).clamp(-limit, limit)
     eps = (x_t.float() - a * x0) / b
-    return eps if scheduler.config.prediction_type == "epsilon" else a * eps - b * x0
+    return eps if diffusion.prediction_type == "epsilon" else a * eps - b * x0
 
 
-def predicted_x0(scheduler: DDPMScheduler, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def predicted_x0(diffusion: Diffusion, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The network's estimate of the clean sample, x0_hat (float, like x_t), from its output
     (eps or v) for the variance-preserving x_t at training timestep t (see ``clip_denoised``)."""
-    a, b = _signal_and_noise_scales(scheduler, t, x_t.device)
-    if scheduler.config.prediction_type == "epsilon":
+    a, b = _signal_and_noise_scales(diffusion, t, x_t.device)
+    if diffusion.prediction_type == "epsilon":
         return (x_t.float() - b * output.float()) / a
     return a * x_t.float() - b * output.float()
 
 
-def _signal_and_noise_scales(scheduler: DDPMScheduler, t: torch.Tensor, device: torch.device):
+def _signal_and_noise_scales(diffusion: Diffusion, t: torch.Tensor, device: torch.device):
     """sqrt(abar_t) and sqrt(1 - abar_t) at timestep t, which may lie between training timesteps (Euler's
     and the EDM samplers' do): 1 / sqrt(1 + sigma^2) and sigma / sqrt(1 + sigma^2), ln sigma interpolated."""
-    table = sigmas(scheduler).log()
+    table = sigmas(diffusion).log()
     sigma = _interpolate(torch.as_tensor(t, dtype=torch.float32).cpu(), torch.arange(len(table)), table).exp()
     a = (1 + sigma**2).rsqrt()
     return a.to(device), (sigma * a).to(device)
@@ -183,7 +201,7 @@ def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.T
     return fp[i - 1] + (x - left) / (right - left) * (fp[i] - fp[i - 1])
 
 
-def make_sampler(name: str, train_scheduler: DDPMScheduler):
+def make_sampler(name: str, diffusion: Diffusion):
     """A sampling scheduler sharing the training noise schedule and prediction type.
 
     "trailing" spacing makes few-step samplers start at t = T-1, pure noise, as training
@@ -193,13 +211,13 @@ def make_sampler(name: str, train_scheduler: DDPMScheduler):
     """
     cls, extra = SAMPLERS[name]
     if name.startswith("edm"):
-        table = sigmas(train_scheduler)
+        table = sigmas(diffusion)
         edm = cls(sigma_min=float(table[0]), sigma_max=float(table[-1]), sigma_data=1.0, prediction_type="v_prediction",
-                  num_train_timesteps=train_scheduler.config.num_train_timesteps, **extra)
-        return EDMSampler(edm, train_scheduler)
+                  num_train_timesteps=diffusion.num_train_timesteps, **extra)
+        return EDMSampler(edm, diffusion)
     if "clip_sample" in inspect.signature(cls.__init__).parameters:
         extra = {**extra, "clip_sample": False}
-    return cls.from_config(train_scheduler.config, timestep_spacing="trailing", **extra)
+    return cls.from_config(diffusion.scheduler.config, timestep_spacing="trailing", **extra)
 
 
 class EDMSampler:
@@ -213,9 +231,9 @@ class EDMSampler:
     re-expressed as v = eps sqrt(1 + sigma^2) - sigma x_t. ``timesteps`` are training timesteps.
     """
 
-    def __init__(self, edm, train_scheduler: DDPMScheduler):
-        self.edm, self.prediction_type = edm, train_scheduler.config.prediction_type
-        self.log_sigmas = sigmas(train_scheduler).log()
+    def __init__(self, edm, diffusion: Diffusion):
+        self.edm, self.prediction_type = edm, diffusion.prediction_type
+        self.log_sigmas = sigmas(diffusion).log()
 
     @property
     def init_noise_sigma(self):

@@ -1,16 +1,15 @@
 """What every diffusion stage shares: the training batch, the loss, classifier-free guidance,
 the sampler, preview grids, evaluation, saving and loading, each written once.
 
-A diffusion stage says only two things (``ddpm/stage.py`` is the whole of stage 1):
-  * **where it diffuses**: ``sample_shape``, ``clean_sample`` (data -> x0), ``to_images`` and
-    ``from_images``; pixels here, autoencoder latents in ``latent/stage.py``;
-  * **what it is conditioned on**, through one hook, ``denoise``: a condition is a dict of the
-    network's keyword arguments (``class_labels``, ``encoder_hidden_states``) plus, under
-    ``"concat"``, extra input channels concatenated to x_t (for image conditioning). The stage
-    supplies ``training_condition`` (per example, null where dropped), ``model_condition``
-    (batch -> that dict), ``class_condition``, ``null_condition`` and ``condition_args``; an
-    image-conditioned stage also ``image_condition`` (from each example's image, mirrored with it)
-    and ``sampling_inputs`` (its random draws at sampling time).
+A diffusion stage is a space and a condition (``ddpm/stage.py`` is the whole of stage 1):
+  * **where it diffuses**, a ``Space``: ``sample_shape``, ``clean_sample`` (data -> x0),
+    ``to_images`` and ``from_images``; ``Pixels`` here, autoencoder latents in ``latent/stage.py``;
+  * **what it is conditioned on**, a ``Condition``, which reaches the network through one hook,
+    ``denoise``: its inputs are a dict of the network's keyword arguments (``class_labels``,
+    ``encoder_hidden_states``) plus, under ``"concat"``, extra input channels concatenated to x_t
+    (image conditions). The condition owns its null condition, the inputs it makes from a batch,
+    the data it needs and its ``generate``; a class label here, a prompt in ``conditioning/text``;
+  * and, for a fine-tune, a ``Recipe``: how it starts from a trained run.
 
 Classifier-free guidance runs the conditional and the null branch as one batch of 2B; any
 "concat" channels are the same in both branches. Autoguidance (``sample.guide_with``) runs the
@@ -24,18 +23,18 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from diffusers import DDPMScheduler
 
 from .contract import Stage
-from .data import PADDED_SIZE, to_model_space, to_pixels
-from .diffusion import SAMPLERS, condition_dropout_mask, diffusion_loss, draw_timesteps_and_noise, guide
+from .data import CLASS_NAMES, PADDED_SIZE, load_training_set, to_model_space, to_pixels
+from .diffusion import Diffusion, condition_dropout_mask, diffusion_loss, draw_timesteps_and_noise, guide
 from .diffusion import clip_denoised, make_sampler, predicted_x0, sample_loop
 from .errors import UserError
 from .evaluate import as_metrics, evaluate_model
 from .plots import save_grid
-from .runs import run_dir_of
+from .request import check_request
+from .run_folder import run_dir_of
 
-Condition = dict[str, torch.Tensor]  # network keyword arguments, and "concat" channels; batch first
+NetworkInputs = dict[str, torch.Tensor]  # network keyword arguments, and "concat" channels; batch first
 
 
 @dataclasses.dataclass
@@ -91,30 +90,18 @@ class SampleConfig:
                             f"{list(self.guidance_interval)}")
 
 
-class DiffusionStage(Stage):
-    """A stage that trains a denoising network and samples from it (see the module docstring)."""
+class Pixels:
+    """Where stage 1 diffuses: Fashion-MNIST's pixels, padded to 1 x 32 x 32 and scaled to [-1, 1]."""
 
-    model_class: type  # UNet2DModel, UNet2DConditionModel: built by ``build_model``, loaded by ``load_model``
+    sample_shape = (1, PADDED_SIZE, PADDED_SIZE)  # C x H x W of what the network denoises
+    data_range = 1.0  # clean samples lie in [-data_range, data_range]; None: no known range
 
     def __init__(self, config):
-        super().__init__(config)
-        d = config.diffusion
-        # clip_sample is for pipelines that load final/scheduler (our samplers use clip_denoised)
-        self.scheduler = DDPMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
-                                       prediction_type=d.prediction_type, clip_sample=self.data_range is not None)
-        self.guide_model = None  # autoguidance's weaker model: loaded with the run's (``load_model``)
+        self.config = config
 
-    # -- where it diffuses: Fashion-MNIST pixels unless a stage says otherwise ---------------
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """C x H x W of what the network denoises: padded pixels here."""
-        return (1, PADDED_SIZE, PADDED_SIZE)
-
-    @property
-    def data_range(self) -> float | None:
-        """Clean samples lie in [-data_range, data_range] (pixels: 1), or None: no known range."""
-        return 1.0
+    def load_data(self) -> dict[str, torch.Tensor]:
+        """images: uint8 N x 28 x 28; labels: int64 N."""
+        return load_training_set(self.config.data)
 
     def clean_sample(self, raw: dict[str, torch.Tensor], flip: torch.Tensor | None) -> torch.Tensor:
         """x0 for a batch: uint8 images -> B x 1 x 32 x 32 in [-1, 1], mirrored where ``flip``."""
@@ -128,43 +115,148 @@ class DiffusionStage(Stage):
         """uint8 B x 28 x 28 -> clean samples B x ``sample_shape`` (the start of img2img)."""
         return to_model_space(images)
 
-    # -- what it is conditioned on: the hooks a stage supplies -------------------------------
+    def save(self, folder: Path) -> None:
+        """What ``final/`` holds of the space besides the network: nothing for pixels."""
 
-    def training_condition(self, raw: dict[str, torch.Tensor], dropped: torch.Tensor,
-                           generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """The condition of each example of a raw batch, as batch entries (B x ...), the null
-        condition where ``dropped`` (bool B); any randomness from ``generator``."""
-        raise NotImplementedError
+    def load(self, folder: Path) -> None:
+        """What a ``final/`` folder holds of the space (an autoencoder)."""
 
-    def image_condition(self, raw: dict[str, torch.Tensor], flip: torch.Tensor | None,
-                        generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Batch entries made from each example's image, mirrored where ``flip`` as x0 is (an
-        image-conditioned stage's low-resolution image, mask or structure map); none here."""
+
+class Condition:
+    """What a stage is conditioned on; a subclass says what (a class label, a prompt, image channels).
+
+    It owns the null condition (``null_condition``), the network inputs it makes (``model_condition``, a
+    ``NetworkInputs`` dict), the data it needs beside the space's (``load_data``) and from each
+    training example (``batch_entries``) and its ``generate``. ``stage`` is the diffusion stage it
+    conditions."""
+
+    extra_channels: int = 0  # input channels concatenated to x_t
+
+    def __init__(self, stage):
+        self.stage, self.config = stage, stage.config
+
+    def network_args(self) -> dict:
+        """The network's constructor arguments for the condition (``num_class_embeds``, ...)."""
         return {}
 
-    def model_condition(self, batch: dict[str, torch.Tensor]) -> Condition:
-        """A training (micro-)batch's condition entries -> the ``Condition`` the network takes."""
+    def load_data(self) -> dict[str, torch.Tensor]:
+        """Training data beside the space's (N x ...); called before the space loads its own."""
+        return {}
+
+    def batch_entries(self, raw: dict[str, torch.Tensor], dropped: torch.Tensor, flip: torch.Tensor | None,
+                      generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The condition of each example of a raw batch as batch entries (B x ...), the null condition where
+        ``dropped`` (bool B), mirrored where ``flip`` as x0 is; any randomness from ``generator``."""
         raise NotImplementedError
 
-    def class_condition(self, labels: torch.Tensor, phrasings: str = "train") -> Condition:
-        """The ``Condition`` that asks for class ``labels`` (int64 N). ``phrasings`` is for
-        prompt-conditioned stages ("train": the training captions, "unseen": never trained on)."""
+    def model_condition(self, batch: dict[str, torch.Tensor]) -> NetworkInputs:
+        """A training (micro-)batch's condition entries -> the ``NetworkInputs`` the network takes."""
         raise NotImplementedError
 
-    def null_condition(self, condition: Condition, negative_prompt: str = "") -> Condition:
+    def class_condition(self, labels: torch.Tensor, phrasings: str = "train") -> NetworkInputs:
+        """What asks for class ``labels`` (int64 N). ``phrasings`` is for prompts ("train": the
+        training captions, "unseen": never trained on)."""
+        raise NotImplementedError
+
+    def null_condition(self, condition: NetworkInputs, negative_prompt: str = "") -> NetworkInputs:
         """The unconditional branch of CFG for each entry of ``condition`` (the same batch size)."""
         raise NotImplementedError
 
-    def condition_args(self) -> dict:
-        """The network's constructor arguments for the condition (``num_class_embeds``, ...)."""
-        raise NotImplementedError
+    def generate(self, model, labels: torch.Tensor, *, phrasings: str = "train", negative_prompt: str = "",
+                 **settings) -> torch.Tensor:
+        """One image per class label (int64 N) -> uint8 N x 28 x 28; ``settings``: those of ``sample``."""
+        condition = self.class_condition(labels, phrasings)
+        return self.stage.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
+
+    def sampling_inputs(self, condition: NetworkInputs | list[NetworkInputs], null: NetworkInputs,
+                        init_images: torch.Tensor | None, generator: torch.Generator):
+        """One sampling batch's random draws and what they make: (the starting noise, B x
+        ``sample_shape``; img2img's clean start from ``init_images``, or None; the condition and
+        its null branch as the network takes them). Image channels draw here too, in the order
+        their diffusers pipeline does, so that both give the same images for one seed."""
+        space = self.stage.space
+        noise = torch.randn((len(next(iter(null.values()))), *space.sample_shape), generator=generator,
+                            device=generator.device)
+        init = space.from_images(init_images) if init_images is not None else None
+        return noise, init, condition, null
+
+    def after_step(self, condition: NetworkInputs | list[NetworkInputs], noise: torch.Tensor, sampler
+                   ) -> Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None:
+        """What replaces a batch's sample after every sampler step (``sample_loop``'s ``after_step``),
+        from its condition (as ``sample`` was given it) and starting noise; None: nothing does.
+        Inpainting puts the known region back."""
+        return None
+
+    def preview_rows(self, n: int) -> tuple[list[str], NetworkInputs]:
+        """The preview grid's row titles, and the condition of its images: n per row, row by row."""
+        labels = torch.arange(len(self.stage.class_names)).repeat_interleave(n)
+        return list(self.stage.class_names), self.class_condition(labels)
+
+    def preview(self, model, path: Path, title: str = "") -> Path:
+        """One row per class (or class prompt), ``sample.n_per_class`` columns, fixed seed."""
+        s = self.config.sample
+        rows, condition = self.preview_rows(s.n_per_class)
+        images = self.stage.sample(model, condition, self.null_condition(condition))
+        title = title or f"{s.scheduler}, {s.steps} steps, guidance {s.guidance:g}"
+        return save_grid(images.view(len(rows), s.n_per_class, 28, 28), path, rows, title)
+
+    def save(self, folder: Path) -> None:
+        """What ``final/`` holds of the condition besides the network (a text encoder)."""
+
+    def load(self, folder: Path) -> None:
+        """What a ``final/`` folder holds of the condition."""
+
+
+class Recipe:
+    """How a stage starts other than from scratch, applied to any stage: a fine-tune's config ``sections``
+    (those of the run it starts from) and its starting ``model`` (from the freshly built one)."""
+
+    def sections(self, cls, sections: dict) -> dict:
+        return sections
+
+    def model(self, stage, model):
+        return model
+
+
+class DiffusionStage(Stage):
+    """A stage that trains a denoising network and samples from it: a ``Space`` and a ``Condition``
+    (see the module docstring). What they have the stage has too: ``stage.embed`` is its
+    condition's, ``stage.latent_space`` its space's."""
+
+    Space: type = Pixels  # where it diffuses
+    Condition: type  # what it is conditioned on
+    recipe: Recipe = Recipe()  # how it starts: from scratch, or a fine-tune's
+    model_class: type  # UNet2DModel, UNet2DConditionModel: built by ``build_model``, loaded by ``load_model``
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.class_names = CLASS_NAMES
+        self.space = self.Space(config)
+        self.condition = self.Condition(self)
+        d = config.diffusion
+        self.diffusion = Diffusion(d.prediction_type, d.beta_schedule, d.num_train_timesteps, d.lognormal_noise,
+                                   d.snr_gamma, d.sigma_data, clip_sample=self.space.data_range is not None)
+        self.scheduler = self.diffusion.scheduler  # diffusers' DDPMScheduler: the schedule's abar_t, add_noise
+        self.guide_model = None  # autoguidance's weaker model: loaded with the run's (``load_model``)
+
+    def __getattr__(self, name: str):
+        if name not in ("space", "condition"):
+            for part in (self.__dict__.get("condition"), self.__dict__.get("space")):
+                if part is not None and hasattr(part, name):
+                    return getattr(part, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @classmethod
+    def from_dict(cls, sections: dict) -> "DiffusionStage":
+        return super().from_dict(cls.recipe.sections(cls, sections))
 
     def network_args(self) -> dict:
         """The network's constructor arguments that come from the data and the condition, not the config."""
-        channels, size, _ = self.sample_shape
-        return dict(sample_size=size, in_channels=channels, out_channels=channels, **self.condition_args())
+        channels, size, _ = self.space.sample_shape
+        return dict(sample_size=size, in_channels=channels + self.condition.extra_channels, out_channels=channels,
+                    **self.condition.network_args())
 
-    def denoise(self, model, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+    def denoise(self, model, x_t: torch.Tensor, t: torch.Tensor, condition: NetworkInputs) -> torch.Tensor:
         """The conditioning hook: the network's output (eps or v, like x_t) for x_t at timesteps t."""
         extra = condition.get("concat")
         x = x_t if extra is None else torch.cat([x_t, extra], dim=1)
@@ -172,20 +264,24 @@ class DiffusionStage(Stage):
 
     # -- training ---------------------------------------------------------------------
 
+    def load_data(self) -> dict[str, torch.Tensor]:
+        """The condition's data, then the space's: equal-length tensors."""
+        extra = self.condition.load_data()
+        return {**self.space.load_data(), **extra}
+
     def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator, step: int = 0
                    ) -> dict[str, torch.Tensor]:
         """x0 (B x ``sample_shape``), timesteps (B), noise (like x0) and the condition entries."""
         n, device = len(next(iter(raw.values()))), next(iter(raw.values())).device
         flip = torch.rand(n, generator=generator, device=device) < 0.5 if self.config.data.flip else None
-        x0 = self.clean_sample(raw, flip)
+        x0 = self.space.clean_sample(raw, flip)
         dropped = condition_dropout_mask(n, self.config.diffusion.p_uncond, generator, device)
-        lognormal = self.config.diffusion.lognormal_noise
-        timesteps, noise = draw_timesteps_and_noise(x0, self.scheduler, generator, lognormal)
+        timesteps, noise = draw_timesteps_and_noise(x0, self.diffusion, generator)
         return {"x0": x0, "timesteps": timesteps, "noise": noise,
-                **self.training_condition(raw, dropped, generator), **self.image_condition(raw, flip, generator)}
+                **self.condition.batch_entries(raw, dropped, flip, generator)}
 
     def build_model(self):
-        return self.model_class(**self.network_args(), **self.config.model)
+        return self.recipe.model(self, self.model_class(**self.network_args(), **self.config.model))
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.example_losses(model, batch).mean()
@@ -193,15 +289,13 @@ class DiffusionStage(Stage):
     def example_losses(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The denoising loss of each example of a batch: float B."""
         x_t = self.scheduler.add_noise(batch["x0"], batch["noise"], batch["timesteps"])
-        prediction = self.denoise(model, x_t, batch["timesteps"], self.model_condition(batch))
-        d = self.config.diffusion
-        return diffusion_loss(self.scheduler, prediction, batch["x0"], batch["noise"], batch["timesteps"],
-                              d.snr_gamma, d.sigma_data)
+        prediction = self.denoise(model, x_t, batch["timesteps"], self.condition.model_condition(batch))
+        return diffusion_loss(self.diffusion, prediction, batch["x0"], batch["noise"], batch["timesteps"])
 
     # -- sampling ---------------------------------------------------------------------
 
-    def predict(self, model, x: torch.Tensor, t: torch.Tensor, condition: Condition | list[Condition],
-                null: Condition, guidance: float, weights: list[float] | None = None) -> torch.Tensor:
+    def predict(self, model, x: torch.Tensor, t: torch.Tensor, condition: NetworkInputs | list[NetworkInputs],
+                null: NetworkInputs, guidance: float, weights: list[float] | None = None) -> torch.Tensor:
         """The guided network output for x (B x ``sample_shape``) at timestep t:
 
             out = out(x, null) + w * (out(x, condition) - out(x, null))
@@ -235,16 +329,16 @@ class DiffusionStage(Stage):
             stacked = {k: torch.cat([b[k] for b in branches]) for k in null}
             *cond, uncond = self.denoise(model, torch.cat([x] * len(branches)), t, stacked).chunk(len(branches))
             out = guide(cond if weights is not None else cond[0], uncond, guidance, weights)
-        if self.config.sample.clip_denoised and self.data_range is not None:
-            out = clip_denoised(self.scheduler, out, x, t, self.data_range)
+        if self.config.sample.clip_denoised and self.space.data_range is not None:
+            out = clip_denoised(self.diffusion, out, x, t, self.space.data_range)
         return out
 
     @torch.no_grad()
-    def sample(self, model, condition: Condition | list[Condition], null: Condition, *, guidance: float | None = None,
-               scheduler: str | None = None, steps: int | None = None, seed: int | None = None,
-               batch_size: int = 500, progress: bool = False, init_images: torch.Tensor | None = None,
-               strength: float = 1.0, on_step: Callable | None = None, weights: list[float] | None = None
-               ) -> torch.Tensor:
+    def sample(self, model, condition: NetworkInputs | list[NetworkInputs], null: NetworkInputs, *,
+               guidance: float | None = None, scheduler: str | None = None, steps: int | None = None,
+               seed: int | None = None, batch_size: int = 500, progress: bool = False,
+               init_images: torch.Tensor | None = None, strength: float = 1.0, on_step: Callable | None = None,
+               weights: list[float] | None = None) -> torch.Tensor:
         """One image per entry of ``condition`` (and of ``null``, its CFG branch): uint8 N x 28 x 28.
         With ``weights``, ``condition`` is a list of conditions (N entries each), composed (``guide``).
 
@@ -257,31 +351,30 @@ class DiffusionStage(Stage):
         """
         settings = self.sampling_settings(guidance=guidance, scheduler=scheduler, steps=steps, seed=seed)
         guidance, scheduler, steps, seed = (settings[k] for k in ("guidance", "scheduler", "steps", "seed"))
-        if not 0 <= strength <= 1:
-            raise UserError(f"strength must be in [0, 1], got {strength}")
+        check_request(strength=strength)
         device = next(model.parameters()).device
         model.eval()
         if self.guide_model is not None:
             self.guide_model.to(device).eval()
-        sampler = make_sampler(scheduler, self.scheduler)
+        sampler = make_sampler(scheduler, self.diffusion)
         n = len(next(iter(null.values())))
         out = []
         for i, index in enumerate(torch.arange(n).split(batch_size)):
-            def rows(c: Condition) -> Condition:
+            def rows(c: NetworkInputs) -> NetworkInputs:
                 return {k: v[index].to(device) for k, v in c.items()}
 
             cond = [rows(c) for c in condition] if weights is not None else rows(condition)
             uncond = rows(null)
             generator = torch.Generator(device).manual_seed(seed + i)
             init = init_images[index].to(device) if init_images is not None else None
-            noise, init, net_cond, net_uncond = self.sampling_inputs(cond, uncond, init, generator)
+            noise, init, net_cond, net_uncond = self.condition.sampling_inputs(cond, uncond, init, generator)
             watch = None if on_step is None else (
-                lambda i, n, t, x_t, out: on_step(i, n, t, x_t, predicted_x0(self.scheduler, out, x_t, t)))
+                lambda i, n, t, x_t, out: on_step(i, n, t, x_t, predicted_x0(self.diffusion, out, x_t, t)))
             with _autocast(device):
                 x0 = sample_loop(lambda x, t: self.predict(model, x, t, net_cond, net_uncond, guidance, weights),
                                  sampler, noise, steps, generator, progress=progress, init=init, strength=strength,
-                                 on_step=watch, after_step=self.after_step(cond, noise, sampler))
-            out.append(self.to_images(x0).cpu())
+                                 on_step=watch, after_step=self.condition.after_step(cond, noise, sampler))
+            out.append(self.space.to_images(x0).cpu())
         return torch.cat(out)
 
     def sampling_settings(self, *, guidance: float | None = None, scheduler: str | None = None,
@@ -291,49 +384,34 @@ class DiffusionStage(Stage):
         s = self.config.sample
         settings = {"guidance": s.guidance if guidance is None else guidance, "scheduler": scheduler or s.scheduler,
                     "steps": steps or s.steps, "seed": s.seed if seed is None else seed}
-        if settings["scheduler"] not in SAMPLERS:
-            raise UserError(f"unknown scheduler {settings['scheduler']!r}; valid: {', '.join(SAMPLERS)}")
-        if settings["steps"] < 1 or settings["guidance"] < 0:
-            raise UserError(f"steps must be at least 1 and guidance at least 0, got {settings['steps']} and "
-                            f"{settings['guidance']:g}")
+        check_request(**settings)
         return settings
 
-    def sampling_inputs(self, condition: Condition | list[Condition], null: Condition, init_images: torch.Tensor | None,
-                        generator: torch.Generator):
-        """One sampling batch's random draws and what they make: (the starting noise, B x
-        ``sample_shape``; img2img's clean start from ``init_images``, or None; the condition and
-        its null branch as the network takes them). An image-conditioned stage draws here too, in
-        the order its diffusers pipeline does, so that both give the same images for one seed."""
-        noise = torch.randn((len(next(iter(null.values()))), *self.sample_shape), generator=generator,
-                            device=generator.device)
-        init = self.from_images(init_images) if init_images is not None else None
-        return noise, init, condition, null
+    def generate(self, model, labels: torch.Tensor, **settings) -> torch.Tensor:
+        """One image per class label (int64 N) -> uint8 N x 28 x 28: the condition's ``generate``."""
+        return self.condition.generate(model, labels, **settings)
 
-    def after_step(self, condition: Condition | list[Condition], noise: torch.Tensor, sampler
-                   ) -> Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor] | None:
-        """What replaces a batch's sample after every sampler step (``sample_loop``'s ``after_step``),
-        from its condition (as ``sample`` was given it) and starting noise; None: nothing does.
-        Inpainting puts the known region back."""
-        return None
+    def generate_prompts(self, model, prompts: list[str], **settings) -> torch.Tensor:
+        return self.condition.generate_prompts(model, prompts, **settings)
 
-    def generate(self, model, labels: torch.Tensor, *, phrasings: str = "train", negative_prompt: str = "",
-                 **settings) -> torch.Tensor:
-        """One image per class label (int64 N) -> uint8 N x 28 x 28; ``settings``: those of ``sample``."""
-        condition = self.class_condition(labels, phrasings)
-        return self.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
+    def generate_rows(self, model, kind: str, rows: list[str], *, phrasings: str = "train", **settings) -> torch.Tensor:
+        """A class's rows are its names (``generate``, with ``phrasings``), a prompt's its text."""
+        if kind == "class":
+            labels = torch.tensor([self.class_names.index(r) for r in rows], dtype=torch.long)
+            return self.generate(model, labels, phrasings=phrasings, **settings)
+        return self.generate_prompts(model, rows, **settings)
 
-    def preview_rows(self, n: int) -> tuple[list[str], Condition]:
-        """The preview grid's row titles, and the condition of its images: n per row, row by row."""
-        labels = torch.arange(len(self.class_names)).repeat_interleave(n)
-        return list(self.class_names), self.class_condition(labels)
+    def generate_composed(self, model, prompts: list[str], weights: list[float], n: int, **settings) -> torch.Tensor:
+        return self.condition.generate_composed(model, prompts, weights, n, **settings)
 
     def preview(self, model, path: Path, title: str = "") -> Path:
-        """One row per class (or class prompt), ``sample.n_per_class`` columns, fixed seed."""
-        s = self.config.sample
-        rows, condition = self.preview_rows(s.n_per_class)
-        images = self.sample(model, condition, self.null_condition(condition))
-        title = title or f"{s.scheduler}, {s.steps} steps, guidance {s.guidance:g}"
-        return save_grid(images.view(len(rows), s.n_per_class, 28, 28), path, rows, title)
+        return self.condition.preview(model, path, title)
+
+    def add_adapters(self, model, folder: Path):
+        return self.condition.add_adapters(model, folder)
+
+    def measure(self, name: str, model, scales: list[float | None], out_dir: Path, **settings) -> str:
+        return self.condition.measure(name, model, scales, out_dir, **settings)
 
     def evaluate(self, model, n: int) -> dict:
         """The judge's metrics for n samples at the ``sample`` settings (for eval_every)."""
@@ -342,17 +420,18 @@ class DiffusionStage(Stage):
     # -- saving and loading -----------------------------------------------------------
 
     def save_final(self, model, folder: Path) -> None:
+        """unet/ and scheduler/, and what the space and the condition add (vae/, text_encoder/)."""
         model.save_pretrained(folder / "unet")
         self.scheduler.save_pretrained(folder / "scheduler")
-
-    def load_components(self, folder: Path) -> None:
-        """Load what a ``final/`` folder holds besides the network (an autoencoder, a text encoder)."""
+        self.space.save(folder)
+        self.condition.save(folder)
 
     def load_model(self, folder: Path):
         """The network from a ``final/`` folder (``unet/``) or a checkpoint (its EMA weights, ``ema/``);
         with ``sample.guide_with``, autoguidance's weaker model too (``guide_model``), from that folder
         (or the run's ``final/``) relative to the run directory."""
-        self.load_components(folder)
+        self.space.load(folder)
+        self.condition.load(folder)
         guide_with = self.config.sample.guide_with
         if guide_with is not None:
             weak = run_dir_of(folder) / guide_with

@@ -39,7 +39,7 @@ def evaluate_model(stage, model, n: int = 1000, *, guidance: float | None = None
                    clip=None) -> dict:
     """Sample n images with the given settings (default: the run's ``sample`` config) and score them.
     ``phrasings``: a text run's prompts for each class, "train" or "unseen" (see ``generate``).
-    ``clip``: a ``conditioning.clip.stage.ClipScorer``, to add the CLIP score of the images against
+    ``clip``: a ``conditioning.clip.scorer.ClipScorer``, to add the CLIP score of the images against
     their class prompts."""
     s = stage.config.sample
     settings = stage.sampling_settings(guidance=guidance, scheduler=scheduler, steps=steps, seed=seed)

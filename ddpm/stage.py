@@ -4,13 +4,13 @@
     python sample.py runs/ddpm_fashion_quick --class "ankle boot"
 
 Everything a diffusion stage does is in ``ddpm/diffusion_stage.py``; this file says what
-stage 1 is: a ``UNet2DModel`` on the padded 1 x 32 x 32 pixels (the default sample space),
-conditioned on the class label through the UNet's class embedding (added to the timestep
-embedding), with one extra label, ``null_label`` = 10, meaning "no class": the null condition
-of classifier-free guidance.
+stage 1 is: a ``UNet2DModel`` on the padded 1 x 32 x 32 pixels (the default space, ``Pixels``),
+conditioned on the class label (``ClassLabel``) through the UNet's class embedding (added to the
+timestep embedding), with one extra label, ``null_label`` = 10, meaning "no class": the null
+condition of classifier-free guidance.
 
-Stage 2 (``latent/stage.py``) reuses all of this on autoencoder latents by changing where it
-diffuses; stage 3 (``conditioning/text/stage.py``) changes the condition to a prompt.
+Stage 2 (``latent/stage.py``) is the same condition in another space, autoencoder latents;
+stage 3 (``conditioning/text/stage.py``) is a prompt in that space.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 from diffusers import UNet2DModel
 
 from .config import check_model_keys
-from .contract import Capabilities
-from .data import CLASS_NAMES, DataConfig, load_training_set
-from .diffusion_stage import Condition, DiffusionConfig, DiffusionStage, SampleConfig
+from .contract import CLASS, Capabilities
+from .data import DataConfig
+from .diffusion_stage import Condition, DiffusionConfig, DiffusionStage, NetworkInputs, SampleConfig
 from .errors import UserError
 
 
@@ -38,41 +38,41 @@ class DDPMConfig:
         check_model_keys(self.model, UNet2DModel, ("sample_size", "in_channels", "out_channels", "num_class_embeds"))
 
 
-class ClassConditionedDDPM(DiffusionStage):
-    name = "ddpm"
-    Config = DDPMConfig
-    capabilities = Capabilities(conditions=("class",), generates=True, evaluates=True)
-    model_class = UNet2DModel
+class ClassLabel(Condition):
+    """The class label, through the UNet's class embedding; ``null_label`` = 10 means "no class"."""
 
-    def __init__(self, config: DDPMConfig):
-        super().__init__(config)
-        self.class_names = CLASS_NAMES
-        self.null_label = len(CLASS_NAMES)  # the extra class embedding: "no class", for CFG
+    def __init__(self, stage):
+        super().__init__(stage)
+        self.null_label = len(stage.class_names)  # the extra class embedding: "no class", for CFG
 
-    def load_data(self) -> dict[str, torch.Tensor]:
-        """images: uint8 N x 28 x 28; labels: int64 N."""
-        return load_training_set(self.config.data)
+    def network_args(self) -> dict:
+        return {"num_class_embeds": len(self.stage.class_names) + 1}
 
-    # -- the condition: a class label ----------------------------------------------------
-
-    def training_condition(self, raw, dropped, generator) -> dict[str, torch.Tensor]:
+    def batch_entries(self, raw, dropped, flip, generator) -> dict[str, torch.Tensor]:
         """labels (int64 B), the null label where dropped."""
         return {"labels": torch.where(dropped, self.null_label, raw["labels"])}
 
-    def model_condition(self, batch) -> Condition:
+    def model_condition(self, batch) -> NetworkInputs:
         return {"class_labels": batch["labels"]}
 
-    def class_condition(self, labels: torch.Tensor, phrasings: str = "train") -> Condition:
+    def class_condition(self, labels: torch.Tensor, phrasings: str = "train") -> NetworkInputs:
         if phrasings != "train":
-            raise UserError(f"phrasings are for prompt-conditioned runs; a '{self.name}' run is asked for "
+            raise UserError(f"phrasings are for prompt-conditioned runs; a '{self.stage.name}' run is asked for "
                             f"class labels directly")
         return {"class_labels": labels}
 
-    def null_condition(self, condition: Condition, negative_prompt: str = "") -> Condition:
+    def null_condition(self, condition: NetworkInputs, negative_prompt: str = "") -> NetworkInputs:
         if negative_prompt:
-            raise UserError(f"a negative prompt needs a prompt-conditioned run; a '{self.name}' run has "
+            raise UserError(f"a negative prompt needs a prompt-conditioned run; a '{self.stage.name}' run has "
                             f"only class labels")
         return {"class_labels": torch.full_like(condition["class_labels"], self.null_label)}
 
-    def condition_args(self) -> dict:
-        return {"num_class_embeds": len(self.class_names) + 1}
+
+class ClassConditionedDDPM(DiffusionStage):
+    """Pixels, conditioned on the class label."""
+
+    name = "ddpm"
+    Config = DDPMConfig
+    capabilities = Capabilities(conditions=(CLASS,), generates=True, evaluates=True)
+    Condition = ClassLabel
+    model_class = UNet2DModel

@@ -1,15 +1,16 @@
 """A web page to explore a trained run: ``python sample.py RUN --web`` (Gradio, ``pip install -e '.[web]'``).
 
-The page holds the run's model in memory and makes the same calls as ``sample.py``:
-``stage.generate`` for a class, ``stage.generate_prompts`` for a prompt, with the same settings
+The page holds the run's model in memory and makes the same call as ``sample.py``,
+``stage.generate_rows`` for whatever kind of condition is asked for, with the same settings
 and seed. So every result comes with the ``sample.py`` command that makes the same pixels, and
 with the denoising trajectory of its first image: the noisy sample x_t beside the clean image
 x0_hat the network predicts from it, every few steps.
 
-Its controls follow what the stage declares (``stage.capabilities``), never its name: a class
-list for "class", a prompt and a negative prompt for "prompt", img2img for every stage that
-generates. ``Explorer`` does the work and is plain Python (tested in-process); ``build_page``
-only lays Gradio components around ``Explorer.answer``.
+Its controls follow what the stage declares (``stage.capabilities``), never its name: a field per
+kind of condition (a list of its choices, the classes, or text, a prompt), a negative prompt for
+"prompt", an upload per input image, img2img for every stage that generates. ``Explorer`` does
+the work and is plain Python (tested in-process); ``build_page`` only lays Gradio components
+around ``Explorer.answer``.
 
 Many browsers at once: the model answers one request at a time, first come first served
 (``Line``); at most ``max_waiting`` more wait their turn, each shown how many are ahead of it,
@@ -35,11 +36,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import IMAGE_SIZE, class_index, read_image
 from .diffusion import SAMPLERS
 from .errors import UserError
 from .plots import rows_of, tile
-from .runs import load_for_sampling, run_dir_of
+from .request import check_request, read_inputs
+from .run_folder import run_dir_of
+from .runs import load_for_sampling
 
 MAX_IMAGES = 64
 MAX_GUIDANCE = 20.0
@@ -130,9 +132,8 @@ class Line:
 class Request:
     """What the page asks for. Every field is one control and one ``sample.py`` flag."""
 
-    condition: str = "class"  # one of the stage's conditions: "class" or "prompt"
-    class_name: str = ""  # a class name or index (condition "class")
-    prompt: str = ""  # condition "prompt"
+    condition: str = "class"  # the name of one of the stage's kinds of condition: "class", "prompt", ...
+    value: str = ""  # what is asked of it: a class name or index, a prompt
     negative_prompt: str = ""
     guidance: float = 3.0
     scheduler: str = "dpm++"
@@ -172,37 +173,29 @@ class Explorer:
                             f"explores diffusion runs (sample.py {run} shows what this one does)")
         self.inputs = self.stage.capabilities.inputs  # the images every sample starts from: one upload each
         self.marks_up_init_image = self.stage.capabilities.marks_up_init_image  # the picture is an input
-        self.conditions = self.stage.capabilities.conditions
-        self.class_names = tuple(self.stage.class_names)
-        self.max_steps = self.stage.scheduler.config.num_train_timesteps
+        self.conditions = {kind.name: kind for kind in self.stage.capabilities.conditions}  # a field each
+        self.max_steps = self.stage.diffusion.num_train_timesteps
         self.inputs_dir = run_dir_of(self.folder) / "samples" / "web"  # img2img inputs, for the commands
 
     def defaults(self) -> Request:
         """The run's own ``sample`` settings."""
         s = self.stage.config.sample
-        return Request(condition=self.conditions[0], class_name=self.class_names[0], guidance=s.guidance,
-                       scheduler=s.scheduler, steps=s.steps, seed=s.seed)
+        kind = next(iter(self.conditions.values()))
+        return Request(condition=kind.name, value=kind.choices(self.stage)[0] if kind.choices else "",
+                       guidance=s.guidance, scheduler=s.scheduler, steps=s.steps, seed=s.seed)
 
     def check(self, r: Request) -> None:
         """Raise ``UserError`` with what to change for a request the run cannot answer."""
         if r.condition not in self.conditions:
             raise UserError(f"this run is asked for {' or '.join(self.conditions)}, not {r.condition!r}")
-        if r.condition == "class":
-            class_index(r.class_name, self.class_names)
-        elif not r.prompt.strip():
-            raise UserError("the prompt is empty: type what to draw (or ask for a class)")
+        if not r.value.strip():
+            raise UserError(f"the {r.condition} is empty: type what to draw (or ask for a class)")
+        if len(self.conditions[r.condition].rows(self.stage, r.value)) != 1:
+            raise UserError(f"the page makes one {r.condition} at a time; the command makes several")
         if r.negative_prompt and "prompt" not in self.conditions:
             raise UserError("a negative prompt needs a run that takes prompts")
-        if r.scheduler not in SAMPLERS:
-            raise UserError(f"unknown scheduler {r.scheduler!r}; valid: {', '.join(SAMPLERS)}")
-        for name, value, lo, hi in (("steps", r.steps, 1, self.max_steps), ("images", r.n, 1, MAX_IMAGES),
-                                    ("seed", r.seed, 0, 2**63 - 1)):
-            if value is None or value != int(value) or not lo <= value <= hi:
-                raise UserError(f"{name} must be a whole number from {lo} to {hi}, got {value}")
-        if r.guidance is None or not 0 <= r.guidance <= MAX_GUIDANCE:
-            raise UserError(f"guidance must be from 0 to {MAX_GUIDANCE:g}, got {r.guidance}")
-        if r.strength is None or not 0 <= r.strength <= 1:
-            raise UserError(f"strength must be from 0 to 1, got {r.strength}")
+        check_request({"steps": self.max_steps, "n": MAX_IMAGES, "guidance": MAX_GUIDANCE}, scheduler=r.scheduler,
+                      steps=r.steps, n=r.n, seed=r.seed, guidance=r.guidance, strength=r.strength)
         if r.n * r.steps > self.max_image_steps:
             raise UserError(f"{int(r.n)} images x {int(r.steps)} steps is more than this page makes for one request "
                             f"({self.max_image_steps}): ask for fewer images or steps, or use the command")
@@ -240,18 +233,11 @@ class Explorer:
         r = dataclasses.replace(r, steps=int(r.steps), n=int(r.n), seed=int(r.seed), guidance=float(r.guidance))
         settings = dict(scheduler=r.scheduler, steps=r.steps, guidance=r.guidance, seed=r.seed,
                         negative_prompt=r.negative_prompt)
-        init_path, kept, inputs = None, {}, {}
-        if r.init_image:
-            image = read_image(r.init_image, "the img2img image", sizes=(IMAGE_SIZE,) if self.marks_up_init_image
-                               else None)
-            init_path = self.keep_input(image)
-            if self.marks_up_init_image:
-                inputs["image"] = image
-            else:
-                settings.update(init_images=image.expand(r.n, -1, -1), strength=r.strength)
-        for item in self.inputs:
-            kept[item.flag] = self.keep_file(r.inputs[item.name])
-            inputs[item.name] = item.read(str(kept[item.flag]))
+        kept = {item: self.keep_file(r.inputs[item.name]) for item in self.inputs}
+        inputs, init = read_inputs(r.init_image, {item.name: str(path) for item, path in kept.items()}, self.inputs)
+        init_path = self.keep_input(inputs.get("image", init)) if r.init_image else None
+        if init is not None:
+            settings.update(init_images=init.expand(r.n, -1, -1), strength=r.strength)
         if self.inputs:
             settings["inputs"] = inputs
         columns, steps_shown = [], []
@@ -267,16 +253,13 @@ class Explorer:
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if r.condition == "class":
-                labels = torch.full((r.n,), class_index(r.class_name, self.class_names))
-                images = self.stage.generate(self.model, labels, on_step=on_step, **settings)
-            else:
-                images = self.stage.generate_prompts(self.model, [r.prompt] * r.n, on_step=on_step, **settings)
+            rows = self.conditions[r.condition].rows(self.stage, r.value) * r.n
+            images = self.stage.generate_rows(self.model, r.condition, rows, on_step=on_step, **settings)
         seconds = time.perf_counter() - start
         grid, _ = rows_of(images, [""], r.n)
         said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
         return Result(images, tile(grid), tile(torch.stack(columns, dim=1)), steps_shown, seconds,
-                      self.command(r, init_path, kept), said)
+                      self.command(r, init_path, {item.flag: path for item, path in kept.items()}), said)
 
     def keep_input(self, image: torch.Tensor) -> Path:
         """Save an img2img input (uint8 1 x 28 x 28) as a PNG in the run, named by its pixels, so the
@@ -300,10 +283,7 @@ class Explorer:
     def command(self, r: Request, init_path: Path | None = None, inputs: dict[str, Path] | None = None) -> str:
         """The ``sample.py`` command that makes the same images as the request."""
         args = ["python", "sample.py", self.run]
-        if r.condition == "class":
-            args += ["--class", self.class_names[class_index(r.class_name, self.class_names)]]
-        else:
-            args += ["--prompt", r.prompt]
+        args += [f"--{r.condition}", *self.conditions[r.condition].rows(self.stage, r.value)]
         if r.negative_prompt:
             args += ["--negative-prompt", r.negative_prompt]
         args += ["--n", str(r.n), "--scheduler", r.scheduler, "--steps", str(r.steps),
@@ -330,9 +310,10 @@ def build_page(explorer: Explorer):
             with gr.Column(scale=1):
                 condition = gr.Radio(list(explorer.conditions), value=d.condition, label="Ask for",
                                      visible=len(explorer.conditions) > 1)
-                class_name = gr.Dropdown(list(explorer.class_names), value=d.class_name, label="Class",
-                                         visible="class" in explorer.conditions, elem_id="class")
-                prompt = gr.Textbox(label="Prompt", visible=asks_prompts, elem_id="prompt")
+                values = [gr.Dropdown(list(kind.choices(explorer.stage)), value=d.value, label=name.capitalize(),
+                                      elem_id=name) if kind.choices else
+                          gr.Textbox(label=name.capitalize(), elem_id=name)
+                          for name, kind in explorer.conditions.items()]
                 negative = gr.Textbox(label="Negative prompt", visible=asks_prompts)
                 guidance = gr.Slider(0, MAX_GUIDANCE, value=d.guidance, step=0.5, label="Guidance w",
                                      elem_id="guidance")
@@ -375,16 +356,16 @@ def build_page(explorer: Explorer):
                 traceback.print_exc()
                 raise gr.Error(f"{type(e).__name__}: {e}", print_exception=False) from None
 
-        async def generate(request: gr.Request, progress=gr.Progress(), condition=None, class_name=None, prompt=None,
-                           negative_prompt=None, guidance=None, scheduler=None, steps=None, seed=None, n=None,
-                           init_image=None, strength=None, *input_files):
+        async def generate(request: gr.Request, progress=gr.Progress(), condition=None, *fields):
             """Gradio runs as many of these at once as ask (the line orders them): each waits for its turn
             and generates in a worker thread. A client that cancels (Gradio's client) cancels this
             coroutine; the thread is left to stop at its next step, and leaves the line. (Gradio puts the
-            request and the progress where the signature has them: first, before the uploads.)"""
+            request and the progress where the signature has them: first, before a field per kind of
+            condition, the other controls and the uploads.)"""
+            asked = dict(zip(explorer.conditions, fields))
+            controls, input_files = fields[len(asked) : len(asked) + 8], fields[len(asked) + 8 :]
             files = {i.name: f for i, f in zip(explorer.inputs, input_files) if f}
-            r = Request(condition, class_name, prompt, negative_prompt, guidance, scheduler, steps, seed, n,
-                        init_image, strength, files)
+            r = Request(condition, asked.get(condition) or "", *controls, files)
             ticket = Ticket(request.session_hash)
             try:
                 result = await anyio.to_thread.run_sync(answer, r, ticket, progress, abandon_on_cancel=True)
@@ -403,8 +384,7 @@ def build_page(explorer: Explorer):
             """Stop, or the tab was closed: its request leaves the line, or stops at its next step."""
             explorer.line.cancel_session(request.session_hash)
 
-        inputs = [condition, class_name, prompt, negative, guidance, scheduler, steps, seed, n, init_image, strength,
-                  *uploads]
+        inputs = [condition, *values, negative, guidance, scheduler, steps, seed, n, init_image, strength, *uploads]
         button.click(generate, inputs, [grid, timing, command, trajectory, trajectory_steps], api_name="generate",
                      concurrency_limit=None, show_progress_on=grid)  # explorer.line orders and bounds them
         stop.click(stop_tab, queue=False)

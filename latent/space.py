@@ -37,7 +37,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 
 from ddpm.data import PADDED_SIZE, to_model_space, to_pixels
 from ddpm.errors import UserError
-from ddpm.runs import is_local_path, missing_folder
+from ddpm.run_folder import is_local_path, missing_folder
 
 AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
 MIN_LATENT_SIZE = 8

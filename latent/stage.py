@@ -3,9 +3,9 @@
     python train.py configs/latent_fashion_quick.yaml
     python sample.py runs/latent_fashion_quick --class all
 
-Nothing about the diffusion changes: the UNet denoises scaled latents (by default 4 x 8 x 8
-instead of 1 x 32 x 32, 4x fewer numbers and 16x fewer positions), and a sample becomes an
-image only at the very end, through the autoencoder's decoder. The autoencoder is ours
+Nothing about the diffusion changes, only its space (``Latents``): the UNet denoises scaled
+latents (by default 4 x 8 x 8 instead of 1 x 32 x 32, 4x fewer numbers and 16x fewer positions),
+and a sample becomes an image only at the very end, through the autoencoder's decoder. The autoencoder is ours
 (``autoencoder.source`` = an autoencoder run) or a pretrained one (a diffusers folder or a
 Hub name); it stays frozen, and the training set is encoded once (``latent/cache.py``).
 
@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from diffusers import UNet2DModel
 
 from ddpm.data import load_training_set
 from ddpm.errors import UserError
-from ddpm.stage import ClassConditionedDDPM, DDPMConfig
+from ddpm.diffusion_stage import DiffusionStage, Pixels
+from ddpm.stage import ClassConditionedDDPM, ClassLabel, DDPMConfig
 
 from .cache import load_or_build
 from .space import LatentSpace, load_autoencoder
@@ -57,11 +59,12 @@ class LatentDDPMConfig(DDPMConfig):
     autoencoder: AutoencoderSourceConfig = dataclasses.field(default_factory=AutoencoderSourceConfig)
 
 
-class LatentDDPM(ClassConditionedDDPM):
-    name = "latent"
-    Config = LatentDDPMConfig
+class Latents(Pixels):
+    """Where stage 2 diffuses: the scaled latents of a frozen autoencoder (``autoencoder`` section)."""
 
-    def __init__(self, config: LatentDDPMConfig):
+    data_range = None  # latents have no fixed range (scaled to unit variance, not to [-1, 1]): nothing to clip
+
+    def __init__(self, config):
         super().__init__(config)
         self._space: LatentSpace | None = None
 
@@ -94,11 +97,6 @@ class LatentDDPM(ClassConditionedDDPM):
     def sample_shape(self) -> tuple[int, int, int]:
         return self.latent_space().latent_shape
 
-    @property
-    def data_range(self) -> None:
-        """Latents have no fixed range (scaled to unit variance, not to [-1, 1]): nothing to clip."""
-        return None
-
     def measured_latent_space(self) -> LatentSpace:
         """The latent space with its scaling factor (sampling a checkpoint: from the cache)."""
         space = self.latent_space()
@@ -112,11 +110,21 @@ class LatentDDPM(ClassConditionedDDPM):
     def from_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.measured_latent_space().to(images.device).encode(images)
 
-    def save_final(self, model, folder: Path) -> None:
-        super().save_final(model, folder)
+    def save(self, folder: Path) -> None:
         self.latent_space().save_pretrained(folder / "vae")
 
-    def load_components(self, folder: Path) -> None:
+    def load(self, folder: Path) -> None:
         """A ``final/`` folder's own autoencoder, with the scaling factor measured for this run."""
         if (folder / "vae" / "config.json").is_file():
             self._space = LatentSpace.from_pretrained(folder / "vae")
+
+
+class LatentDDPM(DiffusionStage):
+    """Stage 1's condition, the class label, in the latents' space."""
+
+    name = "latent"
+    Config = LatentDDPMConfig
+    capabilities = ClassConditionedDDPM.capabilities
+    Space = Latents
+    Condition = ClassLabel
+    model_class = UNet2DModel

@@ -100,22 +100,27 @@ def trained_tiny_latent_run(tmp_path_factory, trained_tiny_autoencoder):
                                    autoencoder={"source": str(trained_tiny_autoencoder)}))
 
 
-@pytest.fixture(scope="session")
-def tiny_clip_folder(tmp_path_factory):
-    """A random tiny CLIP text model with the real CLIP tokenizer (built offline, spare tokens too)."""
+def make_tiny_clip_folder(folder: Path) -> Path:
+    """A random tiny CLIP text model with the real CLIP tokenizer (built offline, spare tokens too),
+    saved in ``folder``; the same weights every time."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from conditioning.clip.stage import build_tokenizer
 
-    folder = tmp_path_factory.mktemp("clip")
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
     model = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    model.save_pretrained(folder / "clip")
-    tokenizer.save_pretrained(folder / "clip")
-    return folder / "clip"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_folder(tmp_path_factory):
+    """A random tiny CLIP text model with the real CLIP tokenizer."""
+    return make_tiny_clip_folder(tmp_path_factory.mktemp("clip") / "clip")
 
 
 @pytest.fixture(scope="session")

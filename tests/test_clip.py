@@ -12,13 +12,13 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 import train
 from conditioning.text.captions import NAMELESS, CaptionTable, class_captions, prompts_for
-from conditioning.clip.stage import (SPARE_TOKENS, ClipScorer, ClipStage, alignment_loss, build_tokenizer,
+from conditioning.clip.stage import (SPARE_TOKENS, ClipStage, alignment_loss, build_tokenizer,
                                      contrastive_loss, describes, pretrained_word_embeddings)
 from ddpm.checkpoint import save_tensors
 from ddpm.config import apply_overrides, read_yaml
 from ddpm.errors import UserError
 from ddpm.plots import read_metrics
-from ddpm.runs import load_config, load_run
+from ddpm.runs import load_config, load_run, load_scorer
 
 from .conftest import (ROOT, SHARED_MODELS, TINY_ALIGNED_CLIP, TINY_CLIP, TINY_TEXT, assert_resume_is_exact,
                        assert_two_processes_train_like_one, one_line_error, run, tiny_config)
@@ -233,7 +233,7 @@ def test_clip_on_the_command_line(trained_tiny_clip, trained_tiny_run, tmp_path)
 @pytest.mark.parametrize("clip", ["trained_tiny_clip", "trained_tiny_locked_clip"])
 def test_clip_score_and_ranking(clip, trained_tiny_run, tmp_path, request):
     trained_tiny_clip = request.getfixturevalue(clip)
-    scorer = ClipScorer.from_run(trained_tiny_clip)
+    scorer = load_scorer(trained_tiny_clip)
     images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8)
     prompts = ["a bag", "a boot", "a dress"] * 2
     cos = F.normalize(scorer.image_embeds(images), dim=-1) * scorer.text_embeds(prompts)

@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conditioning.clip.stage import ClipScorer, random_shift
+from conditioning.clip.stage import random_shift
 from conditioning.clip.towers import LockedTextClip
 from conditioning.text.encoder import MINILM_PACKAGE, resolve_source
 from ddpm.config import apply_overrides, read_yaml
 from ddpm.errors import UserError
-from ddpm.runs import load_config, load_run
+from ddpm.runs import load_config, load_run, load_scorer
 
 from .conftest import TINY_LOCKED_CLIP, assert_resume_is_exact, assert_two_processes_train_like_one
 
@@ -67,7 +67,7 @@ def test_saved_folder_gives_the_same_embeddings(trained_tiny_locked_clip, fashio
     again = LockedTextClip.from_pretrained(tmp_path / "again", local_files_only=True)
     prompts = ["a photo of a coat", "a catalogue shot of a thick parka", "flip-flops for the summer"]
     images = fashion_mnist.images[:8]
-    first, second = stage.scorer(model), ClipScorer.from_run(trained_tiny_locked_clip)
+    first, second = stage.scorer(model), load_scorer(trained_tiny_locked_clip)
     assert torch.equal(first.similarity(images, prompts), stage.scorer(again).similarity(images, prompts))
     assert torch.allclose(first.similarity(images, prompts), second.similarity(images, prompts))
 

@@ -195,13 +195,13 @@ def test_web_page_of_a_text_run_asks_for_prompts(trained_tiny_text_run, tmp_path
     from ddpm.web import Explorer, Request
 
     explorer = Explorer(trained_tiny_text_run)
-    assert explorer.conditions == ("class", "prompt")
-    request = Request(condition="prompt", prompt="a dark coat", negative_prompt="a bag", steps=3, n=3)
+    assert list(explorer.conditions) == ["class", "prompt"]
+    request = Request(condition="prompt", value="a dark coat", negative_prompt="a bag", steps=3, n=3)
     result = explorer.generate(request)
     assert "--prompt 'a dark coat' --negative-prompt 'a bag' --n 3" in result.command
     assert same_as_command(result, tmp_path)
     with pytest.raises(UserError, match="the prompt is empty"):
-        explorer.generate(Request(condition="prompt", prompt="  ", steps=3))
+        explorer.generate(Request(condition="prompt", value="  ", steps=3))
 
 
 def test_composed_prompts_on_the_command_line(trained_tiny_text_run, trained_tiny_run, tmp_path):

@@ -85,8 +85,8 @@ def test_v_prediction_target_and_min_snr_weights():
     from ddpm.diffusion import diffusion_loss
 
     # a perfect v prediction has zero loss; predicting eps instead does not
-    assert diffusion_loss(stage.scheduler, v, x0, noise, t, 5.0).max().item() < 1e-10
-    assert diffusion_loss(stage.scheduler, noise, x0, noise, t, 5.0).mean().item() > 1e-3
+    assert diffusion_loss(stage.diffusion, v, x0, noise, t).max().item() < 1e-10
+    assert diffusion_loss(stage.diffusion, noise, x0, noise, t).mean().item() > 1e-3
 
 
 def test_lognormal_noise_levels_follow_edm_distribution():
@@ -97,7 +97,7 @@ def test_lognormal_noise_levels_follow_edm_distribution():
     stage = make_stage(lognormal_noise=[-1.2, 1.2])
     g = torch.Generator().manual_seed(0)
     t = torch.cat([stage.make_batch(fake_raw(512), g)["timesteps"] for _ in range(16)])
-    log_sigma = sigmas(stage.scheduler).log()[t]
+    log_sigma = sigmas(stage.diffusion).log()[t]
     assert abs(log_sigma.mean().item() + 1.2) < 0.05 and abs(log_sigma.std().item() - 1.2) < 0.05
     assert abs((t < 100).float().mean().item() - 0.54) < 0.03  # P(sigma < sigma_100 = 0.342); uniform: 0.1
 
@@ -112,11 +112,11 @@ def test_edm_weight_is_lambda_times_the_clean_sample_error(prediction_type):
     x0, noise, t = batch["x0"], batch["noise"], batch["timesteps"]
     prediction = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     x_t = stage.scheduler.add_noise(x0, noise, t)
-    x0_hat = torch.stack([predicted_x0(stage.scheduler, p[None], x[None], s)[0] for p, x, s in zip(prediction, x_t, t)])
-    sigma = sigmas(stage.scheduler)[t].double()
+    x0_hat = torch.stack([predicted_x0(stage.diffusion, p[None], x[None], s)[0] for p, x, s in zip(prediction, x_t, t)])
+    sigma = sigmas(stage.diffusion)[t].double()
     lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
     expected = lam * (x0_hat.double() - x0.double()).pow(2).flatten(1).mean(1)
-    loss = diffusion_loss(stage.scheduler, prediction, x0, noise, t, sigma_data=0.5)
+    loss = diffusion_loss(stage.diffusion, prediction, x0, noise, t)
     torch.testing.assert_close(loss.double(), expected, rtol=2e-3, atol=1e-6)
 
 
@@ -133,12 +133,12 @@ def test_clip_denoised_keeps_the_clean_estimate_in_range_and_the_pair_consistent
         x_t = scheduler.add_noise(x0, noise, tt)
         exact = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, tt)
         # the exact output gives back the clean sample (what the web page's trajectory shows)
-        torch.testing.assert_close(predicted_x0(scheduler, exact, x_t, torch.tensor(t)), x0, atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(predicted_x0(stage.diffusion, exact, x_t, torch.tensor(t)), x0, atol=2e-3, rtol=1e-3)
         # an in-range clean estimate is left alone
-        torch.testing.assert_close(clip_denoised(scheduler, exact, x_t, torch.tensor(t)), exact, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(clip_denoised(stage.diffusion, exact, x_t, torch.tensor(t)), exact, atol=1e-4, rtol=1e-4)
         # an overshooting one (what guidance does) is clipped, and the output still describes x_t
         wild = exact + 0.5 * torch.randn(exact.shape, generator=g)
-        out = clip_denoised(scheduler, wild, x_t, torch.tensor(t))
+        out = clip_denoised(stage.diffusion, wild, x_t, torch.tensor(t))
         eps, x0_hat = ((out, (x_t - b * out) / a) if prediction_type == "epsilon"
                        else (b * x_t + a * out, a * x_t - b * out))
         assert x0_hat.abs().max() <= 1 + 1e-4

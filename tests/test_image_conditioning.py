@@ -17,7 +17,7 @@ from conditioning.image.structure import structure_maps, to_latent_grid
 from conditioning.image.upscale import PIPELINE_SCALING_FACTOR, low_res_of
 from conditioning.text.stage import started_from
 from ddpm.data import to_model_space, to_pixels
-from ddpm.diffusion import make_sampler
+from ddpm.diffusion import Diffusion, make_sampler
 from ddpm.errors import UserError
 from ddpm.runs import load_for_sampling
 from ddpm.web import Explorer, Request
@@ -104,9 +104,7 @@ def test_the_mask_channel_and_the_masked_picture_agree_cell_for_cell(image_runs,
 
 
 def test_the_known_region_is_put_back_at_the_noise_level_of_the_sample():
-    from diffusers import DDPMScheduler
-
-    sampler = make_sampler("dpm++", DDPMScheduler(num_train_timesteps=1000))
+    sampler = make_sampler("dpm++", Diffusion())
     sampler.set_timesteps(5)
     known, noise, z = torch.randn(3, 2, 4, 8, 8).unbind(0)
     paint = latent_cells(padded(fixed_masks("left", 2)), 8)
@@ -150,7 +148,7 @@ def test_exported_folders_load_in_diffusers_pipelines_and_sample_the_same(image_
 
     def pipeline(cls, name, **kwargs):
         pipe = cls.from_pretrained(image_runs[name] / "final", local_files_only=True, **kwargs)
-        pipe.scheduler = make_sampler("dpm++", load_for_sampling(image_runs[name])[0].scheduler)
+        pipe.scheduler = make_sampler("dpm++", load_for_sampling(image_runs[name])[0].diffusion)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -201,10 +199,10 @@ def test_the_page_serves_runs_that_sample_from_input_images(image_runs, tmp_path
                           ("inpaint", Request(init_image=str(picture), inputs={"mask": str(mask)})),
                           ("structure", Request(inputs={"structure": str(picture)}))):
         page = Explorer(image_runs[name])
-        result = page.generate(dataclasses.replace(request, condition="prompt", prompt="a shirt", n=2, steps=2))
+        result = page.generate(dataclasses.replace(request, condition="prompt", value="a shirt", n=2, steps=2))
         assert same_as_command(result, tmp_path), name
         with pytest.raises(UserError, match="upload the"):
-            page.generate(Request(condition="prompt", prompt="a shirt", n=2, steps=2))
+            page.generate(Request(condition="prompt", value="a shirt", n=2, steps=2))
 
 
 def test_sampling_from_input_images_on_the_command_line(image_runs, trained_tiny_text_run, tmp_path, fashion_mnist):

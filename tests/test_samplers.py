@@ -47,7 +47,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from ddpm.diffusion import guide, make_sampler, sample_loop
+from ddpm.diffusion import Diffusion, guide, make_sampler, sample_loop
 
 T = 1000  # training timesteps
 SHAPE = (2, 2, 2)  # one "image": C x H x W, eight independent dimensions
@@ -186,7 +186,8 @@ def check(name: str, errors: tuple[float, float, float]) -> None:
 
 def run_sampler(name: str, steps: int, scheduler: DDPMScheduler, predict, shape=SHAPE) -> torch.Tensor:
     n = SAMPLES.get(name, 4096)
-    sampler = make_sampler(name, scheduler)
+    c = scheduler.config
+    sampler = make_sampler(name, Diffusion(c.prediction_type, c.beta_schedule, c.num_train_timesteps))
     return sample_loop(predict, sampler, standard_noise(n, shape), steps, generator=torch.Generator().manual_seed(1))
 
 
@@ -301,5 +302,5 @@ def test_autoguidance_samples_away_from_the_weak_model(name, steps, w, with_null
     n = 512
     condition = stage.class_condition(torch.full((n,), label))
     x = sample_loop(lambda x, t: stage.predict(model, x, t, condition, stage.null_condition(condition), w),
-                    make_sampler(name, stage.scheduler), standard_noise(n, GUIDED_SHAPE), steps)
+                    make_sampler(name, stage.diffusion), standard_noise(n, GUIDED_SHAPE), steps)
     check(name, moment_errors(x, weak + w * (MU_C - weak), expected_std(stage.scheduler, GUIDED_STD, steps, name)))

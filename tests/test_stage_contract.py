@@ -28,7 +28,7 @@ from PIL import Image
 
 import train
 from ddpm.config import read_yaml
-from ddpm.contract import CONDITIONS, Capabilities, SampleInput, Stage
+from ddpm.contract import CLASS, Capabilities, ConditionKind, SampleInput, Stage, class_rows
 from ddpm.data import read_image
 from ddpm.errors import UserError
 from ddpm.stage import ClassConditionedDDPM
@@ -73,16 +73,26 @@ def test_every_stage_declares_its_capabilities(name):
     cls = stage_class(name)
     assert issubclass(cls, Stage) and cls.name == name
     can = cls.capabilities
-    assert isinstance(can, Capabilities) and set(can.conditions) <= set(CONDITIONS)
+    assert isinstance(can, Capabilities) and all(isinstance(kind, ConditionKind) for kind in can.conditions)
     # what sample.py relies on: a stage that generates is a diffusion stage asked for classes
     assert can.generates == issubclass(cls, DiffusionStage)
-    assert can.generates == ("class" in can.conditions)
+    assert can.generates == can.asks("class")
     for method in ("load_data", "make_batch", "build_model", "loss", "preview", "save_final", "load_model"):
         assert getattr(cls, method) is not getattr(Stage, method), f"{name} does not implement {method}"
     if can.evaluates:
         assert cls.evaluate is not Stage.evaluate
-    if "prompt" in can.conditions:
+    if can.asks("prompt"):
         assert cls.generate_prompts is not Stage.generate_prompts
+    if can.generates:
+        assert cls.generate_rows is not Stage.generate_rows
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_a_stage_is_composed_not_stacked(name):
+    """Above a registered stage's class are at most the project's ``Stage`` and ``DiffusionStage``: what it
+    diffuses on and what it is conditioned on are objects it holds (``space``, ``condition``), not bases."""
+    above = [c for c in stage_class(name).__mro__[1:] if c.__module__.split(".")[0] in PACKAGES]
+    assert above in ([Stage], [DiffusionStage, Stage]), f"{name}: {[c.__qualname__ for c in above]}"
 
 
 def test_unknown_capability_is_refused():
@@ -131,12 +141,16 @@ def read_stencil(path: str) -> torch.Tensor:
     return read_image(path, "--stencil", sizes=(28,)) >= 128
 
 
+MIRROR = ConditionKind("mirror", "a class, its garments drawn mirrored", class_rows, lambda stage: stage.class_names)
+
+
 class StencilledDDPM(ClassConditionedDDPM):
-    """An example stage with a condition no other stage has: stage 1's samples cut out by a stencil.
-    Declaring the input is all it takes for sample.py (``--stencil``) and the web page (an upload)."""
+    """An example stage with an input and a kind of condition no other stage has: stage 1's samples cut
+    out by a stencil, and asked for a class or a mirrored class. Declaring them is all it takes for
+    sample.py (``--stencil``, ``--mirror``) and the web page (an upload, a field)."""
 
     name = "stencil"
-    capabilities = dataclasses.replace(ClassConditionedDDPM.capabilities, inputs=(
+    capabilities = dataclasses.replace(ClassConditionedDDPM.capabilities, conditions=(CLASS, MIRROR), inputs=(
         SampleInput("stencil", "28 x 28, white where the garment may be", read_stencil),))
 
     def generate(self, model, labels, *, inputs=None, **settings):
@@ -144,10 +158,16 @@ class StencilledDDPM(ClassConditionedDDPM):
             raise UserError("a 'stencil' run samples through a stencil: give --stencil")
         return super().generate(model, labels, **settings) * inputs["stencil"]
 
+    def generate_rows(self, model, kind, rows, **settings):
+        if kind == "mirror":
+            return super().generate_rows(model, "class", rows, **settings).flip(-1)
+        return super().generate_rows(model, kind, rows, **settings)
+
 
 def test_a_new_stage_is_served_by_sample_py_and_the_page_unchanged(trained_tiny_run, tmp_path, monkeypatch):
     """Register the example stage, give a trained stage-1 run its name: sample.py takes ``--stencil`` and
-    the page an upload of it, and both make the same images, zero outside the stencil."""
+    ``--mirror``, the page an upload and a field for them, and both make the same images, zero outside the
+    stencil; a mirrored class is the class's images, mirrored."""
     monkeypatch.setitem(STAGES, "stencil", f"{__name__}:StencilledDDPM")
     run_dir = tmp_path / "stencil"
     shutil.copytree(trained_tiny_run, run_dir)
@@ -157,22 +177,84 @@ def test_a_new_stage_is_served_by_sample_py_and_the_page_unchanged(trained_tiny_
     stencil[4:24, 8:20] = 255
     Image.fromarray(stencil).save(tmp_path / "stencil.png")
 
-    result = run("sample.py", str(run_dir), "--class", "Bag", "--n", "3", "--steps", "2", "--stencil",
-                 str(tmp_path / "stencil.png"), "--save-array", str(tmp_path / "command.npy"),
-                 "--out", str(tmp_path / "grid.png"))
-    assert result.returncode == 0, result.stderr
-    images = np.load(tmp_path / "command.npy")
+    arrays = {}
+    for kind in ("class", "mirror"):
+        result = run("sample.py", str(run_dir), f"--{kind}", "Bag", "--n", "3", "--steps", "2", "--stencil",
+                     str(tmp_path / "stencil.png"), "--save-array", str(tmp_path / f"{kind}.npy"),
+                     "--out", str(tmp_path / f"{kind}.png"))
+        assert result.returncode == 0, result.stderr
+        arrays[kind] = np.load(tmp_path / f"{kind}.npy")
+    images = arrays["class"]
     assert images[:, stencil == 0].max() == 0 and images[:, stencil > 0].max() > 0
+    assert np.array_equal(arrays["mirror"], images[..., ::-1])
     one_line_error(run("sample.py", str(run_dir), "--class", "Bag", "--steps", "2"), "give --stencil")
     one_line_error(run("sample.py", str(trained_tiny_run), "--stencil", str(tmp_path / "stencil.png")),
                    "--stencil is for a 'stencil' run")
+    one_line_error(run("sample.py", str(trained_tiny_run), "--mirror", "Bag"), "--mirror needs a run that takes mirror")
 
     page = Explorer(run_dir)
-    assert [i.name for i in page.inputs] == ["stencil"]
-    answer = page.generate(Request(class_name="Bag", n=3, steps=2, inputs={"stencil": str(tmp_path / "stencil.png")}))
-    assert "--stencil" in answer.command and same_as_command(answer, tmp_path)
+    assert [i.name for i in page.inputs] == ["stencil"] and list(page.conditions) == ["class", "mirror"]
+    for kind in ("class", "mirror"):
+        answer = page.generate(Request(condition=kind, value="Bag", n=3, steps=2,
+                                       inputs={"stencil": str(tmp_path / "stencil.png")}))
+        assert f"--{kind} Bag" in answer.command and "--stencil" in answer.command
+        assert same_as_command(answer, tmp_path) and np.array_equal(answer.images.numpy(), arrays[kind])
     with pytest.raises(UserError, match="upload the stencil"):
-        page.generate(Request(class_name="Bag", n=3, steps=2))
+        page.generate(Request(value="Bag", n=3, steps=2))
+
+
+PACKAGES = ("ddpm", "latent", "conditioning")
+
+
+def module_name(path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(path, modules: set[str]) -> set[str]:
+    """The project modules a module imports anywhere in it (inside functions too), and those a string
+    "module:Class" names (the stage registry's, which ``importlib`` imports)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([node.module] if node.module else []))
+            found |= {base} | {f"{base}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and ":" in node.value:
+            found.add(node.value.split(":")[0])
+    resolved = set()
+    for imported in found:
+        while imported and imported not in modules:
+            imported = imported.rpartition(".")[0]
+        if imported and imported != name:
+            resolved.add(imported)
+    return resolved
+
+
+def test_no_import_cycles():
+    """No module of ddpm, latent or conditioning imports one that imports it back, however indirectly,
+    counting imports inside functions and the registry's module paths."""
+    paths = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    graph = {name: project_imports(path, set(paths)) for name, path in paths.items()}
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        return seen
+
+    for name in graph:
+        assert name not in reaches(name), f"{name} imports a module that imports it back: " \
+            f"{sorted(m for m in graph[name] if name in reaches(m))}"
 
 
 def test_dependencies_point_one_way():

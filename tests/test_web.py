@@ -32,7 +32,7 @@ def explorer(trained_tiny_run):
 
 def test_the_page_makes_what_its_command_makes(explorer, tmp_path):
     steps = []
-    result = explorer.generate(Request(class_name="bag", guidance=2.0, steps=4, seed=3, n=5),
+    result = explorer.generate(Request(value="bag", guidance=2.0, steps=4, seed=3, n=5),
                                on_progress=lambda i, n: steps.append((i, n)))
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert "--class Bag --n 5 --scheduler dpm++ --steps 4 --guidance 2.0 --seed 3" in result.command
@@ -40,17 +40,17 @@ def test_the_page_makes_what_its_command_makes(explorer, tmp_path):
     assert result.grid.shape == (2 + 114, 2 + 5 * 114)  # one row of five, 4x, 2-pixel frames
     assert result.trajectory_steps == [(1, 999), (2, 749), (3, 499), (4, 249)]  # every step, of 4
     assert result.trajectory.shape == (2 + 2 * 114, 2 + 4 * 114)  # x_t above x0_hat, a column per step
-    long = explorer.generate(Request(class_name="bag", steps=20, n=1))
+    long = explorer.generate(Request(value="bag", steps=20, n=1))
     assert [i for i, _ in long.trajectory_steps] == [1, 4, 7, 10, 13, 16, 19, 20]
     assert same_as_command(result, tmp_path)
-    other_seed = explorer.generate(Request(class_name="bag", guidance=2.0, steps=4, seed=4, n=5))
+    other_seed = explorer.generate(Request(value="bag", guidance=2.0, steps=4, seed=4, n=5))
     assert not torch.equal(other_seed.images, result.images)
 
 
 def test_img2img_input_is_kept_in_the_run_for_the_command(explorer, tmp_path):
     upload = tmp_path / "upload.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(upload)
-    result = explorer.generate(Request(class_name="0", steps=4, n=3, init_image=str(upload), strength=0.5))
+    result = explorer.generate(Request(value="0", steps=4, n=3, init_image=str(upload), strength=0.5))
     kept = shlex.split(result.command)[shlex.split(result.command).index("--init-image") + 1]
     assert kept.startswith(str(explorer.inputs_dir)) and kept.endswith(".png")
     assert same_as_command(result, tmp_path)
@@ -65,8 +65,8 @@ def test_img2img_input_is_kept_in_the_run_for_the_command(explorer, tmp_path):
     ({"seed": 1.5}, "seed must be a whole number"),
     ({"guidance": 25.0}, "guidance must be from 0 to 20"),
     ({"strength": 1.5}, "strength must be from 0 to 1"),
-    ({"class_name": "hat"}, "unknown class 'hat'"),
-    ({"condition": "prompt", "prompt": "a bag"}, "this run is asked for class, not 'prompt'"),
+    ({"value": "hat"}, "unknown class 'hat'"),
+    ({"condition": "prompt", "value": "a bag"}, "this run is asked for class, not 'prompt'"),
     ({"negative_prompt": "a shoe"}, "a negative prompt needs a run that takes prompts"),
     ({"scheduler": "heun"}, "unknown scheduler 'heun'"),
     ({"init_image": __file__}, "is not an image file"),
@@ -104,7 +104,7 @@ def test_the_page_in_a_real_browser(explorer, browser):
         driver.set_number("number input for Guidance w", 2)
         driver.set_number("Steps (1-1000)", 4)
         pixels, _ = driver.generate()
-        expected = explorer.generate(Request(class_name="Bag", guidance=2.0, steps=4))
+        expected = explorer.generate(Request(value="Bag", guidance=2.0, steps=4))
         assert np.array_equal(pixels, expected.grid)
         assert "--class Bag --n 8 --scheduler dpm++ --steps 4 --guidance 2.0 --seed 0" in driver.text("#command")
         assert driver.text("#timing").startswith("8 images in ")
@@ -118,7 +118,7 @@ def test_the_page_in_a_real_browser(explorer, browser):
         driver.set_number("Steps (1-1000)", 4)
         driver.set_number("Seed", 1)
         pixels, _ = driver.generate()
-        assert np.array_equal(pixels, explorer.generate(Request(class_name="Bag", guidance=2.0, steps=4, seed=1)).grid)
+        assert np.array_equal(pixels, explorer.generate(Request(value="Bag", guidance=2.0, steps=4, seed=1)).grid)
 
         # Stop while it generates: the line is free at once, the last images stay
         shown = driver.page.locator("#grid img").get_attribute("src")
@@ -172,7 +172,7 @@ def test_a_cancelled_request_leaves_the_line_or_stops_between_steps(explorer):
     with line.turn(Ticket()):
         thread_error = []
         thread = threading.Thread(target=lambda: thread_error.append(
-            pytest.raises(Cancelled, explorer.answer, Request(class_name="Bag", steps=4, n=1), waiting)))
+            pytest.raises(Cancelled, explorer.answer, Request(value="Bag", steps=4, n=1), waiting)))
         thread.start()
         while len(line) < 2:
             time.sleep(0.01)
@@ -187,7 +187,7 @@ def test_a_cancelled_request_leaves_the_line_or_stops_between_steps(explorer):
             generating.cancel()  # Stop pressed while it generates
 
     with pytest.raises(Cancelled):
-        explorer.answer(Request(class_name="Bag", steps=10, n=1), generating, on_progress=cancel_after_two)
+        explorer.answer(Request(value="Bag", steps=10, n=1), generating, on_progress=cancel_after_two)
     assert steps == [1, 2] and len(line) == 0
 
 
@@ -236,7 +236,7 @@ def test_twenty_clients_at_once_get_their_images_or_busy(server, explorer):
                             r"in a moment", answers[i]) for i in busy), [answers[i] for i in busy]
     assert len(answered) >= 4 and busy, "the line of 1 + 3 fills: some are answered, the rest told it is busy"
     for i in answered:
-        expected = explorer.generate(Request(class_name="Bag", guidance=2.0, steps=40, seed=i))
+        expected = explorer.generate(Request(value="Bag", guidance=2.0, steps=40, seed=i))
         assert np.array_equal(grid_pixels(answers[i][0]), expected.grid), f"client {i} got other pixels"
         assert f"--seed {i}" in answers[i][2]
     assert ask(clients[0], seed=99, n=1)[1].startswith("1 images in ")  # and the page still answers

@@ -44,8 +44,8 @@ the class, as flips do.
 The trained model is saved with ``save_pretrained`` beside its tokenizer: ``CLIPModel``,
 ``CLIPTextModel`` and ``CLIPTokenizer`` all load ``runs/NAME/final``, and a text run takes its
 frozen text tower with ``text_encoder.source: runs/NAME`` (with a locked tower: that tower).
-``ClipScorer`` turns either kind into a metric: the CLIP score of images and prompts, zero-shot
-classification, and ranking of samples.
+``ClipScorer`` (``scorer.py``) turns either kind into a metric: the CLIP score of images and prompts,
+zero-shot classification, and ranking of samples.
 """
 
 from __future__ import annotations
@@ -55,14 +55,12 @@ import gzip
 import importlib.util
 import math
 import os
-from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -73,13 +71,12 @@ from ddpm.contract import Capabilities, Stage
 from ddpm.data import CLASS_NAMES, IMAGE_SIZE, DataConfig, load_fashion_mnist, load_training_set
 from ddpm.errors import UserError
 from ddpm.plots import save_grid
-from ddpm.evaluate import best_of_groups
-from ddpm.runs import load_scorer
 
+from conditioning.clip.scorer import ClipScorer, to_clip_space
 from conditioning.clip.towers import ConvImageTower, LockedTextClip
 from conditioning.text.attributes import ATTRIBUTES, bins_for
 from conditioning.text.captions import (NAMELESS, NAMES, CaptionConfig, attribute_prompt, caption_table,
-                                        class_prompt, named_bins, phrasings_of, prompts_for)
+                                        class_prompt, named_bins, phrasings_of)
 from conditioning.text.encoder import MAX_LENGTH, MINILM_PACKAGE, FrozenTextEncoder
 
 ALIGN_LENGTH = 24  # tokens the encoder model.align names reads: the longest caption, and fewer to pad than 77
@@ -300,12 +297,6 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, x)
     return torch.cat(parts)
-
-
-def to_clip_space(images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 B x 28 x 28 -> float B x 1 x 28 x 28 in [-1, 1], mirrored where ``flip`` (bool B)."""
-    x = images.float().div(127.5).sub(1).unsqueeze(1)
-    return x if flip is None else torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def random_shift(images: torch.Tensor, most: int, generator: torch.Generator) -> torch.Tensor:
@@ -591,74 +582,6 @@ def pretrained_word_embeddings(texts: list[str], width: int, batch_size: int = 1
 
 
 # -- CLIP as a metric -----------------------------------------------------------------------------
-
-
-class ClipScorer:
-    """A trained CLIP as a judge of image-text agreement: embeddings, the CLIP score, zero-shot
-    classification and the ranking of candidates."""
-
-    def __init__(self, model: nn.Module, image_features: Callable[[torch.Tensor], torch.Tensor],
-                 text_features: Callable[[list[str]], torch.Tensor], batch_size: int = 1000):
-        """``image_features``: float B x 1 x 28 x 28 in [-1, 1] -> float B x D; ``text_features``:
-        B prompts -> float B x D; both the model's, not normalised (``ClipStage.scorer`` makes them)."""
-        self.model = model.eval()
-        self.image_features, self.text_features = image_features, text_features
-        self.batch_size = batch_size
-
-    @classmethod
-    def from_run(cls, path: str | Path) -> "ClipScorer":
-        """A CLIP run directory (its final model, else its newest good checkpoint)."""
-        return load_scorer(path)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @torch.no_grad()
-    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 N x 28 x 28 -> float N x D, unit length."""
-        return torch.cat([F.normalize(self.image_features(to_clip_space(chunk.to(self.device))), dim=-1).cpu()
-                          for chunk in images.split(self.batch_size)])
-
-    @torch.no_grad()
-    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
-        """N prompts -> float N x D, unit length (each distinct prompt encoded once)."""
-        unique = list(dict.fromkeys(prompts))
-        embeds = F.normalize(self.text_features(unique), dim=-1).cpu()
-        return embeds[[unique.index(p) for p in prompts]]
-
-    def similarity(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """float N_images x N_prompts: cosines."""
-        return self.image_embeds(images) @ self.text_embeds(prompts).T
-
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """The CLIP score of each (image, prompt) pair, as torchmetrics defines it:
-        100 * max(cos(image, prompt), 0). float N."""
-        cos = (self.image_embeds(images) * self.text_embeds(prompts)).sum(-1)
-        return 100 * cos.clamp_min(0)
-
-    def score_classes(self, images: torch.Tensor, labels: torch.Tensor, phrasings: str = "train") -> torch.Tensor:
-        """The CLIP score of each image asked for by class label (int64 N) against its class's prompt, the
-        phrasings cycled as a text run's ``generate`` asks for them. float N."""
-        return self.score(images, prompts_for(labels, phrasings))
-
-    def score_labels(self, images: torch.Tensor, labels: torch.Tensor, phrasings: str = "train") -> float:
-        """The mean of ``score_classes``."""
-        return self.score_classes(images, labels, phrasings).mean().item()
-
-    def class_embeds(self, per_class: list[list[str]]) -> torch.Tensor:
-        """Each class's phrasings, embedded, averaged and renormalised (CLIP's prompt ensembling):
-        float C x D."""
-        return F.normalize(torch.stack([self.text_embeds(p).mean(0) for p in per_class]), dim=-1)
-
-    def classify(self, images: torch.Tensor, per_class: list[list[str]]) -> torch.Tensor:
-        """Zero-shot classification: int64 N, the class whose prompts the image is closest to."""
-        return (self.image_embeds(images) @ self.class_embeds(per_class).T).argmax(1)
-
-    def rank(self, images: torch.Tensor, prompts: list[str], group: int, keep: int) -> torch.Tensor:
-        """Indices of the ``keep`` best-scoring images of each consecutive ``group`` of candidates
-        (the candidates of one prompt), best first: int64 (N / group) * keep."""
-        return best_of_groups(self.score(images, prompts), group, keep)
 
 
 def retrieval_report(scorer: ClipScorer, image_embeds: torch.Tensor, labels: torch.Tensor,

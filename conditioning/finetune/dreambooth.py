@@ -57,19 +57,22 @@ from typing import Literal
 import torch
 from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
+from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from ddpm.checkpoint import load_tensors, save_tensors, weights_file
+from ddpm.diffusion_stage import DiffusionStage
 from ddpm.config import build
 from ddpm.data import class_index, load_fashion_mnist, read_image
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge, evaluate_model
 from ddpm.metrics import diversity, embed
+from latent.stage import Latents
 
 from conditioning.text.captions import NAMES, TEMPLATES, CaptionTable, class_prompt, with_article
 from conditioning.finetune.lora import LoraSettings, add_lora, save_lora
 from conditioning.text.encoder import LEARNED_EMBEDS
-from conditioning.text.stage import TextConditionedLDM, TextDDPMConfig, started_from
+from conditioning.text.stage import Prompt, TextConditionedLDM, TextDDPMConfig, started_from
 from conditioning.finetune.subject import DEFAULT_SUBJECT, Likeness, read_subject, rest_of_class, subject_class
 
 FROM_BASE = ("model", "autoencoder", "text_encoder", "captions")  # fixed by init_from's weights
@@ -111,9 +114,59 @@ class DreamBoothConfig(TextDDPMConfig):
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
 
 
-class DreamBoothLDM(TextConditionedLDM):
+class SubjectPrompt(Prompt):
+    """Stage 3's prompt, with init_from's text encoder; the captions are the instance prompt's and the
+    class prompts' (``DreamBoothLDM``), and with ``subject.learn_identifier`` the instance prompt's
+    hidden states come from the identifier's word embedding as it is now."""
+
+    def text_encoder(self):
+        if self._encoder is None:
+            self.load(Path(self.config.init_from) / "final")
+        return self._encoder
+
+    def batch_entries(self, raw, dropped, flip, generator) -> dict[str, torch.Tensor]:
+        """captions: each row's prompt id (a class row's, with ``prior.captions: training``, a random
+        training caption of its class), or 0 (the empty prompt) where dropped."""
+        captions = raw["caption"]
+        if "label" in raw and self.config.prior.captions == "training":
+            captions = self.captions.draw(raw["label"], generator)
+        return {"captions": torch.where(dropped, 0, captions)}
+
+    def model_condition(self, batch) -> dict[str, torch.Tensor]:
+        """Stage 3's hidden states of each row's caption; with ``subject.learn_identifier`` the
+        instance prompt's are those of the identifier's embedding as it is now (``identifier_states``)."""
+        condition = super().model_condition(batch)
+        if "identifier_states" in batch:
+            is_instance = (batch["captions"] == INSTANCE_CAPTION)[:, None, None]
+            condition["encoder_hidden_states"] = torch.where(is_instance, batch["identifier_states"],
+                                                             condition["encoder_hidden_states"])
+        return condition
+
+    def preview_rows(self, n: int):
+        """The instance prompt, the same in another phrasing, the class prompt, and every other class."""
+        stage = self.stage
+        others = [class_prompt(c) for c in stage.class_names if c != stage.subject_class]
+        rows = [stage.instance_prompt, subject_prompt("a product photo of {}", self.config.subject.identifier,
+                                                      stage.subject_class), stage.class_prompt, *others]
+        return rows, self.prompt_condition([p for p in rows for _ in range(n)])
+
+
+class StartingLatents(Latents):
+    """init_from's autoencoder, with the scaling factor measured for that run."""
+
+    def latent_space(self):
+        if self._space is None:
+            self.load(Path(self.config.init_from) / "final")
+        return self._space
+
+
+class DreamBoothLDM(DiffusionStage):
+    """A subject's prompt in init_from's latent space, with prior preservation."""
+
     name = "dreambooth"
     Config = DreamBoothConfig
+    capabilities = TextConditionedLDM.capabilities
+    Space, Condition, model_class = StartingLatents, SubjectPrompt, UNet2DConditionModel
 
     @classmethod
     def from_dict(cls, sections: dict) -> "DreamBoothLDM":
@@ -136,24 +189,14 @@ class DreamBoothLDM(TextConditionedLDM):
         self.prior_classes = self.class_names if config.prior.classes == "all" else [self.subject_class]
         self.prior_prompts = [class_prompt(c) for c in self.prior_classes]
         first = ("", self.instance_prompt, *self.prior_prompts)  # caption ids 0, INSTANCE_CAPTION, 2, ...
-        self.captions = CaptionTable(self.class_names, first)  # then every class's training captions
-        self.training_prompts = self.captions.prompts if config.prior.captions == "training" else list(first)
+        captions = self.condition.captions = CaptionTable(self.class_names, first)  # then every class's captions
+        self.condition.training_prompts = captions.prompts if config.prior.captions == "training" else list(first)
 
     @property
     def prior(self) -> bool:
         return self.config.prior.weight > 0
 
     # -- what starts from init_from --------------------------------------------------------
-
-    def text_encoder(self):
-        if self._encoder is None:
-            self.load_components(self.base_final)
-        return self._encoder
-
-    def latent_space(self):
-        if self._space is None:
-            self.load_components(self.base_final)
-        return self._space
 
     def starting_model(self):
         """init_from's UNet, as it finished training (its text encoder and autoencoder are loaded
@@ -190,7 +233,7 @@ class DreamBoothLDM(TextConditionedLDM):
         self.check_identifier()
         device = PartialState().device
         self.text_encoder().to(device)
-        self._table = self.embed(self.training_prompts)
+        self.condition._table = self.embed(self.training_prompts)
         instances = read_subject(self.config.subject.images)
         halves = {"instance": (instances, torch.arange(len(instances)), torch.ones(len(instances), dtype=torch.long))}
         if self.prior:
@@ -272,14 +315,6 @@ class DreamBoothLDM(TextConditionedLDM):
 
     # -- the batch: [instance..., class...] ------------------------------------------------
 
-    def training_condition(self, raw, dropped, generator) -> dict[str, torch.Tensor]:
-        """captions: each row's prompt id (a class row's, with ``prior.captions: training``, a random
-        training caption of its class), or 0 (the empty prompt) where dropped."""
-        captions = raw["caption"]
-        if "label" in raw and self.config.prior.captions == "training":
-            captions = self.captions.draw(raw["label"], generator)
-        return {"captions": torch.where(dropped, 0, captions)}
-
     def make_batch(self, raw, generator, step=0) -> dict[str, torch.Tensor]:
         """Stage 3's batch for the subject's pictures and, with prior preservation, another for the
         class images under ``prior_``: B rows each, stacked by ``stacked``."""
@@ -296,16 +331,6 @@ class DreamBoothLDM(TextConditionedLDM):
     def stacked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The DreamBooth batch of 2B: the instance rows, then the class rows."""
         return {k: torch.cat([v, batch[f"prior_{k}"]]) for k, v in batch.items() if not k.startswith("prior_")}
-
-    def model_condition(self, batch) -> dict[str, torch.Tensor]:
-        """Stage 3's hidden states of each row's caption; with ``subject.learn_identifier`` the
-        instance prompt's are those of the identifier's embedding as it is now (``identifier_states``)."""
-        condition = super().model_condition(batch)
-        if "identifier_states" in batch:
-            is_instance = (batch["captions"] == INSTANCE_CAPTION)[:, None, None]
-            condition["encoder_hidden_states"] = torch.where(is_instance, batch["identifier_states"],
-                                                             condition["encoder_hidden_states"])
-        return condition
 
     def identifier_states(self, model) -> torch.Tensor:
         """float 77 x D: the instance prompt through the frozen text encoder, the identifier's word
@@ -349,13 +374,6 @@ class DreamBoothLDM(TextConditionedLDM):
         if self.config.subject.learn_identifier:
             self.learn_identifier(model)
         return super().preview(model, path, title)
-
-    def preview_rows(self, n: int):
-        """The instance prompt, the same in another phrasing, the class prompt, and every other class."""
-        others = [class_prompt(c) for c in self.class_names if c != self.subject_class]
-        rows = [self.instance_prompt, subject_prompt("a product photo of {}", self.config.subject.identifier,
-                                                     self.subject_class), self.class_prompt, *others]
-        return rows, self.prompt_condition([p for p in rows for _ in range(n)])
 
     def save_final(self, model, folder: Path) -> None:
         """LoRA: the adapters alone (diffusers' LoRA format); else a whole Stable Diffusion folder

@@ -37,16 +37,19 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 
-from ddpm.contract import Capabilities, SampleInput
+from ddpm.contract import CLASS, PROMPT, Capabilities, SampleInput
 from ddpm.data import IMAGE_SIZE, PAD, LabelledImages, read_image, to_model_space
 from ddpm.diffusion import make_sampler, sample_loop
+from ddpm.diffusion_stage import DiffusionStage
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
 from ddpm.metrics import embed, frechet_distance, psnr, reference_stats
+from latent.stage import Latents
 
-from conditioning.image.stage import ImageConditionedConfig, ImageConditionedLDM
+from conditioning.image.stage import FromTextRun, ImageChannels, ImageConditionedConfig
 from conditioning.text.stage import TextConditionedLDM
 
 MASK_KINDS = ("boxes", "strokes", "halves", "full")
@@ -183,29 +186,26 @@ def masked(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return x * (masks < 0.5)
 
 
-class InpaintingLDM(ImageConditionedLDM):
-    name = "inpaint"
-    Config = InpaintDDPMConfig
-    capabilities = Capabilities(conditions=("class", "prompt"), generates=True, evaluates=True, inputs=(
-        SampleInput("mask", "28 x 28, white where the --init-image is to be painted", read_mask,
-                    with_init_image=True),))
+class MaskedImage(ImageChannels):
+    """A prompt, a mask and the masked picture's latents."""
+
     pipeline_class = "StableDiffusionInpaintPipeline"
 
     @property
     def extra_channels(self) -> int:
-        return 1 + self.sample_shape[0]  # the mask, and the masked image's latents
+        return 1 + self.stage.space.sample_shape[0]  # the mask, and the masked image's latents
 
     def pipeline_mask(self, masks: torch.Tensor) -> torch.Tensor:
         """bool B x 28 x 28 -> float B x 1 x 32 x 32: the mask as the model takes it, padded, its
         cells marked; as ``mask_image``, ``StableDiffusionInpaintPipeline`` paints what we paint."""
-        return mark_cells(padded(masks), self.sample_shape[-1])
+        return mark_cells(padded(masks), self.stage.space.sample_shape[-1])
 
     def network_image(self, x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """concat: the mask on the latent grid and the masked image's latents, B x (1 + C) x 8 x 8,
         from images in [-1, 1] and masks (float B x 1 x 32 x 32), their cells marked here."""
-        masks = mark_cells(masks, self.sample_shape[-1])
-        latents = self.measured_latent_space().sample_latents(masked(x, masks), generator)
-        on_grid = F.interpolate(masks, size=self.sample_shape[1:])  # as the pipeline samples it (nearest)
+        masks = mark_cells(masks, self.stage.space.sample_shape[-1])
+        latents = self.stage.space.measured_latent_space().sample_latents(masked(x, masks), generator)
+        on_grid = F.interpolate(masks, size=self.stage.space.sample_shape[1:])  # as the pipeline samples it (nearest)
         return torch.cat([on_grid.to(latents.device), latents], dim=1)
 
     def image_condition(self, raw, flip, generator) -> dict[str, torch.Tensor]:
@@ -230,14 +230,16 @@ class InpaintingLDM(ImageConditionedLDM):
         """With ``inpaint.keep_known``, the known region put back after every step (``put_back_known``)."""
         if not self.config.inpaint.keep_known:
             return None
-        known, paint = known_region(self.measured_latent_space(), condition["image"], condition["mask"], noise)
+        space = self.stage.space.measured_latent_space()
+        known, paint = known_region(space, condition["image"], condition["mask"], noise)
         return put_back_known(sampler, noise, known, paint)
 
     def pipeline_callback(self, images: torch.Tensor, masks: torch.Tensor, noise: torch.Tensor):
         """``inpaint.keep_known`` for ``StableDiffusionInpaintPipeline``, which puts the known region back
         only for a 4-channel UNet: its ``callback_on_step_end``. images uint8 N x 28 x 28, masks bool
         N x 28 x 28, noise the pipeline's starting latents (its generator's first draw, N x C x h x w)."""
-        known, paint = known_region(self.measured_latent_space(), to_model_space(images), padded(masks), noise)
+        space = self.stage.space.measured_latent_space()
+        known, paint = known_region(space, to_model_space(images), padded(masks), noise)
 
         def callback(pipe, i, t, tensors):
             timesteps = pipe.scheduler.timesteps
@@ -257,6 +259,18 @@ class InpaintingLDM(ImageConditionedLDM):
         painted = self.pipeline_mask(inputs["mask"])[:, 0, PAD : PAD + IMAGE_SIZE, PAD : PAD + IMAGE_SIZE] > 0.5
         return torch.where(painted, 128, inputs["image"]).to(torch.uint8)
 
+
+class InpaintingLDM(DiffusionStage):
+    """A prompt, a mask and the masked picture in the latents' space, started from a text run."""
+
+    name = "inpaint"
+    Config = InpaintDDPMConfig
+    capabilities = Capabilities(conditions=(CLASS, PROMPT), generates=True, evaluates=True, inputs=(
+        SampleInput("mask", "28 x 28, white where the --init-image is to be painted", read_mask,
+                    with_init_image=True),))
+    Space, Condition, recipe, model_class = Latents, MaskedImage, FromTextRun(), UNet2DConditionModel
+    report_table = staticmethod(ImageChannels.report_table)
+
     # -- measured --------------------------------------------------------------------------
 
     def evaluate(self, model, n: int, **settings) -> dict[str, float]:
@@ -269,7 +283,7 @@ class InpaintingLDM(ImageConditionedLDM):
         kinds = evaluation_masks(n)
         judge = cached_judge()
         reference = reference_stats(judge)
-        roundtrip = self.measured_latent_space().reconstruct(images)
+        roundtrip = self.space.measured_latent_space().reconstruct(images)
         report = {}
         for kind, masks in kinds.items():
             known = ~masks
@@ -320,7 +334,7 @@ def inpaint_without_training(stage: TextConditionedLDM, model, images: torch.Ten
         noise = torch.randn((len(index), *stage.sample_shape), generator=generator, device=device)
         known, paint = known_region(space, to_model_space(images[index].to(device)), padded(masks[index].to(device)),
                                     noise)
-        sampler = make_sampler(settings["scheduler"], stage.scheduler)
+        sampler = make_sampler(settings["scheduler"], stage.diffusion)
         z = sample_loop(lambda z, t: stage.predict(model, z, t, condition, null, guidance), sampler, noise, steps,
                         generator, progress=progress, after_step=put_back_known(sampler, noise, known, paint))
         out.append(stage.to_images(z).cpu())

@@ -31,14 +31,14 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ddpm.data import load_fashion_mnist, load_training_set
-from ddpm.diffusion_stage import Condition
+from ddpm.diffusion_stage import DiffusionStage, NetworkInputs, Recipe
 from ddpm.errors import UserError
 from ddpm.evaluate import markdown_table
 from ddpm.metrics import balanced_subset
 from ddpm.plots import save_grid
-from ddpm.runs import load_for_sampling
+from ddpm.run_folder import load_trained
 
-from conditioning.text.stage import TextConditionedLDM, TextDDPMConfig, started_from
+from conditioning.text.stage import Prompt, TextConditionedLDM, TextDDPMConfig, started_from
 
 FROM_TEXT_RUN = ("model", "autoencoder", "text_encoder")  # sections init_from's weights fix
 NETWORK_INPUTS = ("concat", "class_labels")  # the batch entries an image condition gives the network
@@ -49,46 +49,33 @@ class ImageConditionedConfig(TextDDPMConfig):
     init_from: str | None = None  # a finished text run to start the UNet from; null: from scratch
 
 
-class ImageConditionedLDM(TextConditionedLDM):
-    """Stage 3 plus ``extra_channels`` of image condition; a subclass says what they hold."""
+class ImageChannels(Prompt):
+    """A prompt plus ``extra_channels`` of image condition; a subclass says what they hold."""
 
-    Config = ImageConditionedConfig
     extra_channels: ClassVar[int]
-
-    @classmethod
-    def from_dict(cls, sections: dict) -> "ImageConditionedLDM":
-        """With ``init_from``, the model, autoencoder and text encoder are the text run's, and the
-        noise schedule must be too."""
-        if sections.get("init_from"):
-            sections = started_from(sections, FROM_TEXT_RUN, (), f"a '{cls.name}' run")
-        return super().from_dict(sections)
-
-    # -- the network: stage 3's UNet with K more input channels ------------------------------
-
-    def network_args(self) -> dict:
-        args = super().network_args()
-        return {**args, "in_channels": args["in_channels"] + self.extra_channels}
-
-    def build_model(self):
-        model = super().build_model()
-        if self.config.init_from:
-            base = UNet2DConditionModel.from_pretrained(Path(self.config.init_from) / "final" / "unet",
-                                                        use_safetensors=True)
-            widen_from(model, base)
-        return model
 
     # -- training: the image condition of each example ----------------------------------------
 
     def load_data(self) -> dict[str, torch.Tensor]:
-        """Stage 3's latents, labels and captions, and the images the condition is made from."""
+        """Stage 3's captions, and the images the condition is made from."""
         return {**super().load_data(), "images": load_training_set(self.config.data)["images"]}
 
-    def model_condition(self, batch) -> Condition:
+    def batch_entries(self, raw, dropped, flip, generator) -> dict[str, torch.Tensor]:
+        """The prompt's entries, then ``image_condition``'s."""
+        return {**super().batch_entries(raw, dropped, flip, generator), **self.image_condition(raw, flip, generator)}
+
+    def image_condition(self, raw: dict[str, torch.Tensor], flip: torch.Tensor | None,
+                        generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Batch entries made from each example's image, mirrored where ``flip`` as x0 is (the
+        low-resolution image, mask or structure map)."""
+        raise NotImplementedError
+
+    def model_condition(self, batch) -> NetworkInputs:
         return {**super().model_condition(batch), **{k: batch[k] for k in NETWORK_INPUTS if k in batch}}
 
     # -- sampling: prompts or classes, and the input image -----------------------------------------
 
-    def input_condition(self, inputs: dict[str, torch.Tensor] | None, n: int) -> Condition:
+    def input_condition(self, inputs: dict[str, torch.Tensor] | None, n: int) -> NetworkInputs:
         """The user's input images (``sample.py``'s flags, N first) -> condition entries (N first)
         that ``sampling_inputs`` turns into what the network takes."""
         raise NotImplementedError
@@ -97,22 +84,22 @@ class ImageConditionedLDM(TextConditionedLDM):
         """``inputs[key]`` for each key, or one clear error naming the missing input."""
         missing = [k for k in keys if not inputs or inputs.get(k) is None]
         if missing:
-            can = self.capabilities
+            can = self.stage.capabilities
             flags = " and ".join(["--init-image"] * can.marks_up_init_image + [i.flag for i in can.inputs])
-            raise UserError(f"a '{self.name}' run samples from an input image: give {flags}")
+            raise UserError(f"a '{self.stage.name}' run samples from an input image: give {flags}")
         return [inputs[k] for k in keys]
 
     @staticmethod
-    def with_network_inputs(condition: Condition, null: Condition, raw_keys: tuple[str, ...],
-                            network: dict[str, torch.Tensor]) -> tuple[Condition, Condition]:
+    def with_network_inputs(condition: NetworkInputs, null: NetworkInputs, raw_keys: tuple[str, ...],
+                            network: dict[str, torch.Tensor]) -> tuple[NetworkInputs, NetworkInputs]:
         """Both CFG branches with their raw input entries (``raw_keys``) replaced by the same ``network``
         entries ("concat", "class_labels"), as ``sampling_inputs`` returns them."""
-        def swap(c: Condition) -> Condition:
+        def swap(c: NetworkInputs) -> NetworkInputs:
             return {**{k: v for k, v in c.items() if k not in raw_keys}, **network}
 
         return swap(condition), swap(null)
 
-    def null_condition(self, condition: Condition, negative_prompt: str = "") -> Condition:
+    def null_condition(self, condition: NetworkInputs, negative_prompt: str = "") -> NetworkInputs:
         """Stage 3's null prompt, with the same image condition: guidance is toward the prompt only."""
         image_part = {k: v for k, v in condition.items() if k != "encoder_hidden_states"}
         return {**super().null_condition(condition, negative_prompt), **image_part}
@@ -121,16 +108,17 @@ class ImageConditionedLDM(TextConditionedLDM):
                  negative_prompt: str = "", **settings) -> torch.Tensor:
         """One image per class label (its class prompt) and input; uint8 N x 28 x 28."""
         condition = {**self.class_condition(labels, phrasings), **self.input_condition(inputs, len(labels))}
-        return self.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
+        return self.stage.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
 
     def generate_prompts(self, model, prompts: list[str], *, inputs: dict | None = None, negative_prompt: str = "",
                          **settings) -> torch.Tensor:
         """One image per prompt and input; uint8 N x 28 x 28."""
         condition = {**self.prompt_condition(prompts), **self.input_condition(inputs, len(prompts))}
-        return self.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
+        return self.stage.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
 
     def generate_composed(self, *args, **kwargs):
-        raise UserError(f"--weights composes prompts of a text run; a '{self.name}' run takes one prompt per image")
+        raise UserError(f"--weights composes prompts of a text run; a '{self.stage.name}' run takes one prompt per "
+                        f"image")
 
     # -- looking at it: test images in, the model's answers out ----------------------------------
 
@@ -140,11 +128,11 @@ class ImageConditionedLDM(TextConditionedLDM):
         index = balanced_subset(test.labels, n, seed)
         return test.images[index], test.labels[index]
 
-    def text_run(self, device) -> tuple[TextConditionedLDM, torch.nn.Module] | None:
+    def text_run(self, device) -> tuple[DiffusionStage, torch.nn.Module] | None:
         """(stage, model) of the ``init_from`` text run, what this run is measured against; or None."""
         if not self.config.init_from:
             return None
-        return load_for_sampling(self.config.init_from, device)[:2]
+        return load_trained(TextConditionedLDM, self.config.init_from, device)[:2]
 
     def inputs_from(self, images: torch.Tensor, **options) -> dict[str, torch.Tensor]:
         """What a real image gives as this stage's input (its low-resolution copy, a mask, a map)."""
@@ -161,14 +149,14 @@ class ImageConditionedLDM(TextConditionedLDM):
     def preview(self, model, path: Path, title: str = "") -> Path:
         """Columns: one test image per class; rows: its input, any baselines, the model's answer
         (with its class prompt), the real image."""
-        images, labels = self.test_examples(len(self.class_names))
+        images, labels = self.test_examples(len(self.stage.class_names))
         inputs = self.inputs_from(images)
         rows = {"input": self.shown_inputs(inputs), **self.baselines(inputs),
                 "ours": self.generate(model, labels, inputs=inputs), "real": images}
         s = self.config.sample
         return save_grid(torch.stack(list(rows.values())), path, list(rows),
-                         title or f"{self.name}: {s.scheduler}, {s.steps} steps, guidance {s.guidance:g}",
-                         col_titles=list(self.class_names))
+                         title or f"{self.stage.name}: {s.scheduler}, {s.steps} steps, guidance {s.guidance:g}",
+                         col_titles=list(self.stage.class_names))
 
     @staticmethod
     def report_table(report: dict) -> str:
@@ -182,6 +170,23 @@ class ImageConditionedLDM(TextConditionedLDM):
         measures = list(dict.fromkeys(m for row in methods.values() for m in row))
         return markdown_table(["", *measures], [[method, *(f"{row[m]:.3f}" if m in row else "-" for m in measures)]
                                                 for method, row in methods.items()])
+
+
+class FromTextRun(Recipe):
+    """The image stages' recipe: with ``init_from``, the model, autoencoder and text encoder are the
+    finished text run's (and the noise schedule must be), and its UNet is widened (``widen_from``)."""
+
+    def sections(self, cls, sections: dict) -> dict:
+        if sections.get("init_from"):
+            return started_from(sections, FROM_TEXT_RUN, (), f"a '{cls.name}' run")
+        return sections
+
+    def model(self, stage, model):
+        if stage.config.init_from:
+            base = UNet2DConditionModel.from_pretrained(Path(stage.config.init_from) / "final" / "unet",
+                                                        use_safetensors=True)
+            widen_from(model, base)
+        return model
 
 
 def widen_from(model: torch.nn.Module, base: torch.nn.Module) -> None:

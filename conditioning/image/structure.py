@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 
-from ddpm.contract import Capabilities, SampleInput
+from ddpm.contract import CLASS, PROMPT, Capabilities, SampleInput
 from ddpm.data import LabelledImages, read_image, to_model_space
 from ddpm.evaluate import cached_judge
+from ddpm.diffusion_stage import DiffusionStage
 from ddpm.judge import accuracy
+from latent.stage import Latents
 
-from conditioning.image.stage import ImageConditionedLDM
+from conditioning.image.stage import FromTextRun, ImageChannels, ImageConditionedConfig
 
 MIN_RANGE = 1e-2  # the floor of a map's max - min when it is scaled to [-1, 1]
 SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
@@ -53,29 +56,27 @@ def edge_f1(out: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return 2 * both / (a.sum((1, 2)) + b.sum((1, 2))).clamp_min(1)
 
 
-class StructureLDM(ImageConditionedLDM):
-    name = "structure"
-    capabilities = Capabilities(conditions=("class", "prompt"), generates=True, evaluates=True, inputs=(
-        SampleInput("structure", "make garments with this image's edges",
-                    lambda path: structure_maps(read_image(path, "--structure"))),))
+class EdgeMap(ImageChannels):
+    """A prompt and an edge map of the garment."""
+
     pipeline_class = "StableDiffusionDepth2ImgPipeline"
     extra_channels = 1
 
     def image_condition(self, raw, flip, generator) -> dict[str, torch.Tensor]:
         """concat: each image's structure map on the latent grid."""
-        return {"concat": to_latent_grid(structure_maps(raw["images"], flip), self.sample_shape[-1])}
+        return {"concat": to_latent_grid(structure_maps(raw["images"], flip), self.stage.space.sample_shape[-1])}
 
     def input_condition(self, inputs, n) -> dict[str, torch.Tensor]:
         """inputs: ``structure``, float N x 32 x 32 maps (``structure_maps`` of the images to follow)."""
         (maps,) = self.require(inputs, "structure")
-        return {"concat": to_latent_grid(maps, self.sample_shape[-1]).expand(n, -1, -1, -1)}
+        return {"concat": to_latent_grid(maps, self.stage.space.sample_shape[-1]).expand(n, -1, -1, -1)}
 
     def sampling_inputs(self, condition, null, init_images, generator):
         """As ``StableDiffusionDepth2ImgPipeline`` for img2img: first the image's latents (a posterior
         draw), then the noise."""
         if init_images is None:
             return super().sampling_inputs(condition, null, None, generator)
-        init = self.measured_latent_space().sample_latents(to_model_space(init_images), generator)
+        init = self.stage.space.measured_latent_space().sample_latents(to_model_space(init_images), generator)
         noise, _, condition, null = super().sampling_inputs(condition, null, None, generator)
         return noise, init, condition, null
 
@@ -85,6 +86,21 @@ class StructureLDM(ImageConditionedLDM):
     def shown_inputs(self, inputs) -> torch.Tensor:
         maps = inputs["structure"]
         return (maps / maps.amax((1, 2), keepdim=True).clamp_min(MIN_RANGE) * 255)[:, 2:30, 2:30].to(torch.uint8)
+
+    def pipeline_extras(self) -> dict:
+        return {"depth_estimator": [None, None], "feature_extractor": [None, None]}
+
+
+class StructureLDM(DiffusionStage):
+    """A prompt and an edge map in the latents' space, started from a text run."""
+
+    name = "structure"
+    Config = ImageConditionedConfig
+    capabilities = Capabilities(conditions=(CLASS, PROMPT), generates=True, evaluates=True, inputs=(
+        SampleInput("structure", "make garments with this image's edges",
+                    lambda path: structure_maps(read_image(path, "--structure"))),))
+    Space, Condition, recipe, model_class = Latents, EdgeMap, FromTextRun(), UNet2DConditionModel
+    report_table = staticmethod(ImageChannels.report_table)
 
     def evaluate(self, model, n: int, **settings) -> dict[str, float]:
         """On n class-balanced test images: the edge F1 of the output against the input's map, and the
@@ -107,6 +123,3 @@ class StructureLDM(ImageConditionedLDM):
                 report[f"eval_edge_f1/{method}, {asked}"] = edge_f1(out, images).mean().item()
                 report[f"eval_judge_accuracy/{method}, {asked}"] = accuracy(judge, LabelledImages(out, prompted))
         return report
-
-    def pipeline_extras(self) -> dict:
-        return {"depth_estimator": [None, None], "feature_extractor": [None, None]}

@@ -27,16 +27,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from ddpm.contract import Capabilities, SampleInput
+from ddpm.contract import CLASS, PROMPT, Capabilities, SampleInput
 from ddpm.data import IMAGE_SIZE, PADDED_SIZE, LabelledImages, read_image, to_model_space, to_pixels
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
 from ddpm.metrics import psnr, ssim
+from ddpm.diffusion_stage import DiffusionStage
+from latent.stage import Latents
 
-from conditioning.image.stage import ImageConditionedConfig, ImageConditionedLDM
+from conditioning.image.stage import FromTextRun, ImageChannels, ImageConditionedConfig
 
 LOW_RES = 8  # pixels per side of the low-resolution image: the latent grid of the 32 x 32 image
 PIPELINE_SCALING_FACTOR = 0.08333  # what StableDiffusionUpscalePipeline sets every VAE's factor to
@@ -83,21 +85,19 @@ LOW_RES_INPUT = SampleInput("low_res", "the 8 x 8 image to upscale (a 28 x 28 on
                             "upscale.noise_level=N: how much of its detail to trust", read_low_res)
 
 
-class SuperResolutionLDM(ImageConditionedLDM):
-    name = "upscale"
-    Config = UpscaleDDPMConfig
-    capabilities = Capabilities(conditions=("class", "prompt"), inputs=(LOW_RES_INPUT,), generates=True,
-                                evaluates=True)
+class LowResolution(ImageChannels):
+    """A prompt and the low-resolution image, noised to a level that is the UNet's class label."""
+
     pipeline_class = "StableDiffusionUpscalePipeline"
     extra_channels = 1
 
-    def __init__(self, config: UpscaleDDPMConfig):
-        super().__init__(config)
+    def __init__(self, stage):
+        super().__init__(stage)
         self.low_res_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")  # SD upscaler's
 
-    def condition_args(self) -> dict:
+    def network_args(self) -> dict:
         """The noise level is a class label: one embedding per level 0..max_noise_level."""
-        return {**super().condition_args(), "num_class_embeds": self.config.upscale.max_noise_level + 1}
+        return {**super().network_args(), "num_class_embeds": self.config.upscale.max_noise_level + 1}
 
     def noised(self, low_res: torch.Tensor, levels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The low-res images (B x 1 x 8 x 8) noised to ``levels`` (int64 B) of the low-res schedule."""
@@ -142,6 +142,31 @@ class SuperResolutionLDM(ImageConditionedLDM):
     def baselines(self, inputs) -> dict[str, torch.Tensor]:
         return {"bicubic": bicubic(inputs["low_res"])}
 
+    # -- saving ----------------------------------------------------------------------------
+
+    def save(self, folder: Path) -> None:
+        """A ``StableDiffusionUpscalePipeline`` folder: stage 3's, with ``low_res_scheduler/`` and the
+        autoencoder's normalisation folded in for the pipeline's scaling factor."""
+        super().save(folder)
+        self.stage.space.latent_space().folded(PIPELINE_SCALING_FACTOR).save_pretrained(folder / "vae")
+        self.low_res_scheduler.save_pretrained(folder / "low_res_scheduler")
+
+    def pipeline_extras(self) -> dict:
+        return {"low_res_scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
+                "watermarker": [None, None], "feature_extractor": [None, None],
+                "max_noise_level": self.config.upscale.max_noise_level}
+
+
+class SuperResolutionLDM(DiffusionStage):
+    """A prompt and a low-resolution image in the latents' space, started from a text run."""
+
+    name = "upscale"
+    Config = UpscaleDDPMConfig
+    capabilities = Capabilities(conditions=(CLASS, PROMPT), inputs=(LOW_RES_INPUT,), generates=True,
+                                evaluates=True)
+    Space, Condition, recipe, model_class = Latents, LowResolution, FromTextRun(), UNet2DConditionModel
+    report_table = staticmethod(ImageChannels.report_table)
+
     # -- measured --------------------------------------------------------------------------
 
     def evaluate(self, model, n: int, noise_level: int | None = None, **settings) -> dict[str, float]:
@@ -155,7 +180,7 @@ class SuperResolutionLDM(ImageConditionedLDM):
         outputs = {"bicubic": bicubic(low),
                    "ours": self.generate(model, labels, inputs={"low_res": low, "noise_level": noise_level},
                                          progress=True, **settings),
-                   "autoencoder round trip": self.measured_latent_space().reconstruct(images),
+                   "autoencoder round trip": self.space.measured_latent_space().reconstruct(images),
                    "real": images}
         judge = cached_judge()
         report = {}
@@ -167,17 +192,3 @@ class SuperResolutionLDM(ImageConditionedLDM):
                 report[f"eval_consistency_rms/{method}"] = error.pow(2).mean().sqrt().item()
             report[f"eval_judge_accuracy/{method}"] = accuracy(judge, LabelledImages(out, labels))
         return report
-
-    # -- saving ----------------------------------------------------------------------------
-
-    def save_final(self, model, folder: Path) -> None:
-        """A ``StableDiffusionUpscalePipeline`` folder: stage 3's, with ``low_res_scheduler/`` and the
-        autoencoder's normalisation folded in for the pipeline's scaling factor."""
-        super().save_final(model, folder)
-        self.latent_space().folded(PIPELINE_SCALING_FACTOR).save_pretrained(folder / "vae")
-        self.low_res_scheduler.save_pretrained(folder / "low_res_scheduler")
-
-    def pipeline_extras(self) -> dict:
-        return {"low_res_scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
-                "watermarker": [None, None], "feature_extractor": [None, None],
-                "max_noise_level": self.config.upscale.max_noise_level}

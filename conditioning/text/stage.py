@@ -5,7 +5,7 @@
     python sample.py RUN --prompt "a sneaker" --negative-prompt "a white sneaker" --guidance 5
     python sample.py RUN --prompt "a boot" --init-image shoe.png --strength 0.6
 
-What changes from stage 2 is only the condition. Each training image gets a caption drawn
+What changes from stage 2 is only the condition, ``Prompt``. Each training image gets a caption drawn
 from its class's list (``captions.py``); a frozen text encoder turns it into B x 77 x D hidden
 states, and a ``UNet2DConditionModel`` reads them through cross-attention in its attention
 blocks (queries from the image, keys and values from the words). With probability
@@ -27,11 +27,11 @@ from transformers import CLIPTextModel
 
 from ddpm.checkpoint import load_tensors
 from ddpm.config import check_model_keys, read_yaml
-from ddpm.contract import Capabilities
+from ddpm.contract import CLASS, PROMPT, Capabilities
 from ddpm.data import load_training_set
-from ddpm.diffusion_stage import Condition
+from ddpm.diffusion_stage import Condition, DiffusionStage, NetworkInputs
 from ddpm.errors import UserError
-from latent.stage import LatentDDPM, LatentDDPMConfig
+from latent.stage import LatentDDPMConfig, Latents
 
 from conditioning.text.adherence import attribute_measure
 from conditioning.text.attributes import bins_for
@@ -102,20 +102,18 @@ def started_from(sections: dict, fixed: tuple[str, ...], inherited: tuple[str, .
     return merged
 
 
-class TextConditionedLDM(LatentDDPM):
-    name = "text"
-    Config = TextDDPMConfig
-    capabilities = Capabilities(conditions=("class", "prompt"), generates=True, evaluates=True, composes=True,
-                                adapters=True, measures=("attributes",))
-    model_class = UNet2DConditionModel
+class Prompt(Condition):
+    """A prompt's hidden states from a frozen text encoder, read by cross-attention; the empty prompt
+    (caption 0) is the null condition."""
+
     pipeline_class = "StableDiffusionPipeline"  # the diffusers pipeline that loads final/ (with a CLIP encoder)
 
-    def __init__(self, config: TextDDPMConfig):
-        super().__init__(config)
+    def __init__(self, stage):
+        super().__init__(stage)
         self._encoder: FrozenTextEncoder | None = None
         self._embeddings: dict[str, torch.Tensor] = {}  # prompt -> 77 x D, computed once each
         self._table: torch.Tensor | None = None  # the training prompts' hidden states, P x 77 x D
-        self.captions = caption_table(config.captions, self.class_names, first=("",))  # 0: the null prompt
+        self.captions = caption_table(self.config.captions, stage.class_names, first=("",))  # 0: the null prompt
         self.training_prompts = self.captions.prompts
 
     # -- the text encoder -------------------------------------------------------------
@@ -138,37 +136,37 @@ class TextConditionedLDM(LatentDDPM):
     # -- training ---------------------------------------------------------------------
 
     def load_data(self) -> dict[str, torch.Tensor]:
-        """Stage 2's latents and labels; the captions' hidden states are computed here, once,
-        first (a text encoder that cannot be loaded stops the run before the latents are encoded)."""
+        """The captions' hidden states, computed here, once, first (a text encoder that cannot be loaded
+        stops the run before the latents are encoded); with ``captions.attributes``, each image's
+        attribute bins, measured on its pixels."""
         self.text_encoder().to(PartialState().device)
         self._table = self.embed(self.training_prompts)  # P x 77 x D
-        data = super().load_data()
-        if self.config.captions.attributes:  # each image's attribute bins, measured on its pixels
-            images = load_training_set(self.config.data)
-            data["attributes"] = bins_for(self.config.data).bins(images["images"], images["labels"])
-        return data
+        if not self.config.captions.attributes:
+            return {}
+        images = load_training_set(self.config.data)
+        return {"attributes": bins_for(self.config.data).bins(images["images"], images["labels"])}
 
-    # -- the condition: a prompt's hidden states -------------------------------------------
-
-    def training_condition(self, raw, dropped, generator) -> dict[str, torch.Tensor]:
+    def batch_entries(self, raw, dropped, flip, generator) -> dict[str, torch.Tensor]:
         """captions (int64 B): indices into ``training_prompts``, a random caption of each
         image's class (naming some of its attributes, with ``captions.attributes``), or 0 (the
         empty prompt) where dropped."""
         drawn = self.captions.draw(raw["labels"], generator, raw.get("attributes"))
         return {"captions": torch.where(dropped, 0, drawn)}
 
-    def model_condition(self, batch) -> Condition:
+    def model_condition(self, batch) -> NetworkInputs:
         table = self._table = self._table.to(batch["captions"].device)
         return {"encoder_hidden_states": table[batch["captions"]]}
 
-    def prompt_condition(self, prompts: list[str]) -> Condition:
+    # -- the condition: a prompt's hidden states -------------------------------------------
+
+    def prompt_condition(self, prompts: list[str]) -> NetworkInputs:
         """float N x 77 x D: each prompt's hidden states (an empty prompt is the null condition)."""
         return {"encoder_hidden_states": self.embed(list(prompts))}
 
-    def class_condition(self, labels: torch.Tensor, phrasings: str = "train") -> Condition:
+    def class_condition(self, labels: torch.Tensor, phrasings: str = "train") -> NetworkInputs:
         return self.prompt_condition(self.prompts_for(labels, phrasings))
 
-    def null_condition(self, condition: Condition, negative_prompt: str = "") -> Condition:
+    def null_condition(self, condition: NetworkInputs, negative_prompt: str = "") -> NetworkInputs:
         """The empty prompt's hidden states or, with ``negative_prompt``, that prompt's, so that
         guidance steers away from it."""
         n = len(condition["encoder_hidden_states"])
@@ -176,9 +174,9 @@ class TextConditionedLDM(LatentDDPM):
 
     def prompts_for(self, labels: torch.Tensor, phrasings: str = "train") -> list[str]:
         """A prompt per class label, cycling through the class's training (or unseen) phrasings."""
-        return prompts_for(labels, phrasings, self.class_names)
+        return prompts_for(labels, phrasings, self.stage.class_names)
 
-    def condition_args(self) -> dict:
+    def network_args(self) -> dict:
         return {"cross_attention_dim": self.text_encoder().width}
 
     # -- sampling ---------------------------------------------------------------------
@@ -188,7 +186,7 @@ class TextConditionedLDM(LatentDDPM):
         ``negative_prompt`` replaces the empty prompt in the unconditional branch, so guidance
         steers away from it. ``settings``: those of ``sample`` (img2img included)."""
         condition = self.prompt_condition(prompts)
-        return self.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
+        return self.stage.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
 
     def generate_composed(self, model, prompts: list[str], weights: list[float], n: int, *,
                           negative_prompt: str = "", **settings) -> torch.Tensor:
@@ -196,7 +194,7 @@ class TextConditionedLDM(LatentDDPM):
         away), composed as ``ddpm.diffusion.guide`` says; returns uint8 n x 28 x 28."""
         conditions = [self.prompt_condition([p] * n) for p in prompts]
         null = self.null_condition(conditions[0], negative_prompt)
-        return self.sample(model, conditions, null, weights=list(weights), **settings)
+        return self.stage.sample(model, conditions, null, weights=list(weights), **settings)
 
     def add_adapters(self, model, folder: Path):
         """LoRA adapters in diffusers' format (a DreamBooth LoRA run's ``final/``) into the UNet, and
@@ -216,25 +214,23 @@ class TextConditionedLDM(LatentDDPM):
     def measure(self, name: str, model, scales: list[float | None], out_dir: Path, **settings) -> str:
         """"attributes": adherence to attribute words and their composition (``adherence.py``)."""
         assert name == "attributes", name
-        return attribute_measure(self, model, scales, out_dir, **settings)
+        return attribute_measure(self.stage, model, scales, out_dir, **settings)
 
-    def preview_rows(self, n: int) -> tuple[list[str], Condition]:
+    def preview_rows(self, n: int) -> tuple[list[str], NetworkInputs]:
         """One row per class, asked for as "a photo of a <first name of the class>"."""
-        prompts = [class_prompt(c) for c in self.class_names]
+        prompts = [class_prompt(c) for c in self.stage.class_names]
         return prompts, self.prompt_condition([p for p in prompts for _ in range(n)])
 
     # -- saving and loading -----------------------------------------------------------
 
-    def save_final(self, model, folder: Path) -> None:
-        """unet/, scheduler/, vae/, and the frozen text_encoder/ and tokenizer/: with a CLIP encoder
-        and an AutoencoderKL this is a Stable Diffusion folder (``model_index.json``) that
-        diffusers' ``StableDiffusionPipeline.from_pretrained`` loads."""
-        super().save_final(model, folder)
+    def save(self, folder: Path) -> None:
+        """The frozen text_encoder/ and tokenizer/: with a CLIP encoder and an AutoencoderKL, final/ is
+        a Stable Diffusion folder (``model_index.json``) that diffusers' ``pipeline_class`` loads."""
         encoder = self.text_encoder()
         encoder.model.save_pretrained(folder / "text_encoder")
         encoder.tokenizer.model_max_length = encoder.max_length  # pipelines pad prompts to this length
         encoder.tokenizer.save_pretrained(folder / "tokenizer")
-        vae_class = type(self.latent_space().vae).__name__
+        vae_class = type(self.stage.space.latent_space().vae).__name__
         if isinstance(encoder.model, CLIPTextModel) and vae_class == "AutoencoderKL":
             index = {"_class_name": self.pipeline_class, "_diffusers_version": "0.42.1",
                      "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDPMScheduler"],
@@ -246,9 +242,20 @@ class TextConditionedLDM(LatentDDPM):
         """``model_index.json``'s entries besides the five components: the pipeline's other arguments."""
         return {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
 
-    def load_components(self, folder: Path) -> None:
-        """A ``final/`` folder's autoencoder (stage 2) and its frozen text encoder and tokenizer."""
-        super().load_components(folder)
+    def load(self, folder: Path) -> None:
+        """A ``final/`` folder's frozen text encoder and tokenizer."""
         if (folder / "text_encoder" / "config.json").is_file():
             self._encoder = FrozenTextEncoder.from_pretrained(str(folder), self.config.text_encoder.max_length,
                                                               "text_encoder", "tokenizer")
+
+
+class TextConditionedLDM(DiffusionStage):
+    """A prompt in the latents' space."""
+
+    name = "text"
+    Config = TextDDPMConfig
+    capabilities = Capabilities(conditions=(CLASS, PROMPT), generates=True, evaluates=True, composes=True,
+                                adapters=True, measures=("attributes",))
+    Space = Latents
+    Condition = Prompt
+    model_class = UNet2DConditionModel
