@@ -167,10 +167,14 @@ class LatentSpace:
 
     def _factors(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """shift_factor and scaling_factor, per-channel ones shaped C x 1 x 1 on ``like``'s device."""
+        scale = self._measured_scaling_factor()
+        as_channels = (lambda f: f.to(like).view(-1, 1, 1)) if self.per_channel else (lambda f: f)
+        return as_channels(self.shift_factor), as_channels(scale)
+
+    def _measured_scaling_factor(self) -> float | torch.Tensor:
         if self.scaling_factor is None:
             raise RuntimeError("the scaling factor is measured from the latent cache; build it first")
-        as_channels = (lambda f: f.to(like).view(-1, 1, 1)) if self.per_channel else (lambda f: f)
-        return as_channels(self.shift_factor), as_channels(self.scaling_factor)
+        return self.scaling_factor
 
     # -- saving ------------------------------------------------------------------------
 
@@ -185,7 +189,7 @@ class LatentSpace:
                             "post_quant_conv; this one has none (use one of ours, or an SD VAE)")
         c = self.channels
         shift, scale = (torch.as_tensor(f, dtype=torch.float32).reshape(-1).expand(c)
-                        for f in self._factors(torch.zeros(())))
+                        for f in (self.shift_factor, self._measured_scaling_factor()))
         k = (scale / scaling_factor).to(self.device)  # per channel: folded latents = (latents - shift) * k
         shift = shift.to(self.device)
         vae = copy.deepcopy(self.vae)
@@ -205,7 +209,7 @@ class LatentSpace:
         into its weights first), plus the image size."""
         if self.per_channel:
             return self.folded(1.0).save_pretrained(folder)
-        self.vae.register_to_config(scaling_factor=self._factors(torch.zeros(()))[1])
+        self.vae.register_to_config(scaling_factor=self._measured_scaling_factor())
         self.vae.save_pretrained(folder)
         (folder / "latent_space.json").write_text(json.dumps({"image_size": self.image_size}))
 
