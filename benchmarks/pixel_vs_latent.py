@@ -80,7 +80,7 @@ def measure(run_dir: Path, n: int, guidance: float) -> dict:
     data = stage.load_data()
     params, flops = training_flops(stage, data, torch.device("cpu"), min(cfg.batch_size, 32))
     row = {"run": run_dir, "stage": stage, "batch_size": cfg.batch_size, "data": data, "params": params,
-           "flops": flops, "shape": "x".join(map(str, stage.sample_shape)),
+           "flops": flops, "shape": "x".join(map(str, stage.space.sample_shape)),
            "steps": cfg.total_steps(len(next(iter(data.values())))),
            "minutes": training_minutes(run_dir, cfg.batch_size) if trained else None}
     if not trained:

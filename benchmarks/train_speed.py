@@ -131,7 +131,7 @@ class ReferenceLoop:
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         x0, labels = images.to(self.device), labels.to(self.device)
         dropped = torch.rand(len(labels), device=self.device) < self.stage.config.diffusion.p_uncond
-        labels = torch.where(dropped, self.stage.null_label, labels)  # label dropout, for CFG
+        labels = torch.where(dropped, self.stage.condition.null_label, labels)  # label dropout, for CFG
         noise = torch.randn_like(x0)
         timesteps = torch.randint(0, self.stage.scheduler.config.num_train_timesteps, (len(x0),),
                                   device=self.device)

@@ -220,8 +220,7 @@ class Recipe:
 
 class DiffusionStage(Stage):
     """A stage that trains a denoising network and samples from it: a ``Space`` and a ``Condition``
-    (see the module docstring). What they have the stage has too: ``stage.embed`` is its
-    condition's, ``stage.latent_space`` its space's."""
+    (see the module docstring), which it holds as ``stage.space`` and ``stage.condition``."""
 
     Space: type = Pixels  # where it diffuses
     Condition: type  # what it is conditioned on
@@ -238,13 +237,6 @@ class DiffusionStage(Stage):
                                    d.snr_gamma, d.sigma_data, clip_sample=self.space.data_range is not None)
         self.scheduler = self.diffusion.scheduler  # diffusers' DDPMScheduler: the schedule's abar_t, add_noise
         self.guide_model = None  # autoguidance's weaker model: loaded with the run's (``load_model``)
-
-    def __getattr__(self, name: str):
-        if name not in ("space", "condition"):
-            for part in (self.__dict__.get("condition"), self.__dict__.get("space")):
-                if part is not None and hasattr(part, name):
-                    return getattr(part, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
     def from_dict(cls, sections: dict) -> "DiffusionStage":

@@ -245,7 +245,8 @@ class Explorer:
 
         def on_step(i, n, t, x_t, x0_hat):
             if i % every == 0 or i == n - 1:
-                columns.append(torch.cat([self.stage.to_images(x_t[:1]), self.stage.to_images(x0_hat[:1])]))
+                shown = self.stage.space.to_images
+                columns.append(torch.cat([shown(x_t[:1]), shown(x0_hat[:1])]))
                 steps_shown.append((i + 1, int(t)))
             if on_progress is not None:
                 on_progress(i + 1, n)

@@ -107,7 +107,7 @@ def test_caption_dropout_rate_matches_p_uncond(trained_tiny_text_run):
     kept = captions[captions != 0]
     labels = raw["labels"][captions != 0]
     # every kept caption belongs to its image's class, and all 32 phrasings occur
-    prompts = [stage.training_prompts[i] for i in kept[:500].tolist()]
+    prompts = [stage.condition.training_prompts[i] for i in kept[:500].tolist()]
     assert all(p in class_captions()[c] for p, c in zip(prompts, labels[:500].tolist()))
     assert len(set(kept[labels == 9].tolist())) == 32
 
@@ -115,8 +115,8 @@ def test_caption_dropout_rate_matches_p_uncond(trained_tiny_text_run):
 def test_guidance_scales_and_negative_prompt(trained_tiny_text_run):
     stage, model = loaded(trained_tiny_text_run)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor(500)
-    condition = stage.prompt_condition(["a boot", "a bag"])
-    empty, negative = stage.null_condition(condition), stage.null_condition(condition, "a sandal")
+    condition = stage.condition.prompt_condition(["a boot", "a bag"])
+    empty, negative = stage.condition.null_condition(condition), stage.condition.null_condition(condition, "a sandal")
     eps = lambda c: model(x, t, **c).sample  # noqa: E731
     with torch.no_grad():
         torch.testing.assert_close(stage.predict(model, x, t, condition, empty, 0.0), eps(empty))
@@ -137,7 +137,7 @@ def test_img2img_strength_identities(trained_tiny_text_run):
     full = stage.generate_prompts(model, prompts, steps=4, seed=3, init_images=init, strength=1.0)
     assert torch.equal(full, plain)
     none = stage.generate_prompts(model, prompts, steps=4, seed=3, init_images=init, strength=0.0)
-    assert torch.equal(none, stage.latent_space().reconstruct(init))
+    assert torch.equal(none, stage.space.latent_space().reconstruct(init))
     half = stage.generate_prompts(model, prompts, steps=4, seed=3, init_images=init, strength=0.5)
     assert not torch.equal(half, plain) and not torch.equal(half, none)
 
@@ -228,12 +228,12 @@ def test_attribute_captions_train_and_their_adherence_is_measured(tiny_clip_fold
                                       text_encoder={"source": str(tiny_clip_folder), "max_length": 24},
                                       captions={"attributes": ["brightness", "size", "texture"]}))
     stage, _, _ = load_run(run_dir)
-    assert len(stage.training_prompts) == 1 + 10 * 7 * 4 * 27  # "", then classes x templates x names x words
+    assert len(stage.condition.training_prompts) == 1 + 10 * 7 * 4 * 27  # "", then classes x templates x names x words
     data = stage.load_data()
     batch = stage.make_batch({k: v[:64] for k, v in data.items()}, torch.Generator().manual_seed(0))
     named = 0
     for caption, bins in zip(batch["captions"].tolist(), data["attributes"][:64]):
-        words = stage.training_prompts[caption].split()
+        words = stage.condition.training_prompts[caption].split()
         for k, pair in enumerate(ATTRIBUTES.values()):
             assert pair[1 - bins[k]] not in words
             named += pair[bins[k]] in words

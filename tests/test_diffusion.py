@@ -45,7 +45,7 @@ def test_label_dropout_rate(p):
     stage = make_stage(p_uncond=p)
     g = torch.Generator().manual_seed(0)
     labels = torch.cat([stage.make_batch(fake_raw(1000), g)["labels"] for _ in range(10)])
-    rate = (labels == stage.null_label).float().mean().item()
+    rate = (labels == stage.condition.null_label).float().mean().item()
     # 10,000 draws: the standard error is <= 0.005, so 0.02 is four of them
     assert abs(rate - p) < 0.02
 
@@ -56,11 +56,11 @@ def test_guidance_zero_is_unconditional_and_one_is_conditional():
     model = stage.build_model().eval()
     x, t = torch.randn(4, 1, 32, 32), torch.tensor(500)
     labels = torch.tensor([0, 3, 7, 9])
-    condition = stage.class_condition(labels)
-    null = stage.null_condition(condition)
+    condition = stage.condition.class_condition(labels)
+    null = stage.condition.null_condition(condition)
     with torch.no_grad():
         cond = model(x, t, class_labels=labels).sample
-        uncond = model(x, t, class_labels=torch.full_like(labels, stage.null_label)).sample
+        uncond = model(x, t, class_labels=torch.full_like(labels, stage.condition.null_label)).sample
         for w, expected in ((0.0, uncond), (1.0, cond), (3.0, uncond + 3 * (cond - uncond))):
             torch.testing.assert_close(stage.predict(model, x, t, condition, null, w), expected, atol=1e-5, rtol=1e-4)
         # the batched 2B path (w not in {0, 1}) must agree with separate passes at w = 1 too
@@ -69,7 +69,8 @@ def test_guidance_zero_is_unconditional_and_one_is_conditional():
         # composed (Liu et al. 2022): each condition pulls with its weight, a negative one pushes away
         others = torch.tensor([1, 1, 2, 2])
         other = model(x, t, class_labels=others).sample
-        composed = stage.predict(model, x, t, [condition, stage.class_condition(others)], null, 3.0, [0.7, -0.2])
+        others_condition = stage.condition.class_condition(others)
+        composed = stage.predict(model, x, t, [condition, others_condition], null, 3.0, [0.7, -0.2])
         expected = uncond + 3 * (0.7 * (cond - uncond) - 0.2 * (other - uncond))
         torch.testing.assert_close(composed, expected, atol=1e-5, rtol=1e-4)
         one = stage.predict(model, x, t, [condition], null, 3.0, [1.0])  # one condition, weight 1: plain CFG
@@ -150,8 +151,8 @@ def test_guidance_interval_guides_only_inside_it():
     stage.config.sample.guidance_interval = (0, 580)
     model = stage.build_model().eval()
     x = torch.randn(2, 1, 32, 32)
-    condition = stage.class_condition(torch.tensor([1, 7]))
-    null = stage.null_condition(condition)
+    condition = stage.condition.class_condition(torch.tensor([1, 7]))
+    null = stage.condition.null_condition(condition)
     calls = []
     model.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
     with torch.no_grad():

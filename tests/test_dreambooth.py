@@ -37,7 +37,7 @@ def full_run(tiny_dreambooth_runs):
 def test_the_identifier_is_one_spare_token(trained_tiny_text_run, tmp_path):
     stage, _, _ = load_config(dreambooth_config(tmp_path / "db", trained_tiny_text_run))
     token = stage.check_identifier()
-    tokenizer = stage.text_encoder().tokenizer
+    tokenizer = stage.condition.text_encoder().tokenizer
     assert tokenizer.convert_ids_to_tokens(token) == "<|spare_0|>" and token >= 49408  # after CLIP's own 49,408
     ids = tokenizer(stage.instance_prompt).input_ids
     assert stage.instance_prompt == "a photo of a <|spare_0|> bag" and ids.count(token) == 1
@@ -56,7 +56,7 @@ def test_each_half_of_the_batch_is_what_it_claims(trained_tiny_text_run, tmp_pat
     # the class images are the starting model's answers to the class prompts, made once and cached
     _, base, _ = load_for_sampling(trained_tiny_text_run)
     prompts = ["a photo of a bag"] if classes == "subject" else [class_prompt(c) for c in stage.class_names]
-    assert stage.training_prompts == ["", "a photo of a <|spare_0|> bag", *prompts]
+    assert stage.condition.training_prompts == ["", "a photo of a <|spare_0|> bag", *prompts]
     class_images = torch.cat([stage.class_images(p) for p in prompts])
     assert torch.equal(class_images[:2], stage.generate_prompts(base, [prompts[0]] * 2, guidance=1, seed=0))
     assert torch.equal(class_images[-2:], stage.generate_prompts(base, [prompts[-1]] * 2, guidance=1, seed=0))
@@ -68,7 +68,7 @@ def test_each_half_of_the_batch_is_what_it_claims(trained_tiny_text_run, tmp_pat
     batch = stage.make_batch({k: v[torch.arange(4)] for k, v in data.items()}, torch.Generator().manual_seed(0))
     both = stage.stacked(batch)
     assert len(both["x0"]) == 8
-    space = stage.latent_space()
+    space = stage.space.latent_space()
     assert torch.allclose(both["x0"][:4], space.encode(read_subject("bag")), atol=1e-5)  # instance rows first...
     cycled = class_images[torch.arange(4) % len(class_images)]
     assert torch.allclose(both["x0"][4:], space.encode(cycled), atol=1e-5)  # ...then the class rows,
@@ -118,7 +118,7 @@ def test_class_rows_are_captioned_with_their_class_prompt_or_training_captions(t
         assert torch.equal(batch["captions"], data["instance_caption"])  # the instance prompt, always
         drawn.append(batch["prior_captions"])
     drawn = torch.stack(drawn)
-    prompts = [[stage.training_prompts[i] for i in row.tolist()] for row in drawn.T]
+    prompts = [[stage.condition.training_prompts[i] for i in row.tolist()] for row in drawn.T]
     if captions == "class_prompt":
         assert all(p == [class_prompt(stage.class_names[c])] * 4 for p, c in zip(prompts, labels.tolist()))
     else:
@@ -158,8 +158,8 @@ def test_lora_trains_only_adapters_and_loads_in_diffusers(lora_run, trained_tiny
     pipe = StableDiffusionPipeline.from_pretrained(trained_tiny_text_run / "final", safety_checker=None,
                                                    local_files_only=True)
     pipe.load_lora_weights(folder)
-    x, t = torch.randn(2, *stage.sample_shape), torch.tensor([500, 20])
-    condition = stage.prompt_condition([stage.instance_prompt, "a bag"])
+    x, t = torch.randn(2, *stage.space.sample_shape), torch.tensor([500, 20])
+    condition = stage.condition.prompt_condition([stage.instance_prompt, "a bag"])
     with torch.no_grad():
         ours = model(x, t, **condition).sample
         theirs = pipe.unet(x, t, **condition).sample
@@ -191,23 +191,25 @@ def test_a_learnt_identifier_trains_with_the_unet_and_names_the_subject(trained_
                                              subject={"learn_identifier": True}))
     stage, model, folder = load_for_sampling(straight)
     base_stage, _, _ = load_for_sampling(trained_tiny_text_run)
-    encoder, token = stage.text_encoder(), stage.identifier_id
+    encoder, token = stage.condition.text_encoder(), stage.identifier_id
     learnt = load_tensors(folder / "learned_embeds.safetensors")["<|spare_0|>"]
-    start = base_stage.text_encoder().model.get_input_embeddings().weight[token]
+    start = base_stage.condition.text_encoder().model.get_input_embeddings().weight[token]
     assert learnt.shape == start.shape and not torch.allclose(learnt, start)  # it trained
     # encode_with_word is the encoder with that row replaced, and differentiable in it
     vector = start.clone().requires_grad_(True)
-    states = base_stage.text_encoder().encode_with_word(stage.instance_prompt, token, vector)
-    assert torch.allclose(states, base_stage.embed([stage.instance_prompt])[0], atol=1e-6)
+    states = base_stage.condition.text_encoder().encode_with_word(stage.instance_prompt, token, vector)
+    assert torch.allclose(states, base_stage.condition.embed([stage.instance_prompt])[0], atol=1e-6)
     states.sum().backward()
     assert vector.grad.abs().max() > 0
     # after loading, the instance prompt means the learnt word; prompts without it are unchanged
     assert torch.equal(encoder.model.get_input_embeddings().weight[token], learnt)
-    assert not torch.allclose(stage.embed([stage.instance_prompt]), base_stage.embed([stage.instance_prompt]))
-    assert torch.equal(stage.embed(["a photo of a bag"]), base_stage.embed(["a photo of a bag"]))
-    learnt_states = stage.embed([stage.instance_prompt])
+    assert not torch.allclose(stage.condition.embed([stage.instance_prompt]),
+                              base_stage.condition.embed([stage.instance_prompt]))
+    assert torch.equal(stage.condition.embed(["a photo of a bag"]), base_stage.condition.embed(["a photo of a bag"]))
+    learnt_states = stage.condition.embed([stage.instance_prompt])
     stage.starting_model()  # init_from's UNet alone: this stage keeps its own text encoder
-    assert stage.text_encoder() is encoder and torch.equal(stage.embed([stage.instance_prompt]), learnt_states)
+    assert stage.condition.text_encoder() is encoder
+    assert torch.equal(stage.condition.embed([stage.instance_prompt]), learnt_states)
     # unet/ is the UNet alone; the exported pipeline's text encoder knows the word
     assert "identifier_embedding" not in model.state_dict()
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
@@ -230,12 +232,11 @@ def test_a_learnt_identifier_trains_with_the_unet_and_names_the_subject(trained_
             lora / "final" / "learned_embeds.safetensors")["<|spare_0|>"]
     ids = pipe.tokenizer(stage.instance_prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          return_tensors="pt").input_ids
-    lora_stage = load_for_sampling(lora)[0]
-    assert torch.allclose(pipe.text_encoder(ids).last_hidden_state[0], lora_stage.embed([stage.instance_prompt])[0],
-                          atol=1e-5)
+    ours = load_for_sampling(lora)[0].condition.embed([stage.instance_prompt])[0]
+    assert torch.allclose(pipe.text_encoder(ids).last_hidden_state[0], ours, atol=1e-5)
     bad = {"<|spare_0|>": torch.zeros(3)}
     with pytest.raises(UserError, match="not a token of this text encoder's tokenizer with"):
-        stage.learn_words(bad)
+        stage.condition.learn_words(bad)
 
 
 def test_resume_continues_the_same_lora_run_exactly(lora_run, tmp_path):

@@ -29,13 +29,13 @@ def test_widened_unet_starts_as_the_text_run_computes(image_runs, trained_tiny_t
     from conditioning.image.stage import widen_from
 
     text_stage, base = load_for_sampling(trained_tiny_text_run)[:2]
-    x, t = torch.randn(2, *text_stage.sample_shape), torch.tensor([700, 30])
-    hidden = text_stage.prompt_condition(["a sneaker", "a coat"])["encoder_hidden_states"]
+    x, t = torch.randn(2, *text_stage.space.sample_shape), torch.tensor([700, 30])
+    hidden = text_stage.condition.prompt_condition(["a sneaker", "a coat"])["encoder_hidden_states"]
     for name, run_dir in image_runs.items():
         stage = load_for_sampling(run_dir)[0]
         model = stage.model_class(**stage.network_args(), **stage.config.model)
         widen_from(model, base)
-        extra = torch.randn(2, stage.extra_channels, *x.shape[2:])
+        extra = torch.randn(2, stage.condition.extra_channels, *x.shape[2:])
         labels = {"class_labels": torch.tensor([3, 50])} if name == "upscale" else {}
         with torch.no_grad():
             ours = model(torch.cat([x, extra], 1), t, encoder_hidden_states=hidden, **labels).sample
@@ -83,7 +83,7 @@ def test_training_masks_are_seeded_and_of_every_kind():
 
 def test_the_mask_channel_and_the_masked_picture_agree_cell_for_cell(image_runs, fashion_mnist):
     stage = load_for_sampling(image_runs["inpaint"])[0]
-    size = stage.sample_shape[-1]
+    size = stage.space.sample_shape[-1]
     masks = torch.cat([fixed_masks("left", 1), stroke_masks(3, torch.Generator().manual_seed(0))])
     m = padded(masks)
     cells = latent_cells(m, size)
@@ -91,9 +91,9 @@ def test_the_mask_channel_and_the_masked_picture_agree_cell_for_cell(image_runs,
     # (the padded left half's first column of cells, most cells of a thin stroke)
     assert (F.interpolate(m, size=(size, size)) < cells).any()
     x = to_model_space(fashion_mnist.images[:4])
-    concat = stage.network_image(x, m, torch.Generator().manual_seed(0))
+    concat = stage.condition.network_image(x, m, torch.Generator().manual_seed(0))
     assert torch.equal(concat[:, :1], cells), "every cell a masked pixel touches is painted"
-    marked = stage.pipeline_mask(masks)
+    marked = stage.condition.pipeline_mask(masks)
     assert torch.equal(F.interpolate(marked, size=(size, size)), cells), "which the pipeline's nearest keeps"
     # the marks add one pixel per painted cell, inside it: the known pixels of a painted cell stay in the picture
     added = marked - m
@@ -170,9 +170,9 @@ def test_exported_folders_load_in_diffusers_pipelines_and_sample_the_same(image_
     assert model.config.in_channels == 9 and stage.config.inpaint.keep_known
     masks = fixed_masks("left", 2)
     pipe = pipeline(StableDiffusionInpaintPipeline, "inpaint", safety_checker=None)
-    picture, mask_image = (to_model_space(images) + 1) / 2, stage.pipeline_mask(masks)
-    noise = torch.randn((2, *stage.sample_shape), generator=torch.Generator().manual_seed(0))  # its first draw
-    keep_known = stage.pipeline_callback(images, masks, noise)
+    picture, mask_image = (to_model_space(images) + 1) / 2, stage.condition.pipeline_mask(masks)
+    noise = torch.randn((2, *stage.space.sample_shape), generator=torch.Generator().manual_seed(0))  # its first draw
+    keep_known = stage.condition.pipeline_callback(images, masks, noise)
     ours = stage.generate_prompts(model, prompts, inputs={"image": images, "mask": masks}, **same)
     assert _close(ours, call(pipe, image=picture, mask_image=mask_image, callback_on_step_end=keep_known))
     stage.config.inpaint.keep_known = False

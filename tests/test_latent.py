@@ -278,12 +278,12 @@ def test_one_scaling_factor_from_cache_to_training_to_decoding(trained_tiny_late
     stage, _, _ = load_run(trained_tiny_latent_run)
     data = stage.load_data()
     assert abs(torch.cat([data["latents"], data["latents_flipped"]]).std().item() - 1) < 0.05
-    factor = stage.latent_space().scaling_factor
+    factor = stage.space.latent_space().scaling_factor
     saved = LatentSpace.from_pretrained(trained_tiny_latent_run / "final" / "vae")
     assert saved.scaling_factor == pytest.approx(factor)
     direct = saved.reconstruct(load_training_set(stage.config.data)["images"][:16])
     error = lambda space: (space.decode(data["latents"][:16]).int() - direct.int()).abs()  # noqa: E731
-    for space in (saved, stage.latent_space()):
+    for space in (saved, stage.space.latent_space()):
         # equal up to float rounding: z * f / f, and the cache was encoded in batches of another size
         assert error(space).max() <= 1
     wrong = LatentSpace(saved.vae, saved.image_size, factor * 1.5)

@@ -295,12 +295,12 @@ def test_autoguidance_samples_away_from_the_weak_model(name, steps, w, with_null
     from ddpm.stage import ClassConditionedDDPM
 
     stage = ClassConditionedDDPM.from_dict({"sample": {"clip_denoised": False, "guide_with_null": with_null}})
-    label, null = 3, stage.null_label
+    label, null = 3, stage.condition.null_label
     model = GaussianUNet(stage.scheduler, {label: MU_C, null: MU_U})
     stage.guide_model = GaussianUNet(stage.scheduler, {label: MU_W, null: MU_WU})
     weak = MU_WU if with_null else MU_W
     n = 512
-    condition = stage.class_condition(torch.full((n,), label))
-    x = sample_loop(lambda x, t: stage.predict(model, x, t, condition, stage.null_condition(condition), w),
+    condition = stage.condition.class_condition(torch.full((n,), label))
+    x = sample_loop(lambda x, t: stage.predict(model, x, t, condition, stage.condition.null_condition(condition), w),
                     make_sampler(name, stage.diffusion), standard_noise(n, GUIDED_SHAPE), steps)
     check(name, moment_errors(x, weak + w * (MU_C - weak), expected_std(stage.scheduler, GUIDED_STD, steps, name)))

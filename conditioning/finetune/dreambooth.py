@@ -214,7 +214,7 @@ class DreamBoothLDM(DiffusionStage):
 
     def check_identifier(self) -> int:
         """The identifier's token id; a UserError if the tokenizer splits it or does not know it."""
-        tokenizer = self.text_encoder().tokenizer
+        tokenizer = self.condition.text_encoder().tokenizer
         identifier = self.config.subject.identifier
         ids = tokenizer(identifier, add_special_tokens=False).input_ids
         if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
@@ -232,8 +232,8 @@ class DreamBoothLDM(DiffusionStage):
         class image i mod M with its prompt's caption id."""
         self.check_identifier()
         device = PartialState().device
-        self.text_encoder().to(device)
-        self.condition._table = self.embed(self.training_prompts)
+        self.condition.text_encoder().to(device)
+        self.condition._table = self.condition.embed(self.condition.training_prompts)
         instances = read_subject(self.config.subject.images)
         halves = {"instance": (instances, torch.arange(len(instances)), torch.ones(len(instances), dtype=torch.long))}
         if self.prior:
@@ -266,7 +266,7 @@ class DreamBoothLDM(DiffusionStage):
         """``half``_latents (and _latents_flipped), n x C x h x w, and ``half``_caption (int64 n), ids
         into ``training_prompts``: row i is images[which[i mod M]] with caption i mod M. Each image
         is encoded once, however many rows repeat it."""
-        space = self.latent_space().to(PartialState().device)
+        space = self.space.latent_space().to(PartialState().device)
         row = torch.arange(n) % len(which)
         image = which[row]
         return {f"{half}_latents": space.encode(images)[image], f"{half}_latents_flipped": space.encode(
@@ -336,7 +336,7 @@ class DreamBoothLDM(DiffusionStage):
         """float 77 x D: the instance prompt through the frozen text encoder, the identifier's word
         embedding being the model's ``identifier_embedding`` (so its gradient reaches that vector)."""
         vector = extract_model_from_parallel(model).identifier_embedding
-        return self.text_encoder().encode_with_word(self.instance_prompt, self.identifier_id, vector)
+        return self.condition.text_encoder().encode_with_word(self.instance_prompt, self.identifier_id, vector)
 
     def loss(self, model, batch) -> dict[str, torch.Tensor]:
         """instance_loss + prior.weight * prior_loss, both halves in one forward pass."""
@@ -359,14 +359,14 @@ class DreamBoothLDM(DiffusionStage):
         if self.config.lora.rank:
             unet = add_lora(unet, self.config.lora)
         if self.config.subject.learn_identifier:
-            start = self.text_encoder().model.get_input_embeddings().weight[self.identifier_id]
+            start = self.condition.text_encoder().model.get_input_embeddings().weight[self.identifier_id]
             unet.register_parameter("identifier_embedding", torch.nn.Parameter(start.detach().clone()))
         return unet
 
     def learn_identifier(self, model) -> dict[str, torch.Tensor]:
         """The model's identifier embedding made the text encoder's word; {identifier: vector}."""
         words = {self.config.subject.identifier: model.identifier_embedding}
-        self.learn_words(words)
+        self.condition.learn_words(words)
         return words
 
     def preview(self, model, path: Path, title: str = "") -> Path:

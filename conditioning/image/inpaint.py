@@ -278,8 +278,8 @@ class InpaintingLDM(DiffusionStage):
         with their class prompts): PSNR outside the mask against the real image (the autoencoder's
         own round trip is the ceiling), judge accuracy and FD of the filled images; for this model
         and, with ``init_from``, inpainting by that text run without training."""
-        images, labels = self.test_examples(n)
-        baseline = self.text_run(next(model.parameters()).device)
+        images, labels = self.condition.test_examples(n)
+        baseline = self.condition.text_run(next(model.parameters()).device)
         kinds = evaluation_masks(n)
         judge = cached_judge()
         reference = reference_stats(judge)
@@ -324,20 +324,20 @@ def inpaint_without_training(stage: TextConditionedLDM, model, images: torch.Ten
     settings = stage.sampling_settings(guidance=guidance, scheduler=scheduler, steps=steps)
     guidance, steps = settings["guidance"], settings["steps"]
     device = next(model.parameters()).device
-    space = stage.measured_latent_space().to(device)
+    space = stage.space.measured_latent_space().to(device)
     out = []
     for i, index in enumerate(torch.arange(len(images)).split(batch_size)):
-        condition = stage.class_condition(labels[index])
-        null = stage.null_condition(condition)
+        condition = stage.condition.class_condition(labels[index])
+        null = stage.condition.null_condition(condition)
         condition, null = ({k: v.to(device) for k, v in c.items()} for c in (condition, null))
         generator = torch.Generator(device).manual_seed(seed + i)
-        noise = torch.randn((len(index), *stage.sample_shape), generator=generator, device=device)
+        noise = torch.randn((len(index), *stage.space.sample_shape), generator=generator, device=device)
         known, paint = known_region(space, to_model_space(images[index].to(device)), padded(masks[index].to(device)),
                                     noise)
         sampler = make_sampler(settings["scheduler"], stage.diffusion)
         z = sample_loop(lambda z, t: stage.predict(model, z, t, condition, null, guidance), sampler, noise, steps,
                         generator, progress=progress, after_step=put_back_known(sampler, noise, known, paint))
-        out.append(stage.to_images(z).cpu())
+        out.append(stage.space.to_images(z).cpu())
     return torch.cat(out)
 
 

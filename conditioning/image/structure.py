@@ -107,11 +107,11 @@ class StructureLDM(DiffusionStage):
         judge's accuracy for the prompted class, prompting each image's own class and the next class
         (a shirt's shape asked to be a pullover); the same for the ``init_from`` text run (the prompts
         alone), and the F1 of a second real image of the same class."""
-        images, labels = self.test_examples(n)
-        baseline = self.text_run(next(model.parameters()).device)
-        others, _ = self.test_examples(n, seed=1)
+        images, labels = self.condition.test_examples(n)
+        baseline = self.condition.text_run(next(model.parameters()).device)
+        others, _ = self.condition.test_examples(n, seed=1)
         judge = cached_judge()
-        inputs = self.inputs_from(images)
+        inputs = self.condition.inputs_from(images)
         report = {"eval_edge_f1/another real image of the class": edge_f1(others, images).mean().item()}
         for asked, prompted in (("own class", labels), ("next class", (labels + 1) % len(self.class_names))):
             runs = {"ours": lambda: self.generate(model, prompted, inputs=inputs, progress=True, **settings)}

@@ -175,7 +175,7 @@ class SuperResolutionLDM(DiffusionStage):
         PSNR and SSIM against the real image, the judge's accuracy, and the consistency error (RMS,
         in grey levels) of the output's own 8 x 8 copy against the input; bicubic upscaling, ours,
         the autoencoder's round trip of the real image (a latent model's ceiling) and the real image."""
-        images, labels = self.test_examples(n)
+        images, labels = self.condition.test_examples(n)
         low = low_res_of(images)
         outputs = {"bicubic": bicubic(low),
                    "ours": self.generate(model, labels, inputs={"low_res": low, "noise_level": noise_level},
