@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so that the project imports when run as a script
 
 from conditioning.finetune.dreambooth import DreamBoothLDM, dreambooth_report, subject_likeness  # noqa: E402
+from conditioning.finetune.start import starting_model  # noqa: E402
 from conditioning.finetune.lora import WEIGHTS_NAME  # noqa: E402
 from conditioning.text.encoder import LEARNED_EMBEDS  # noqa: E402
 from ddpm.checkpoint import load_tensors, weights_file  # noqa: E402
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             likeness = subject_likeness(stage, scorer)
             rows["subject pictures (ceiling)"] = likeness.ceiling()
             start = load_run(run)[0]
-            before = dreambooth_report(start, start.starting_model().eval(), likeness, args.n, args.n_classes)
+            before = dreambooth_report(start, starting_model(start).eval(), likeness, args.n, args.n_classes)
             rows[f"before: {stage.config.init_from}"] = before
         rows[run] = training_cost(Path(run), model) | dreambooth_report(stage, model, likeness, args.n, args.n_classes)
     if args.out:

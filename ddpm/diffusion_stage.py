@@ -19,6 +19,7 @@ conditional branch through the run's model and through a weaker one, and guides 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -208,14 +209,29 @@ class Condition:
 
 
 class Recipe:
-    """How a stage starts other than from scratch, applied to any stage: a fine-tune's config ``sections``
-    (those of the run it starts from) and its starting ``model`` (from the freshly built one)."""
+    """How a stage trains other than from scratch on its own data (a fine-tune), applied to any stage whose
+    config has the sections it reads. A recipe changes a stage method (``build_model``, ``load_data``,
+    ``make_batch``, ``loss``, ``preview``, ``save_final``, ``load_model``) by a method of the same name,
+    ``hook(stage, then, *args)``: ``then(*args)`` is the stage's method as it is without this recipe (its
+    own, through the recipes after this one in the stage's ``recipes``), and the hook does what it adds
+    around that, or something else instead."""
 
     def sections(self, cls, sections: dict) -> dict:
+        """The config's sections (a fine-tune's: with those of the run it starts from)."""
         return sections
 
-    def model(self, stage, model):
-        return model
+
+def with_recipes(method: Callable) -> Callable:
+    """A stage method that its ``recipes`` may change (see ``Recipe``); its body is the stage's own."""
+    @functools.wraps(method)
+    def changed(stage, *args, **kwargs):
+        then = functools.partial(method, stage)
+        for recipe in reversed(stage.recipes):
+            if hasattr(recipe, method.__name__):
+                then = functools.partial(getattr(recipe, method.__name__), stage, then)
+        return then(*args, **kwargs)
+
+    return changed
 
 
 class DiffusionStage(Stage):
@@ -224,7 +240,7 @@ class DiffusionStage(Stage):
 
     Space: type = Pixels  # where it diffuses
     Condition: type  # what it is conditioned on
-    recipe: Recipe = Recipe()  # how it starts: from scratch, or a fine-tune's
+    recipes: tuple[Recipe, ...] = ()  # how it trains other than from scratch on its data: a fine-tune's
     model_class: type  # UNet2DModel, UNet2DConditionModel: built by ``build_model``, loaded by ``load_model``
 
     def __init__(self, config):
@@ -240,7 +256,9 @@ class DiffusionStage(Stage):
 
     @classmethod
     def from_dict(cls, sections: dict) -> "DiffusionStage":
-        return super().from_dict(cls.recipe.sections(cls, sections))
+        for recipe in cls.recipes:
+            sections = recipe.sections(cls, sections)
+        return super().from_dict(sections)
 
     def network_args(self) -> dict:
         """The network's constructor arguments that come from the data and the condition, not the config."""
@@ -256,11 +274,13 @@ class DiffusionStage(Stage):
 
     # -- training ---------------------------------------------------------------------
 
+    @with_recipes
     def load_data(self) -> dict[str, torch.Tensor]:
         """The condition's data, then the space's: equal-length tensors."""
         extra = self.condition.load_data()
         return {**self.space.load_data(), **extra}
 
+    @with_recipes
     def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator, step: int = 0
                    ) -> dict[str, torch.Tensor]:
         """x0 (B x ``sample_shape``), timesteps (B), noise (like x0) and the condition entries."""
@@ -272,9 +292,11 @@ class DiffusionStage(Stage):
         return {"x0": x0, "timesteps": timesteps, "noise": noise,
                 **self.condition.batch_entries(raw, dropped, flip, generator)}
 
+    @with_recipes
     def build_model(self):
-        return self.recipe.model(self, self.model_class(**self.network_args(), **self.config.model))
+        return self.model_class(**self.network_args(), **self.config.model)
 
+    @with_recipes
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.example_losses(model, batch).mean()
 
@@ -396,6 +418,7 @@ class DiffusionStage(Stage):
     def generate_composed(self, model, prompts: list[str], weights: list[float], n: int, **settings) -> torch.Tensor:
         return self.condition.generate_composed(model, prompts, weights, n, **settings)
 
+    @with_recipes
     def preview(self, model, path: Path, title: str = "") -> Path:
         return self.condition.preview(model, path, title)
 
@@ -411,6 +434,7 @@ class DiffusionStage(Stage):
 
     # -- saving and loading -----------------------------------------------------------
 
+    @with_recipes
     def save_final(self, model, folder: Path) -> None:
         """unet/ and scheduler/, and what the space and the condition add (vae/, text_encoder/)."""
         model.save_pretrained(folder / "unet")
@@ -418,6 +442,7 @@ class DiffusionStage(Stage):
         self.space.save(folder)
         self.condition.save(folder)
 
+    @with_recipes
     def load_model(self, folder: Path):
         """The network from a ``final/`` folder (``unet/``) or a checkpoint (its EMA weights, ``ema/``);
         with ``sample.guide_with``, autoguidance's weaker model too (``guide_model``), from that folder

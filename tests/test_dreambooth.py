@@ -10,8 +10,9 @@ from PIL import Image
 
 import train
 from conditioning.text.captions import class_captions, class_prompt
-from conditioning.finetune.dreambooth import subject_prompt
+from conditioning.finetune.dreambooth import class_images, stacked, subject_prompt
 from conditioning.finetune.lora import WEIGHTS_NAME
+from conditioning.finetune.start import starting_model
 from conditioning.finetune.subject import Likeness, choose_subject, read_subject, rest_of_class
 from ddpm.checkpoint import load_tensors
 from ddpm.data import load_fashion_mnist
@@ -36,16 +37,16 @@ def full_run(tiny_dreambooth_runs):
 
 def test_the_identifier_is_one_spare_token(trained_tiny_text_run, tmp_path):
     stage, _, _ = load_config(dreambooth_config(tmp_path / "db", trained_tiny_text_run))
-    token = stage.check_identifier()
+    token = stage.condition.check_identifier()
     tokenizer = stage.condition.text_encoder().tokenizer
     assert tokenizer.convert_ids_to_tokens(token) == "<|spare_0|>" and token >= 49408  # after CLIP's own 49,408
-    ids = tokenizer(stage.instance_prompt).input_ids
-    assert stage.instance_prompt == "a photo of a <|spare_0|> bag" and ids.count(token) == 1
+    ids = tokenizer(stage.condition.instance_prompt).input_ids
+    assert stage.condition.instance_prompt == "a photo of a <|spare_0|> bag" and ids.count(token) == 1
     assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == ["a</w>", "photo</w>", "of</w>", "a</w>", "<|spare_0|>",
                                                           "bag</w>"]
     split = load_config(dreambooth_config(tmp_path / "db", trained_tiny_text_run, subject={"identifier": "qzxv"}))[0]
     with pytest.raises(UserError, match=r"is 3 tokens \[.q., .z., .xv</w>.\]"):
-        split.check_identifier()
+        split.condition.check_identifier()
 
 
 @pytest.mark.parametrize("classes", ["subject", "all"])
@@ -57,20 +58,20 @@ def test_each_half_of_the_batch_is_what_it_claims(trained_tiny_text_run, tmp_pat
     _, base, _ = load_for_sampling(trained_tiny_text_run)
     prompts = ["a photo of a bag"] if classes == "subject" else [class_prompt(c) for c in stage.class_names]
     assert stage.condition.training_prompts == ["", "a photo of a <|spare_0|> bag", *prompts]
-    class_images = torch.cat([stage.class_images(p) for p in prompts])
-    assert torch.equal(class_images[:2], stage.generate_prompts(base, [prompts[0]] * 2, guidance=1, seed=0))
-    assert torch.equal(class_images[-2:], stage.generate_prompts(base, [prompts[-1]] * 2, guidance=1, seed=0))
+    made = torch.cat([class_images(stage, p) for p in prompts])
+    assert torch.equal(made[:2], stage.generate_prompts(base, [prompts[0]] * 2, guidance=1, seed=0))
+    assert torch.equal(made[-2:], stage.generate_prompts(base, [prompts[-1]] * 2, guidance=1, seed=0))
 
     n = len(data["instance_latents"])
     bags = (data["class_caption"] == 2 + prompts.index("a photo of a bag")).float().mean().item()
     assert n == (4 if classes == "subject" else 2 * 9 + 9 * 2)  # the 4 pictures; the bags 9 times, 9 other classes
     assert bags == (1.0 if classes == "subject" else 0.5)  # every class: half of the class rows are bags
     batch = stage.make_batch({k: v[torch.arange(4)] for k, v in data.items()}, torch.Generator().manual_seed(0))
-    both = stage.stacked(batch)
+    both = stacked(batch)
     assert len(both["x0"]) == 8
     space = stage.space.latent_space()
     assert torch.allclose(both["x0"][:4], space.encode(read_subject("bag")), atol=1e-5)  # instance rows first...
-    cycled = class_images[torch.arange(4) % len(class_images)]
+    cycled = made[torch.arange(4) % len(made)]
     assert torch.allclose(both["x0"][4:], space.encode(cycled), atol=1e-5)  # ...then the class rows,
     kept = both["captions"] != 0  # each captioned with the prompt it answered (unless dropped to "")
     asked = torch.tensor([1] * 4 + [2 + i // 2 if classes == "all" else 2 for i in range(4)])
@@ -90,17 +91,18 @@ def test_a_prior_of_training_images(trained_tiny_text_run, tmp_path):
     stage = load_config(config)[0]
     train_set = load_fashion_mnist("train")
     for c, prompt in enumerate(class_prompt(name) for name in stage.class_names):
-        images = stage.class_images(prompt)
+        images = class_images(stage, prompt)
         same = (train_set.images[:, None] == images).flatten(2).all(2)  # training image i is class image j
         found = same.nonzero()
         assert set(found[:, 1].tolist()) == {0, 1, 2} and len({i.numpy().tobytes() for i in images}) == 3, \
             "three different training images"
         assert (train_set.labels[found[:, 0]] == c).all(), f"the class images of {prompt!r} are of another class"
-    assert torch.equal(stage.class_images("a photo of a bag"), load_config(config)[0].class_images("a photo of a bag"))
+    again = load_config(config)[0]
+    assert torch.equal(class_images(stage, "a photo of a bag"), class_images(again, "a photo of a bag"))
     too_many = load_config(dreambooth_config(tmp_path / "db2", trained_tiny_text_run,
                                              prior={"num_class_images": 10**6, "images": "dataset"}))[0]
     with pytest.raises(UserError, match="prior.num_class_images=1000000 but the training set has"):
-        too_many.class_images("a photo of a bag")
+        class_images(too_many, "a photo of a bag")
 
 
 @pytest.mark.parametrize("captions", ["class_prompt", "training"])
@@ -110,7 +112,8 @@ def test_class_rows_are_captioned_with_their_class_prompt_or_training_captions(t
                                           prior={"classes": "all", "num_class_images": 2, "images": "dataset",
                                                  "captions": captions}))[0]
     data = stage.load_data()
-    labels = torch.tensor([stage.class_names.index(c) for c in stage.prior_classes])[data["class_caption"] - 2]
+    classes = torch.tensor([stage.class_names.index(c) for c in stage.condition.prior_classes])
+    labels = classes[data["class_caption"] - 2]
     assert torch.equal(data["class_label"], labels)
     drawn = []
     for seed in range(4):  # the steps of a run draw again
@@ -159,13 +162,13 @@ def test_lora_trains_only_adapters_and_loads_in_diffusers(lora_run, trained_tiny
                                                    local_files_only=True)
     pipe.load_lora_weights(folder)
     x, t = torch.randn(2, *stage.space.sample_shape), torch.tensor([500, 20])
-    condition = stage.condition.prompt_condition([stage.instance_prompt, "a bag"])
+    condition = stage.condition.prompt_condition([stage.condition.instance_prompt, "a bag"])
     with torch.no_grad():
         ours = model(x, t, **condition).sample
         theirs = pipe.unet(x, t, **condition).sample
     assert torch.allclose(ours, theirs, atol=1e-5)
 
-    assert_lora_samples_as_its_run(lora_run, trained_tiny_text_run, stage.instance_prompt, tmp_path)
+    assert_lora_samples_as_its_run(lora_run, trained_tiny_text_run, stage.condition.instance_prompt, tmp_path)
     one_line_error(run("sample.py", str(trained_tiny_text_run), "--lora", str(trained_tiny_text_run / "final"),
                        "--prompt", "a bag"), "holds no LoRA")
 
@@ -191,25 +194,25 @@ def test_a_learnt_identifier_trains_with_the_unet_and_names_the_subject(trained_
                                              subject={"learn_identifier": True}))
     stage, model, folder = load_for_sampling(straight)
     base_stage, _, _ = load_for_sampling(trained_tiny_text_run)
-    encoder, token = stage.condition.text_encoder(), stage.identifier_id
+    encoder, token = stage.condition.text_encoder(), stage.condition.identifier_id
     learnt = load_tensors(folder / "learned_embeds.safetensors")["<|spare_0|>"]
     start = base_stage.condition.text_encoder().model.get_input_embeddings().weight[token]
     assert learnt.shape == start.shape and not torch.allclose(learnt, start)  # it trained
     # encode_with_word is the encoder with that row replaced, and differentiable in it
     vector = start.clone().requires_grad_(True)
-    states = base_stage.condition.text_encoder().encode_with_word(stage.instance_prompt, token, vector)
-    assert torch.allclose(states, base_stage.condition.embed([stage.instance_prompt])[0], atol=1e-6)
+    states = base_stage.condition.text_encoder().encode_with_word(stage.condition.instance_prompt, token, vector)
+    assert torch.allclose(states, base_stage.condition.embed([stage.condition.instance_prompt])[0], atol=1e-6)
     states.sum().backward()
     assert vector.grad.abs().max() > 0
     # after loading, the instance prompt means the learnt word; prompts without it are unchanged
     assert torch.equal(encoder.model.get_input_embeddings().weight[token], learnt)
-    assert not torch.allclose(stage.condition.embed([stage.instance_prompt]),
-                              base_stage.condition.embed([stage.instance_prompt]))
+    assert not torch.allclose(stage.condition.embed([stage.condition.instance_prompt]),
+                              base_stage.condition.embed([stage.condition.instance_prompt]))
     assert torch.equal(stage.condition.embed(["a photo of a bag"]), base_stage.condition.embed(["a photo of a bag"]))
-    learnt_states = stage.condition.embed([stage.instance_prompt])
-    stage.starting_model()  # init_from's UNet alone: this stage keeps its own text encoder
+    learnt_states = stage.condition.embed([stage.condition.instance_prompt])
+    starting_model(stage)  # init_from's UNet alone: this stage keeps its own text encoder
     assert stage.condition.text_encoder() is encoder
-    assert torch.equal(stage.condition.embed([stage.instance_prompt]), learnt_states)
+    assert torch.equal(stage.condition.embed([stage.condition.instance_prompt]), learnt_states)
     # unet/ is the UNet alone; the exported pipeline's text encoder knows the word
     assert "identifier_embedding" not in model.state_dict()
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
@@ -222,7 +225,7 @@ def test_a_learnt_identifier_trains_with_the_unet_and_names_the_subject(trained_
     lora = train.train(dreambooth_config(tmp_path / "lora", trained_tiny_text_run, lora={"rank": 2},
                                          subject={"learn_identifier": True}))
     assert (lora / "final" / "learned_embeds.safetensors").is_file()
-    assert_lora_samples_as_its_run(lora, trained_tiny_text_run, stage.instance_prompt, tmp_path)
+    assert_lora_samples_as_its_run(lora, trained_tiny_text_run, stage.condition.instance_prompt, tmp_path)
     # diffusers: the adapters with load_lora_weights, the word into its row of the text encoder's embeddings
     pipe = StableDiffusionPipeline.from_pretrained(trained_tiny_text_run / "final", safety_checker=None,
                                                    local_files_only=True)
@@ -230,9 +233,9 @@ def test_a_learnt_identifier_trains_with_the_unet_and_names_the_subject(trained_
     with torch.no_grad():
         pipe.text_encoder.get_input_embeddings().weight[token] = load_tensors(
             lora / "final" / "learned_embeds.safetensors")["<|spare_0|>"]
-    ids = pipe.tokenizer(stage.instance_prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
-    ours = load_for_sampling(lora)[0].condition.embed([stage.instance_prompt])[0]
+    ids = pipe.tokenizer(stage.condition.instance_prompt, padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    ours = load_for_sampling(lora)[0].condition.embed([stage.condition.instance_prompt])[0]
     assert torch.allclose(pipe.text_encoder(ids).last_hidden_state[0], ours, atol=1e-5)
     bad = {"<|spare_0|>": torch.zeros(3)}
     with pytest.raises(UserError, match="not a token of this text encoder's tokenizer with"):

@@ -15,7 +15,7 @@ from conditioning.image.inpaint import (MaskConfig, draw_masks, fixed_masks, lat
                                         put_back_known, stroke_masks)
 from conditioning.image.structure import structure_maps, to_latent_grid
 from conditioning.image.upscale import PIPELINE_SCALING_FACTOR, low_res_of
-from conditioning.text.stage import started_from
+from conditioning.finetune.start import started_from
 from ddpm.data import to_model_space, to_pixels
 from ddpm.diffusion import Diffusion, make_sampler
 from ddpm.errors import UserError
@@ -26,7 +26,7 @@ from .conftest import assert_resume_is_exact, one_line_error, run, same_as_comma
 
 
 def test_widened_unet_starts_as_the_text_run_computes(image_runs, trained_tiny_text_run):
-    from conditioning.image.stage import widen_from
+    from conditioning.finetune.start import widen_from
 
     text_stage, base = load_for_sampling(trained_tiny_text_run)[:2]
     x, t = torch.randn(2, *text_stage.space.sample_shape), torch.tensor([700, 30])

@@ -60,9 +60,8 @@ from accelerate.utils import extract_model_from_parallel
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from ddpm.checkpoint import load_tensors, save_tensors, weights_file
-from ddpm.diffusion_stage import DiffusionStage
-from ddpm.config import build
+from ddpm.checkpoint import save_tensors, weights_file
+from ddpm.diffusion_stage import DiffusionStage, Recipe
 from ddpm.data import class_index, load_fashion_mnist, read_image
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge, evaluate_model
@@ -70,15 +69,15 @@ from ddpm.metrics import diversity, embed
 from latent.stage import Latents
 
 from conditioning.text.captions import NAMES, TEMPLATES, CaptionTable, class_prompt, with_article
-from conditioning.finetune.lora import LoraSettings, add_lora, save_lora
+from conditioning.finetune.lora import Lora, LoraSettings
+from conditioning.finetune.start import FromTextRun, load_checkpoint, starting_model
 from conditioning.text.encoder import LEARNED_EMBEDS
-from conditioning.text.stage import Prompt, TextConditionedLDM, TextDDPMConfig, started_from
+from conditioning.text.stage import Prompt, TextConditionedLDM, TextDDPMConfig
 from conditioning.finetune.subject import DEFAULT_SUBJECT, Likeness, read_subject, rest_of_class, subject_class
 
 FROM_BASE = ("model", "autoencoder", "text_encoder", "captions")  # fixed by init_from's weights
 INSTANCE_TEMPLATE = "a photo of {}"  # the template of the instance and class prompts
 INSTANCE_CAPTION = 1  # the instance prompt's caption id (0 is the empty prompt)
-
 
 @dataclasses.dataclass
 class SubjectConfig:
@@ -114,15 +113,49 @@ class DreamBoothConfig(TextDDPMConfig):
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
 
 
+
 class SubjectPrompt(Prompt):
-    """Stage 3's prompt, with init_from's text encoder; the captions are the instance prompt's and the
-    class prompts' (``DreamBoothLDM``), and with ``subject.learn_identifier`` the instance prompt's
-    hidden states come from the identifier's word embedding as it is now."""
+    """Stage 3's prompt, with init_from's text encoder, naming the subject: the instance prompt "a photo
+    of a <|spare_0|> bag" binds it to the identifier, the class prompt "a photo of a bag" is its class.
+    The captions are those two and the prior's class prompts, and with ``subject.learn_identifier`` the
+    instance prompt's hidden states come from the identifier's word embedding as it is now."""
+
+    def __init__(self, stage):
+        super().__init__(stage)
+        s, classes = self.config.subject, stage.class_names
+        class_name = s.class_name or subject_class(s.images)
+        if class_name is None:
+            raise UserError(f"subject.class_name is not set and {s.images} has no subject.json; "
+                            f"name the subject's class, e.g. subject.class_name=Bag")
+        self.subject_class = classes[class_index(class_name, classes)]
+        self.instance_prompt = subject_prompt(INSTANCE_TEMPLATE, s.identifier, self.subject_class)
+        self.class_prompt = class_prompt(self.subject_class)
+        self.prior_classes = classes if self.config.prior.classes == "all" else [self.subject_class]
+        self.prior_prompts = [class_prompt(c) for c in self.prior_classes]
+        first = ("", self.instance_prompt, *self.prior_prompts)  # caption ids 0, INSTANCE_CAPTION, 2, ...
+        self.captions = CaptionTable(classes, first)  # then every class's captions
+        self.training_prompts = self.captions.prompts if self.config.prior.captions == "training" else list(first)
 
     def text_encoder(self):
         if self._encoder is None:
             self.load(Path(self.config.init_from) / "final")
         return self._encoder
+
+    @functools.cached_property
+    def identifier_id(self) -> int:
+        return self.check_identifier()
+
+    def check_identifier(self) -> int:
+        """The identifier's token id; a UserError if the tokenizer splits it or does not know it."""
+        tokenizer = self.text_encoder().tokenizer
+        identifier = self.config.subject.identifier
+        ids = tokenizer(identifier, add_special_tokens=False).input_ids
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            raise UserError(f"subject.identifier {identifier!r} is {len(ids)} tokens {pieces} for this run's "
+                            f"tokenizer, not one; use a spare token such as <|spare_0|> of a run whose text "
+                            f"encoder is our CLIP (configs/text_fashion_clip_quick.yaml)")
+        return ids[0]
 
     def batch_entries(self, raw, dropped, flip, generator) -> dict[str, torch.Tensor]:
         """captions: each row's prompt id (a class row's, with ``prior.captions: training``, a random
@@ -144,10 +177,9 @@ class SubjectPrompt(Prompt):
 
     def preview_rows(self, n: int):
         """The instance prompt, the same in another phrasing, the class prompt, and every other class."""
-        stage = self.stage
-        others = [class_prompt(c) for c in stage.class_names if c != stage.subject_class]
-        rows = [stage.instance_prompt, subject_prompt("a product photo of {}", self.config.subject.identifier,
-                                                      stage.subject_class), stage.class_prompt, *others]
+        others = [class_prompt(c) for c in self.stage.class_names if c != self.subject_class]
+        rows = [self.instance_prompt, subject_prompt("a product photo of {}", self.config.subject.identifier,
+                                                     self.subject_class), self.class_prompt, *others]
         return rows, self.prompt_condition([p for p in rows for _ in range(n)])
 
 
@@ -160,256 +192,225 @@ class StartingLatents(Latents):
         return self._space
 
 
-class DreamBoothLDM(DiffusionStage):
-    """A subject's prompt in init_from's latent space, with prior preservation."""
+# -- the data: the subject's pictures and the class images -------------------------------------------
 
-    name = "dreambooth"
-    Config = DreamBoothConfig
-    capabilities = TextConditionedLDM.capabilities
-    Space, Condition, model_class = StartingLatents, SubjectPrompt, UNet2DConditionModel
 
-    @classmethod
-    def from_dict(cls, sections: dict) -> "DreamBoothLDM":
-        """The starting run's sections, with this config's ``init_from``, ``subject``, ``prior``,
-        ``lora`` and changes to ``data`` (flip), ``diffusion`` (p_uncond, snr_gamma) and ``sample``."""
-        sections = started_from({"init_from": "", **sections}, FROM_BASE, ("data", "diffusion", "sample"), "DreamBooth")
-        return cls(build(cls.Config, sections, where="config"))
+class PriorPreservation(Recipe):
+    """Train on the subject's pictures (the *instance* half of each batch) and, with ``prior.weight`` > 0,
+    as many class images (the *class* half), both in one forward pass:
+    loss = mean(instance losses) + prior.weight * mean(class losses)."""
 
-    def __init__(self, config: DreamBoothConfig):
-        super().__init__(config)
-        s = config.subject
-        class_name = s.class_name or subject_class(s.images)
-        if class_name is None:
-            raise UserError(f"subject.class_name is not set and {s.images} has no subject.json; "
-                            f"name the subject's class, e.g. subject.class_name=Bag")
-        self.subject_class = self.class_names[class_index(class_name, self.class_names)]
-        self.base_final = Path(config.init_from) / "final"
-        self.instance_prompt = subject_prompt(INSTANCE_TEMPLATE, s.identifier, self.subject_class)
-        self.class_prompt = class_prompt(self.subject_class)
-        self.prior_classes = self.class_names if config.prior.classes == "all" else [self.subject_class]
-        self.prior_prompts = [class_prompt(c) for c in self.prior_classes]
-        first = ("", self.instance_prompt, *self.prior_prompts)  # caption ids 0, INSTANCE_CAPTION, 2, ...
-        captions = self.condition.captions = CaptionTable(self.class_names, first)  # then every class's captions
-        self.condition.training_prompts = captions.prompts if config.prior.captions == "training" else list(first)
-
-    @property
-    def prior(self) -> bool:
-        return self.config.prior.weight > 0
-
-    # -- what starts from init_from --------------------------------------------------------
-
-    def starting_model(self):
-        """init_from's UNet, as it finished training (its text encoder and autoencoder are loaded
-        when first asked for, and stay this run's)."""
-        return self._network(self.base_final)
-
-    @functools.cached_property
-    def starting_weights_digest(self) -> str:
-        """A digest of init_from's UNet weights: class images made by other weights are not these."""
-        return hashlib.blake2b(weights_file(self.base_final / "unet").read_bytes(), digest_size=8).hexdigest()
-
-    @functools.cached_property
-    def identifier_id(self) -> int:
-        return self.check_identifier()
-
-    def check_identifier(self) -> int:
-        """The identifier's token id; a UserError if the tokenizer splits it or does not know it."""
-        tokenizer = self.condition.text_encoder().tokenizer
-        identifier = self.config.subject.identifier
-        ids = tokenizer(identifier, add_special_tokens=False).input_ids
-        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
-            pieces = tokenizer.convert_ids_to_tokens(ids)
-            raise UserError(f"subject.identifier {identifier!r} is {len(ids)} tokens {pieces} for this run's "
-                            f"tokenizer, not one; use a spare token such as <|spare_0|> of a run whose text "
-                            f"encoder is our CLIP (configs/text_fashion_clip_quick.yaml)")
-        return ids[0]
-
-    # -- the data: the subject's pictures and the class images -------------------------------
-
-    def load_data(self) -> dict[str, torch.Tensor]:
+    def load_data(self, stage, then) -> dict[str, torch.Tensor]:
         """N rows, at least one per subject picture and one per class image; row i holds subject
         picture i mod K (its latents, and those of its mirror image) and, with prior preservation,
         class image i mod M with its prompt's caption id."""
-        self.check_identifier()
-        device = PartialState().device
-        self.condition.text_encoder().to(device)
-        self.condition._table = self.condition.embed(self.condition.training_prompts)
-        instances = read_subject(self.config.subject.images)
+        condition = stage.condition
+        condition.check_identifier()
+        condition.text_encoder().to(PartialState().device)
+        condition._table = condition.embed(condition.training_prompts)
+        instances = read_subject(stage.config.subject.images)
         halves = {"instance": (instances, torch.arange(len(instances)), torch.ones(len(instances), dtype=torch.long))}
-        if self.prior:
-            halves["class"] = self.class_rows()
+        if has_prior(stage):
+            halves["class"] = class_rows(stage)
         n = max(len(which) for _, which, _ in halves.values())
         data = {}
         for half, (images, which, captions) in halves.items():
-            data |= self.rows(half, images, which, captions, n)
-        if self.prior:  # the class of each class row's prompt
-            classes = torch.tensor([self.class_names.index(c) for c in self.prior_classes])
+            data |= rows(stage, half, images, which, captions, n)
+        if has_prior(stage):  # the class of each class row's prompt
+            classes = torch.tensor([stage.class_names.index(c) for c in condition.prior_classes])
             data["class_label"] = classes[data["class_caption"] - 2]
         return data
 
-    def class_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The class images, each prompt's once (uint8 U x 28 x 28), and for each of the M class
-        rows the index of its image (int64 M) and its prompt's caption id (int64 M). With
-        ``prior.classes: all`` the subject's own class has as many rows as all others together: it is
-        the class the identifier's prompt is nearly the same as, and drifts first."""
-        images, which, captions = [], [], []
-        for i, prompt in enumerate(self.prior_prompts):
-            repeat = len(self.prior_prompts) - 1 if prompt == self.class_prompt and len(self.prior_prompts) > 1 else 1
-            made = self.class_images(prompt)
-            which.append(torch.arange(len(made)).repeat(repeat) + sum(len(m) for m in images))
-            captions.append(torch.full((len(made) * repeat,), 2 + i))
-            images.append(made)
-        return torch.cat(images), torch.cat(which), torch.cat(captions)
-
-    def rows(self, half: str, images: torch.Tensor, which: torch.Tensor, captions: torch.Tensor, n: int
-             ) -> dict[str, torch.Tensor]:
-        """``half``_latents (and _latents_flipped), n x C x h x w, and ``half``_caption (int64 n), ids
-        into ``training_prompts``: row i is images[which[i mod M]] with caption i mod M. Each image
-        is encoded once, however many rows repeat it."""
-        space = self.space.latent_space().to(PartialState().device)
-        row = torch.arange(n) % len(which)
-        image = which[row]
-        return {f"{half}_latents": space.encode(images)[image], f"{half}_latents_flipped": space.encode(
-            images.flip(-1))[image], f"{half}_caption": captions[row]}
-
-    def class_images(self, prompt: str) -> torch.Tensor:
-        """uint8 num_class_images x 28 x 28: the starting model's answers to ``prompt``, made once
-        and kept as PNGs in INIT_FROM/class_images/<prompt and settings>/ (shared by every
-        fine-tune of that run that asks for the same ones); with ``prior.images: dataset``, real
-        training images of its class instead."""
-        p, s = self.config.prior, self.config.sample
-        if p.images == "dataset":
-            return self.training_images_of(self.prior_classes[self.prior_prompts.index(prompt)])
-        unet_size = weights_file(self.base_final / "unet").stat().st_size
-        key = json.dumps([prompt, p.seed, s.scheduler, s.steps, p.guidance, unet_size, self.starting_weights_digest])
-        digest = hashlib.blake2b(key.encode(), digest_size=5).hexdigest()
-        folder = Path(self.config.init_from) / "class_images" / f"{prompt.replace(' ', '_').replace('/', '_')}-{digest}"
-        paths = [folder / f"{i:04d}.png" for i in range(p.num_class_images)]
-        state = PartialState()
-        with state.main_process_first():
-            if state.is_main_process and not all(path.is_file() for path in paths):
-                print(f"generating {len(paths)} class images for {prompt!r} with {self.config.init_from}")
-                base = self.starting_model().to(state.device)
-                images = self.generate_prompts(base, [prompt] * len(paths), guidance=p.guidance, seed=p.seed,
-                                               progress=True)
-                folder.mkdir(parents=True, exist_ok=True)
-                for image, path in zip(images, paths):
-                    Image.fromarray(image.numpy()).save(path)
-                (folder / "prompt.txt").write_text(key + "\n")
-        return torch.cat([read_image(path, "class image") for path in paths])
-
-    @functools.cached_property
-    def training_set(self):
-        """The Fashion-MNIST training split, read once for all the prior's classes."""
-        return load_fashion_mnist("train", root=self.config.data.root, hub_name=self.config.data.hub_name)
-
-    def training_images_of(self, class_name: str) -> torch.Tensor:
-        """uint8 num_class_images x 28 x 28: training images of ``class_name``, drawn with prior.seed."""
-        p, train = self.config.prior, self.training_set
-        members = (train.labels == self.class_names.index(class_name)).nonzero().flatten()
-        if len(members) < p.num_class_images:
-            raise UserError(f"prior.num_class_images={p.num_class_images} but the training set has {len(members)} "
-                            f"images of {class_name}; ask for at most that many")
-        pick = torch.randperm(len(members), generator=torch.Generator().manual_seed(p.seed))[:p.num_class_images]
-        return train.images[members[pick]]
-
-    # -- the batch: [instance..., class...] ------------------------------------------------
-
-    def make_batch(self, raw, generator, step=0) -> dict[str, torch.Tensor]:
-        """Stage 3's batch for the subject's pictures and, with prior preservation, another for the
+    def make_batch(self, stage, then, raw, generator, step=0) -> dict[str, torch.Tensor]:
+        """The stage's batch for the subject's pictures and, with prior preservation, another for the
         class images under ``prior_``: B rows each, stacked by ``stacked``."""
         def half(name):
             return {k: raw[f"{name}_{k}"] for k in ("latents", "latents_flipped", "caption", "label")
                     if f"{name}_{k}" in raw}
 
-        batch = super().make_batch(half("instance"), generator, step)
-        if self.prior:
-            batch |= {f"prior_{k}": v for k, v in super().make_batch(half("class"), generator, step).items()}
+        batch = then(half("instance"), generator, step)
+        if has_prior(stage):
+            batch |= {f"prior_{k}": v for k, v in then(half("class"), generator, step).items()}
         return batch
 
-    @staticmethod
-    def stacked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The DreamBooth batch of 2B: the instance rows, then the class rows."""
-        return {k: torch.cat([v, batch[f"prior_{k}"]]) for k, v in batch.items() if not k.startswith("prior_")}
-
-    def identifier_states(self, model) -> torch.Tensor:
-        """float 77 x D: the instance prompt through the frozen text encoder, the identifier's word
-        embedding being the model's ``identifier_embedding`` (so its gradient reaches that vector)."""
-        vector = extract_model_from_parallel(model).identifier_embedding
-        return self.condition.text_encoder().encode_with_word(self.instance_prompt, self.identifier_id, vector)
-
-    def loss(self, model, batch) -> dict[str, torch.Tensor]:
+    def loss(self, stage, then, model, batch) -> dict[str, torch.Tensor]:
         """instance_loss + prior.weight * prior_loss, both halves in one forward pass."""
-        rows = self.stacked(batch) if self.prior else dict(batch)
-        if self.config.subject.learn_identifier:
-            rows["identifier_states"] = self.identifier_states(model)
-        losses = self.example_losses(model, rows)
-        if not self.prior:
-            return {"loss": losses.mean()}
+        if not has_prior(stage):
+            return {"loss": stage.example_losses(model, batch).mean()}
+        losses = stage.example_losses(model, stacked(batch))
         b = len(batch["x0"])
         instance, prior = losses[:b].mean(), losses[b:].mean()
-        return {"loss": instance + self.config.prior.weight * prior, "instance_loss": instance, "prior_loss": prior}
+        return {"loss": instance + stage.config.prior.weight * prior, "instance_loss": instance, "prior_loss": prior}
 
-    # -- the model: init_from's UNet, whole or with adapters -----------------------------------
-
-    def build_model(self):
-        """init_from's UNet (with adapters, if ``lora.rank``); with ``subject.learn_identifier`` it also
-        holds the identifier's word embedding, starting from the tokenizer's own, as a parameter."""
-        unet = self.starting_model()
-        if self.config.lora.rank:
-            unet = add_lora(unet, self.config.lora)
-        if self.config.subject.learn_identifier:
-            start = self.condition.text_encoder().model.get_input_embeddings().weight[self.identifier_id]
-            unet.register_parameter("identifier_embedding", torch.nn.Parameter(start.detach().clone()))
-        return unet
-
-    def learn_identifier(self, model) -> dict[str, torch.Tensor]:
-        """The model's identifier embedding made the text encoder's word; {identifier: vector}."""
-        words = {self.config.subject.identifier: model.identifier_embedding}
-        self.condition.learn_words(words)
-        return words
-
-    def preview(self, model, path: Path, title: str = "") -> Path:
-        """Stage 3's preview; a model in training names the subject with its identifier as it is now."""
-        if self.config.subject.learn_identifier:
-            self.learn_identifier(model)
-        return super().preview(model, path, title)
-
-    def save_final(self, model, folder: Path) -> None:
-        """LoRA: the adapters alone (diffusers' LoRA format); else a whole Stable Diffusion folder
-        (its text encoder with the learnt identifier). Both with ``dreambooth.json`` (the prompts
-        that call the subject up) and, with ``subject.learn_identifier``, ``learned_embeds.safetensors``
-        ({identifier: its learnt word embedding}, which ``--lora`` loads with the adapters)."""
-        identifier = self.config.subject.identifier
-        if self.config.subject.learn_identifier:
-            words = self.learn_identifier(model)  # so that the text encoder saved is the one that names the subject
-            model = copy.deepcopy(model)
-            del model.identifier_embedding  # unet/ holds the UNet's own weights only
-        if self.config.lora.rank:
-            folder.mkdir(parents=True)
-            save_lora(model, folder)
-        else:
-            super().save_final(model, folder)
-        if self.config.subject.learn_identifier:
-            save_tensors(words, folder / LEARNED_EMBEDS)
-        info = {"init_from": self.config.init_from, "instance_prompt": self.instance_prompt,
-                "class_prompt": self.class_prompt, "identifier": identifier,
-                "learned_identifier": self.config.subject.learn_identifier,
-                "class": self.subject_class, "lora_rank": self.config.lora.rank}
+    def save_final(self, stage, then, model, folder: Path) -> None:
+        """What the stage saves, with ``dreambooth.json``: the prompts that call the subject up."""
+        then(model, folder)
+        c = stage.condition
+        info = {"init_from": stage.config.init_from, "instance_prompt": c.instance_prompt,
+                "class_prompt": c.class_prompt, "identifier": stage.config.subject.identifier,
+                "learned_identifier": stage.config.subject.learn_identifier,
+                "class": c.subject_class, "lora_rank": stage.config.lora.rank}
         (folder / "dreambooth.json").write_text(json.dumps(info, indent=1) + "\n")
 
-    def load_model(self, folder: Path):
-        """A ``final/`` folder (adapters on init_from's UNet, or a whole UNet) or a checkpoint; a learnt
-        identifier becomes the text encoder's."""
-        if (folder / "ema").is_dir():  # a checkpoint: init_from's UNet (with adapters), then its EMA weights
-            model = self.build_model()
-            model.load_state_dict(load_tensors(weights_file(folder / "ema")))
-            if self.config.subject.learn_identifier:
-                self.learn_identifier(model)
-            return model
-        if self.config.lora.rank:
-            return self.add_adapters(self.starting_model(), folder)
-        return super().load_model(folder)  # its text_encoder/ holds the learnt identifier
+
+def has_prior(stage) -> bool:
+    return stage.config.prior.weight > 0
+
+
+def stacked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The DreamBooth batch of 2B: the instance rows, then the class rows (entries without a class
+    half, as the identifier's hidden states, as they are)."""
+    return {k: torch.cat([v, batch[f"prior_{k}"]]) if f"prior_{k}" in batch else v
+            for k, v in batch.items() if not k.startswith("prior_")}
+
+
+def class_rows(stage) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The class images, each prompt's once (uint8 U x 28 x 28), and for each of the M class
+    rows the index of its image (int64 M) and its prompt's caption id (int64 M). With
+    ``prior.classes: all`` the subject's own class has as many rows as all others together: it is
+    the class the identifier's prompt is nearly the same as, and drifts first."""
+    prompts, class_prompt = stage.condition.prior_prompts, stage.condition.class_prompt
+    images, which, captions = [], [], []
+    for i, prompt in enumerate(prompts):
+        repeat = len(prompts) - 1 if prompt == class_prompt and len(prompts) > 1 else 1
+        made = class_images(stage, prompt)
+        which.append(torch.arange(len(made)).repeat(repeat) + sum(len(m) for m in images))
+        captions.append(torch.full((len(made) * repeat,), 2 + i))
+        images.append(made)
+    return torch.cat(images), torch.cat(which), torch.cat(captions)
+
+
+def rows(stage, half: str, images: torch.Tensor, which: torch.Tensor, captions: torch.Tensor, n: int
+         ) -> dict[str, torch.Tensor]:
+    """``half``_latents (and _latents_flipped), n x C x h x w, and ``half``_caption (int64 n), ids
+    into ``training_prompts``: row i is images[which[i mod M]] with caption i mod M. Each image
+    is encoded once, however many rows repeat it."""
+    space = stage.space.latent_space().to(PartialState().device)
+    row = torch.arange(n) % len(which)
+    image = which[row]
+    return {f"{half}_latents": space.encode(images)[image], f"{half}_latents_flipped": space.encode(
+        images.flip(-1))[image], f"{half}_caption": captions[row]}
+
+
+def class_images(stage, prompt: str) -> torch.Tensor:
+    """uint8 num_class_images x 28 x 28: the starting model's answers to ``prompt``, made once
+    and kept as PNGs in INIT_FROM/class_images/<prompt and settings>/ (shared by every
+    fine-tune of that run that asks for the same ones); with ``prior.images: dataset``, real
+    training images of its class instead."""
+    p, s, init_from = stage.config.prior, stage.config.sample, Path(stage.config.init_from)
+    if p.images == "dataset":
+        return training_images_of(stage, stage.condition.prior_classes[stage.condition.prior_prompts.index(prompt)])
+    unet = weights_file(init_from / "final" / "unet")  # class images made by other weights are not these:
+    weights = hashlib.blake2b(unet.read_bytes(), digest_size=8).hexdigest()
+    key = json.dumps([prompt, p.seed, s.scheduler, s.steps, p.guidance, unet.stat().st_size, weights])
+    digest = hashlib.blake2b(key.encode(), digest_size=5).hexdigest()
+    folder = init_from / "class_images" / f"{prompt.replace(' ', '_').replace('/', '_')}-{digest}"
+    paths = [folder / f"{i:04d}.png" for i in range(p.num_class_images)]
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process and not all(path.is_file() for path in paths):
+            print(f"generating {len(paths)} class images for {prompt!r} with {init_from}")
+            base = starting_model(stage).to(state.device)
+            images = stage.generate_prompts(base, [prompt] * len(paths), guidance=p.guidance, seed=p.seed,
+                                            progress=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            for image, path in zip(images, paths):
+                Image.fromarray(image.numpy()).save(path)
+            (folder / "prompt.txt").write_text(key + "\n")
+    return torch.cat([read_image(path, "class image") for path in paths])
+
+
+@functools.lru_cache(maxsize=1)
+def training_set(root: str | None, hub_name: str | None):
+    """The Fashion-MNIST training split, read once for all the prior's classes."""
+    return load_fashion_mnist("train", root=root, hub_name=hub_name)
+
+
+def training_images_of(stage, class_name: str) -> torch.Tensor:
+    """uint8 num_class_images x 28 x 28: training images of ``class_name``, drawn with prior.seed."""
+    p, train = stage.config.prior, training_set(stage.config.data.root, stage.config.data.hub_name)
+    members = (train.labels == stage.class_names.index(class_name)).nonzero().flatten()
+    if len(members) < p.num_class_images:
+        raise UserError(f"prior.num_class_images={p.num_class_images} but the training set has {len(members)} "
+                        f"images of {class_name}; ask for at most that many")
+    pick = torch.randperm(len(members), generator=torch.Generator().manual_seed(p.seed))[:p.num_class_images]
+    return train.images[members[pick]]
+
+
+# -- the identifier's word, learnt with the UNet ------------------------------------------------------
+
+
+class LearntIdentifier(Recipe):
+    """With ``subject.learn_identifier``, the identifier's word embedding is a parameter of the model,
+    starting from the tokenizer's own, and the instance prompt's hidden states are computed from it at
+    every step (``identifier_states``); it is saved beside the UNet (``learned_embeds.safetensors``)."""
+
+    def build_model(self, stage, then):
+        model = then()
+        if stage.config.subject.learn_identifier:
+            encoder, token = stage.condition.text_encoder(), stage.condition.identifier_id
+            start = encoder.model.get_input_embeddings().weight[token]
+            model.register_parameter("identifier_embedding", torch.nn.Parameter(start.detach().clone()))
+        return model
+
+    def loss(self, stage, then, model, batch):
+        if stage.config.subject.learn_identifier:
+            batch = {**batch, "identifier_states": identifier_states(stage, model)}
+        return then(model, batch)
+
+    def preview(self, stage, then, model, path, title=""):
+        """The stage's preview; a model in training names the subject with its identifier as it is now."""
+        if stage.config.subject.learn_identifier:
+            learn_identifier(stage, model)
+        return then(model, path, title)
+
+    def save_final(self, stage, then, model, folder: Path) -> None:
+        """The learnt word made the text encoder's (so that a saved text encoder names the subject), the
+        model saved without it, and {identifier: its vector} in ``learned_embeds.safetensors`` (which
+        ``--lora`` loads with the adapters)."""
+        if not stage.config.subject.learn_identifier:
+            return then(model, folder)
+        words = learn_identifier(stage, model)
+        model = copy.deepcopy(model)
+        del model.identifier_embedding  # unet/ holds the UNet's own weights only
+        then(model, folder)
+        save_tensors(words, folder / LEARNED_EMBEDS)
+
+    def load_model(self, stage, then, folder: Path):
+        """A checkpoint's learnt word becomes the text encoder's (a ``final/`` folder's already is)."""
+        if not (stage.config.subject.learn_identifier and (folder / "ema").is_dir()):
+            return then(folder)
+        model = load_checkpoint(stage, folder)
+        learn_identifier(stage, model)
+        return model
+
+
+def identifier_states(stage, model) -> torch.Tensor:
+    """float 77 x D: the instance prompt through the frozen text encoder, the identifier's word
+    embedding being the model's ``identifier_embedding`` (so its gradient reaches that vector)."""
+    vector = extract_model_from_parallel(model).identifier_embedding
+    c = stage.condition
+    return c.text_encoder().encode_with_word(c.instance_prompt, c.identifier_id, vector)
+
+
+def learn_identifier(stage, model) -> dict[str, torch.Tensor]:
+    """The model's identifier embedding made the text encoder's word; {identifier: vector}."""
+    words = {stage.config.subject.identifier: model.identifier_embedding}
+    stage.condition.learn_words(words)
+    return words
+
+
+class DreamBoothLDM(DiffusionStage):
+    """A subject's prompt in init_from's latent space: init_from's UNet fine-tuned on the subject's
+    pictures, whole or through adapters (``lora``), with prior preservation and the identifier learnt
+    or not. The recipes apply first to last, each around the ones after it."""
+
+    name = "dreambooth"
+    Config = DreamBoothConfig
+    capabilities = TextConditionedLDM.capabilities
+    Space, Condition, model_class = StartingLatents, SubjectPrompt, UNet2DConditionModel
+    recipes = (LearntIdentifier(), PriorPreservation(), Lora(),
+               FromTextRun(FROM_BASE, inherited=("data", "diffusion", "sample"), needs=True))
 
 
 def subject_prompt(template: str, identifier: str, class_name: str) -> str:
@@ -425,7 +426,7 @@ def subject_prompt(template: str, identifier: str, class_name: str) -> str:
 def subject_likeness(stage: DreamBoothLDM, scorer) -> Likeness:
     """Likeness to the stage's subject pictures and to the rest of their class (judge and ``scorer``)."""
     subject = read_subject(stage.config.subject.images)
-    return Likeness(subject, rest_of_class(stage.subject_class, subject), scorer)
+    return Likeness(subject, rest_of_class(stage.condition.subject_class, subject), scorer)
 
 
 def dreambooth_report(stage: DreamBoothLDM, model, likeness: Likeness, n: int = 200, n_classes: int = 1000,
@@ -443,23 +444,23 @@ def dreambooth_report(stage: DreamBoothLDM, model, likeness: Likeness, n: int = 
     * other classes: the judge's accuracy on n_classes samples of every class's prompts, the
       subject's class apart; ``diversity``: mean pairwise judge-feature distance of the subject samples.
     """
-    c, identifier = stage.class_names.index(stage.subject_class), stage.config.subject.identifier
+    c, identifier = stage.class_names.index(stage.condition.subject_class), stage.config.subject.identifier
     templates = [t for t in TEMPLATES if t != INSTANCE_TEMPLATE]
     rephrased = [templates[i % len(templates)] for i in range(n)]
 
     def samples(prompts):
         return stage.generate_prompts(model, prompts, seed=seed, progress=True)
 
-    instance = samples([stage.instance_prompt] * n)
+    instance = samples([stage.condition.instance_prompt] * n)
     feats, logits = embed(cached_judge(), instance)
     report = likeness(instance)
     report["subject_accuracy"] = (logits.argmax(1) == c).float().mean().item()
     report["diversity"] = diversity(feats, torch.full((n,), c))[0]
-    images = samples([subject_prompt(t, identifier, stage.subject_class) for t in rephrased])
+    images = samples([subject_prompt(t, identifier, stage.condition.subject_class) for t in rephrased])
     report |= {f"rephrased_{k}": v for k, v in likeness(images).items()}
-    report["rephrased_clip_score"] = likeness.scorer.score(images, [subject_prompt(t, "", stage.subject_class)
+    report["rephrased_clip_score"] = likeness.scorer.score(images, [subject_prompt(t, "", stage.condition.subject_class)
                                                            for t in rephrased]).mean().item()
-    class_prompt = likeness(samples([stage.class_prompt] * n))
+    class_prompt = likeness(samples([stage.condition.class_prompt] * n))
     report |= {"class_prompt_subject_judge": class_prompt["judge_subject"],
                "class_prompt_subject_rate": class_prompt["subject_rate"]}
     per_class = evaluate_model(stage, model, n_classes, seed=seed, progress=True)["per_class_accuracy"]

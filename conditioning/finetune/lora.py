@@ -21,7 +21,10 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from ddpm.diffusion_stage import Recipe
 from ddpm.errors import UserError
+
+from conditioning.finetune.start import load_checkpoint, starting_model
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' loaders look for
 
@@ -70,3 +73,25 @@ def load_lora(unet, folder: str | Path):
         raise UserError(f"the LoRA in {folder} does not fit this UNet (was it trained from another run?): "
                         f"{str(e).splitlines()[0]}") from None
     return unet
+
+
+class Lora(Recipe):
+    """With ``lora.rank`` > 0, rank-r adapters on the starting UNet train instead of all its weights, and
+    are saved alone; the run's model is then the starting UNet with its adapters."""
+
+    def build_model(self, stage, then):
+        model = then()
+        return add_lora(model, stage.config.lora) if stage.config.lora.rank else model
+
+    def save_final(self, stage, then, model, folder: Path) -> None:
+        if not stage.config.lora.rank:
+            return then(model, folder)
+        folder.mkdir(parents=True)
+        save_lora(model, folder)
+
+    def load_model(self, stage, then, folder: Path):
+        if not stage.config.lora.rank:
+            return then(folder)
+        if (folder / "ema").is_dir():
+            return load_checkpoint(stage, folder)
+        return stage.add_adapters(starting_model(stage), folder)

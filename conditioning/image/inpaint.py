@@ -49,7 +49,8 @@ from ddpm.judge import accuracy
 from ddpm.metrics import embed, frechet_distance, psnr, reference_stats
 from latent.stage import Latents
 
-from conditioning.image.stage import FromTextRun, ImageChannels, ImageConditionedConfig
+from conditioning.finetune.start import FromTextRun
+from conditioning.image.stage import ImageChannels, ImageConditionedConfig
 from conditioning.text.stage import TextConditionedLDM
 
 MASK_KINDS = ("boxes", "strokes", "halves", "full")
@@ -268,7 +269,8 @@ class InpaintingLDM(DiffusionStage):
     capabilities = Capabilities(conditions=(CLASS, PROMPT), generates=True, evaluates=True, inputs=(
         SampleInput("mask", "28 x 28, white where the --init-image is to be painted", read_mask,
                     with_init_image=True),))
-    Space, Condition, recipe, model_class = Latents, MaskedImage, FromTextRun(), UNet2DConditionModel
+    Space, Condition, model_class = Latents, MaskedImage, UNet2DConditionModel
+    recipes = (FromTextRun(),)
     report_table = staticmethod(ImageChannels.report_table)
 
     # -- measured --------------------------------------------------------------------------

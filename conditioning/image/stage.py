@@ -28,19 +28,17 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from ddpm.data import load_fashion_mnist, load_training_set
-from ddpm.diffusion_stage import DiffusionStage, NetworkInputs, Recipe
+from ddpm.diffusion_stage import DiffusionStage, NetworkInputs
 from ddpm.errors import UserError
 from ddpm.evaluate import markdown_table
 from ddpm.metrics import balanced_subset
 from ddpm.plots import save_grid
 from ddpm.run_folder import load_trained
 
-from conditioning.text.stage import Prompt, TextConditionedLDM, TextDDPMConfig, started_from
+from conditioning.text.stage import Prompt, TextConditionedLDM, TextDDPMConfig
 
-FROM_TEXT_RUN = ("model", "autoencoder", "text_encoder")  # sections init_from's weights fix
 NETWORK_INPUTS = ("concat", "class_labels")  # the batch entries an image condition gives the network
 
 
@@ -170,38 +168,3 @@ class ImageChannels(Prompt):
         measures = list(dict.fromkeys(m for row in methods.values() for m in row))
         return markdown_table(["", *measures], [[method, *(f"{row[m]:.3f}" if m in row else "-" for m in measures)]
                                                 for method, row in methods.items()])
-
-
-class FromTextRun(Recipe):
-    """The image stages' recipe: with ``init_from``, the model, autoencoder and text encoder are the
-    finished text run's (and the noise schedule must be), and its UNet is widened (``widen_from``)."""
-
-    def sections(self, cls, sections: dict) -> dict:
-        if sections.get("init_from"):
-            return started_from(sections, FROM_TEXT_RUN, (), f"a '{cls.name}' run")
-        return sections
-
-    def model(self, stage, model):
-        if stage.config.init_from:
-            base = UNet2DConditionModel.from_pretrained(Path(stage.config.init_from) / "final" / "unet",
-                                                        use_safetensors=True)
-            widen_from(model, base)
-        return model
-
-
-def widen_from(model: torch.nn.Module, base: torch.nn.Module) -> None:
-    """Copy ``base``'s weights into ``model``, a UNet like it with more input channels (and perhaps
-    a class embedding): the extra channels of ``conv_in`` and any weights ``base`` lacks start at
-    zero, so ``model`` computes what ``base`` computed whatever the extra inputs are."""
-    state = base.state_dict()
-    new = model.state_dict()
-    w = state["conv_in.weight"]  # out x C x 3 x 3 -> out x (C + K) x 3 x 3
-    extra = new["conv_in.weight"].shape[1] - w.shape[1]
-    state["conv_in.weight"] = torch.cat([w, w.new_zeros(w.shape[0], extra, *w.shape[2:])], dim=1)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise UserError(f"init_from's UNet has weights this one lacks ({unexpected[0]}, ...): the model "
-                        f"sections differ")
-    with torch.no_grad():
-        for name in missing:
-            model.get_parameter(name).zero_()

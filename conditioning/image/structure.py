@@ -25,7 +25,8 @@ from ddpm.diffusion_stage import DiffusionStage
 from ddpm.judge import accuracy
 from latent.stage import Latents
 
-from conditioning.image.stage import FromTextRun, ImageChannels, ImageConditionedConfig
+from conditioning.finetune.start import FromTextRun
+from conditioning.image.stage import ImageChannels, ImageConditionedConfig
 
 MIN_RANGE = 1e-2  # the floor of a map's max - min when it is scaled to [-1, 1]
 SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
@@ -99,7 +100,8 @@ class StructureLDM(DiffusionStage):
     capabilities = Capabilities(conditions=(CLASS, PROMPT), generates=True, evaluates=True, inputs=(
         SampleInput("structure", "make garments with this image's edges",
                     lambda path: structure_maps(read_image(path, "--structure"))),))
-    Space, Condition, recipe, model_class = Latents, EdgeMap, FromTextRun(), UNet2DConditionModel
+    Space, Condition, model_class = Latents, EdgeMap, UNet2DConditionModel
+    recipes = (FromTextRun(),)
     report_table = staticmethod(ImageChannels.report_table)
 
     def evaluate(self, model, n: int, **settings) -> dict[str, float]:

@@ -38,7 +38,8 @@ from ddpm.metrics import psnr, ssim
 from ddpm.diffusion_stage import DiffusionStage
 from latent.stage import Latents
 
-from conditioning.image.stage import FromTextRun, ImageChannels, ImageConditionedConfig
+from conditioning.finetune.start import FromTextRun
+from conditioning.image.stage import ImageChannels, ImageConditionedConfig
 
 LOW_RES = 8  # pixels per side of the low-resolution image: the latent grid of the 32 x 32 image
 PIPELINE_SCALING_FACTOR = 0.08333  # what StableDiffusionUpscalePipeline sets every VAE's factor to
@@ -164,7 +165,8 @@ class SuperResolutionLDM(DiffusionStage):
     Config = UpscaleDDPMConfig
     capabilities = Capabilities(conditions=(CLASS, PROMPT), inputs=(LOW_RES_INPUT,), generates=True,
                                 evaluates=True)
-    Space, Condition, recipe, model_class = Latents, LowResolution, FromTextRun(), UNet2DConditionModel
+    Space, Condition, model_class = Latents, LowResolution, UNet2DConditionModel
+    recipes = (FromTextRun(),)
     report_table = staticmethod(ImageChannels.report_table)
 
     # -- measured --------------------------------------------------------------------------

@@ -26,11 +26,10 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from ddpm.checkpoint import load_tensors
-from ddpm.config import check_model_keys, read_yaml
+from ddpm.config import check_model_keys
 from ddpm.contract import CLASS, PROMPT, Capabilities
 from ddpm.data import load_training_set
 from ddpm.diffusion_stage import Condition, DiffusionStage, NetworkInputs
-from ddpm.errors import UserError
 from latent.stage import LatentDDPMConfig, Latents
 
 from conditioning.text.adherence import attribute_measure
@@ -56,50 +55,6 @@ class TextDDPMConfig(LatentDDPMConfig):
     def __post_init__(self):
         check_model_keys(self.model, UNet2DConditionModel,
                          ("sample_size", "in_channels", "out_channels", "cross_attention_dim"))
-
-
-def base_sections(init_from: str, what: str) -> dict:
-    """The resolved config of the finished text run ``init_from`` that ``what`` (a fine-tune)
-    starts from, less its stage and train sections."""
-    if not init_from:
-        raise UserError("init_from is not set; name a finished text run, e.g. init_from: runs/text_fashion_clip_quick")
-    path = Path(init_from) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"init_from {init_from} is not a run directory (no config.yaml); train a text run first")
-    base = read_yaml(path)
-    if base.get("stage") != "text":
-        raise UserError(f"init_from {init_from} is a '{base.get('stage')}' run; {what} starts from a text "
-                        f"run (stage: text), e.g. runs/text_fashion_clip_quick")
-    if not (Path(init_from) / "final" / "unet" / "config.json").is_file():
-        raise UserError(f"init_from {init_from} has no final/ model yet; finish training it first")
-    return {k: v for k, v in base.items() if k not in ("stage", "train")}
-
-
-SCHEDULE = ("num_train_timesteps", "beta_schedule", "prediction_type")  # what a UNet's weights assume
-
-
-def started_from(sections: dict, fixed: tuple[str, ...], inherited: tuple[str, ...], what: str) -> dict:
-    """A fine-tune's config sections when it starts from the finished text run ``sections["init_from"]``:
-    the ``fixed`` sections (what the run's weights were made with) are the run's, and a config that gives
-    them otherwise is refused; each ``inherited`` section is the run's with this config's keys on top;
-    the noise schedule is the run's (``SCHEDULE``: a config may repeat it, not change it, and what it leaves
-    out is not the default but the run's). ``what`` names the fine-tune in errors."""
-    init_from = sections["init_from"]
-    base = base_sections(init_from, what)
-    given = [k for k in fixed if k in sections and sections[k] != base.get(k)]
-    if given:
-        raise UserError(f"{given[0]} comes from init_from ({init_from}) and cannot change; remove the {given[0]} "
-                        f"section")
-    ours, theirs = sections.get("diffusion") or {}, base.get("diffusion") or {}
-    changed = [k for k in SCHEDULE if k in ours and ours[k] != theirs.get(k, ours[k])]
-    if changed:
-        raise UserError(f"diffusion.{changed[0]} is {ours[changed[0]]!r} but init_from ({init_from}) was trained "
-                        f"with {theirs[changed[0]]!r}; use that")
-    merged = {**sections, **{k: base[k] for k in fixed if k in base}}
-    for key in inherited:
-        merged[key] = {**(base.get(key) or {}), **(sections.get(key) or {})}
-    merged["diffusion"] = {**(merged.get("diffusion") or {}), **{k: theirs[k] for k in SCHEDULE if k in theirs}}
-    return merged
 
 
 class Prompt(Condition):
