@@ -45,13 +45,13 @@ from ddpm.plots import append_metrics, rows_of, save_grid
 from ddpm.provenance import provenance
 from ddpm.run_folder import model_step, run_dir_of
 from ddpm.request import check_request, read_inputs
-from ddpm.runs import declared_conditions, load_for_sampling, load_scorer, sample_inputs
+from ddpm.runs import load_for_sampling, load_scorer, stage_declarations
 from ddpm.web import MAX_IMAGE_STEPS, MAX_UPLOAD_MB, MAX_WAITING, serve
 
 
 def parse_args(argv: list[str] | None, declared: dict, kinds: dict) -> argparse.Namespace:
-    """The command line; ``declared``: ``sample_inputs()``, the input images stages declare, a flag each;
-    ``kinds``: ``declared_conditions()``, what stages can be asked for, a flag each."""
+    """The command line; ``declared``: the input images stages declare, ``kinds``: what they can be asked
+    for (``stage_declarations``), a flag each."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run directory or checkpoint folder")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None, declared: dict, kinds: dict) -> argparse.
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    declared, kinds = sample_inputs(), declared_conditions()  # what every stage declares
+    declared, kinds = stage_declarations("inputs"), stage_declarations("conditions")  # what every stage declares
     args = parse_args(argv, declared, kinds)
     if args.web:
         return serve(args.run, args.device, args.host, args.port, max_waiting=args.max_waiting,

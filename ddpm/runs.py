@@ -41,23 +41,14 @@ def stage_class(name: str) -> type[Stage]:
     return getattr(importlib.import_module(module), cls)
 
 
-def sample_inputs() -> dict[str, tuple[SampleInput, list[str]]]:
-    """Every input image a registered stage declares (``capabilities.inputs``) by name, with the stages
-    that take it: what ``sample.py`` makes its flags from."""
-    found: dict[str, tuple[SampleInput, list[str]]] = {}
+def stage_declarations(what: str) -> dict[str, tuple[SampleInput | ConditionKind, list[str]]]:
+    """Every input image (``what`` = "inputs") or kind of condition ("conditions") a registered stage
+    declares in its ``capabilities``, by name, with the stages that declare it: what ``sample.py`` makes
+    its flags from."""
+    found: dict[str, tuple[SampleInput | ConditionKind, list[str]]] = {}
     for name in STAGES:
-        for item in stage_class(name).capabilities.inputs:
+        for item in getattr(stage_class(name).capabilities, what):
             found.setdefault(item.name, (item, []))[1].append(name)
-    return found
-
-
-def declared_conditions() -> dict[str, tuple[ConditionKind, list[str]]]:
-    """Every kind of condition a registered stage can be asked for (``capabilities.conditions``) by name,
-    with the stages asked for it: what ``sample.py`` makes its flags from."""
-    found: dict[str, tuple[ConditionKind, list[str]]] = {}
-    for name in STAGES:
-        for kind in stage_class(name).capabilities.conditions:
-            found.setdefault(kind.name, (kind, []))[1].append(name)
     return found
 
 

@@ -13,10 +13,10 @@ UNet reads (C + K) x 8 x 8 and still predicts C x 8 x 8 of noise:
 The prompt, caption dropout and classifier-free guidance are stage 3's; the image condition is
 the same in both CFG branches, so guidance pulls toward the prompt, never away from the image.
 
-``init_from`` starts the UNet from a finished text run: its weights are copied, and the new
-input channels' weights (and a class embedding the text run lacks) start at zero, so the
-widened UNet first computes exactly what the text run did, and training teaches it to look
-at the new channels. Each stage writes ``final/`` as the diffusers pipeline that runs it
+``init_from`` starts the UNet from a finished text run (``FromTextRun``, ``conditioning/finetune/start.py``):
+its weights are copied, and the new input channels' weights (and a class embedding the text run lacks)
+start at zero, so the widened UNet first computes exactly what the text run did, and training teaches
+it to look at the new channels. Each stage writes ``final/`` as the diffusers pipeline that runs it
 expects (``pipeline_class``) and draws its random inputs at sampling time in that pipeline's
 order (``sampling_inputs``), so the pipeline gives the images ``sample.py`` gives for a seed.
 """
@@ -113,10 +113,6 @@ class ImageChannels(Prompt):
         """One image per prompt and input; uint8 N x 28 x 28."""
         condition = {**self.prompt_condition(prompts), **self.input_condition(inputs, len(prompts))}
         return self.stage.sample(model, condition, self.null_condition(condition, negative_prompt), **settings)
-
-    def generate_composed(self, *args, **kwargs):
-        raise UserError(f"--weights composes prompts of a text run; a '{self.stage.name}' run takes one prompt per "
-                        f"image")
 
     # -- looking at it: test images in, the model's answers out ----------------------------------
 
