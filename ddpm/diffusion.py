@@ -38,7 +38,10 @@ keeps the network and changes the path and the target. With t in [0, 1] (the net
 
 t is drawn logit-normally (t = sigmoid(u), u ~ N(m, s^2); SD3: m = 0, s = 1) or uniformly, optionally
 shifted toward noise, t' = shift t / (1 + (shift - 1) t) (SD3 eq. 23). Sampling integrates the ODE
-dx/dt = v(x, t) from t = 1 to 0 (Euler or Heun); the paths are nearly straight, so few steps do.
+dx/dt = v(x, t) from t = 1 to 0 (Euler, midpoint or Heun, ``FlowSampler``); a path is straight until the
+network can tell which image it is heading for, and straight stretches cost Euler nothing. A flow run's
+``scheduler/`` is diffusers' ``FlowMatchEulerDiscreteScheduler``, which diffusers' UNet pipelines
+(``DDPMPipeline``, ``StableDiffusionPipeline``) do not drive; ``sample.py`` does.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def samplers_for(objective: str) -> list[str]:
 class Diffusion:
     """The diffusion settings by name, which the loss and the samplers read: what the network predicts, the
     noise schedule, how timesteps are drawn and the loss weighted. ``scheduler``, diffusers' ``DDPMScheduler``
-    built from them, holds the schedule's abar_t (``alphas_cumprod``) and is saved for pipelines."""
+    built from them, holds the schedule's abar_t (``alphas_cumprod``) and is saved for pipelines (a flow
+    run's: ``FlowMatchEulerDiscreteScheduler``)."""
 
     objective: str = "ddpm"  # "ddpm": the variance-preserving path below; "flow": rectified flow (module docstring)
     prediction_type: str = "epsilon"  # what a DDPM network predicts: eps ("epsilon") or v ("v_prediction")
