@@ -36,7 +36,7 @@ from ddpm.diffusion_stage import DiffusionStage
 from ddpm.runs import STAGES, load_for_sampling, stage_class
 
 from .conftest import (ROOT, TINY, assert_resume_is_exact, assert_two_processes_train_like_one,
-                       losses, make_tiny_clip_folder, one_line_error, run, tiny_config)
+                       losses, one_line_error, run, tiny_config)
 from .test_samplers import moment_errors, standard_noise
 
 T = 1000
@@ -164,7 +164,7 @@ CONFIGS = ROOT / "configs"
 FLOW = {"objective": "flow", "logit_normal": [0.0, 1.0]}
 
 
-def test_every_stage_trains_and_samples_with_flow(tmp_path, fashion_mnist):
+def test_every_stage_trains_and_samples_with_flow(tmp_path, trained_tiny_autoencoder, tiny_clip_folder):
     """Every diffusion stage's tiny config with ``diffusion.objective: flow``: it trains, its fine-tunes inherit
     the objective from the text run they start from, and sample.py's grid comes from a flow sampler (the
     run's preview and an img2img from it)."""
@@ -177,10 +177,9 @@ def test_every_stage_trains_and_samples_with_flow(tmp_path, fashion_mnist):
         return train.train(raw)
 
     flow = {"diffusion": FLOW, "sample": {"scheduler": "flow-euler"}}
-    autoencoder = {"source": str(trained("autoencoder"))}
+    autoencoder = {"source": str(trained_tiny_autoencoder)}
     runs = [trained("ddpm", **flow), trained("latent", autoencoder=autoencoder, **flow)]
-    text = trained("text", autoencoder=autoencoder, text_encoder={"source": str(make_tiny_clip_folder(tmp_path))},
-                   **flow)
+    text = trained("text", autoencoder=autoencoder, text_encoder={"source": str(tiny_clip_folder)}, **flow)
     runs += [text] + [trained(name, init_from=text) for name in ("dreambooth", "upscale", "inpaint", "structure")]
     diffusion_stages = {name for name in STAGES if issubclass(stage_class(name), DiffusionStage)}
     assert {load_for_sampling(r)[0].name for r in runs} == diffusion_stages
