@@ -28,6 +28,20 @@ x0_hat (``clip_denoised``, as improved-diffusion's ``clip_denoised``), so that e
 steps from a consistent (x0_hat, eps_hat) pair. Clipping x0_hat alone, as diffusers' DDIM does
 with ``clip_sample`` while keeping the unclipped eps_hat, makes guided DDIM steer toward
 saturated blocks; not clipping at all leaves overshooting pixels in the result as speckle.
+
+Flow matching (``objective="flow"``; rectified flow as Stable Diffusion 3 trains it, Esser et al. 2024)
+keeps the network and changes the path and the target. With t in [0, 1] (the network is told 1000 t):
+
+    x_t = (1 - t) x0 + t eps                  a straight line from the data (t = 0) to noise (t = 1)
+    v   = dx_t/dt = eps - x0                  the velocity, which the network predicts
+    x0_hat = x_t - t v_hat,  eps_hat = x_t + (1 - t) v_hat
+
+t is drawn logit-normally (t = sigmoid(u), u ~ N(m, s^2); SD3: m = 0, s = 1) or uniformly, optionally
+shifted toward noise, t' = shift t / (1 + (shift - 1) t) (SD3 eq. 23). Sampling integrates the ODE
+dx/dt = v(x, t) from t = 1 to 0 (Euler, midpoint or Heun, ``FlowSampler``); a path is straight until the
+network can tell which image it is heading for, and straight stretches cost Euler nothing. A flow run's
+``scheduler/`` is diffusers' ``FlowMatchEulerDiscreteScheduler``, which diffusers' UNet pipelines
+(``DDPMPipeline``, ``StableDiffusionPipeline``) do not drive; ``sample.py`` does.
 """
 
 from __future__ import annotations
@@ -45,8 +59,13 @@ from diffusers import (
     EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
 )
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from tqdm.auto import tqdm
+
+from .errors import UserError
 
 SAMPLERS = {
     "ddpm": (DDPMScheduler, {}),
@@ -55,35 +74,61 @@ SAMPLERS = {
     "euler": (EulerDiscreteScheduler, {}),
     "edm-euler": (EDMEulerScheduler, {}),  # EDM's noise levels (Karras et al. 2022, eq. 5), see ``EDMSampler``
     "edm-dpm++": (EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "flow-euler": (FlowMatchEulerDiscreteScheduler, {}),  # the flow objective's samplers, see ``FlowSampler``
+    "flow-midpoint": (FlowMatchEulerDiscreteScheduler, {"midpoint": True}),  # second order: two calls a step
+    "flow-heun": (FlowMatchHeunDiscreteScheduler, {}),  # second order too, unstable near t = 0 (``FlowSampler``)
 }
+
+USUAL_SAMPLER = {"ddpm": "dpm++", "flow": "flow-midpoint"}  # what a run samples with unless its config says
+
+
+def samplers_for(objective: str) -> list[str]:
+    """The ``SAMPLERS`` that sample a network trained with this objective ("ddpm" or "flow")."""
+    return [name for name in SAMPLERS if name.startswith("flow") == (objective == "flow")]
 
 
 @dataclasses.dataclass
 class Diffusion:
     """The diffusion settings by name, which the loss and the samplers read: what the network predicts, the
     noise schedule, how timesteps are drawn and the loss weighted. ``scheduler``, diffusers' ``DDPMScheduler``
-    built from them, holds the schedule's abar_t (``alphas_cumprod``) and is saved for pipelines."""
+    built from them, holds the schedule's abar_t (``alphas_cumprod``) and is saved for pipelines (a flow
+    run's: ``FlowMatchEulerDiscreteScheduler``)."""
 
-    prediction_type: str = "epsilon"  # what the network predicts: eps ("epsilon") or v ("v_prediction")
+    objective: str = "ddpm"  # "ddpm": the variance-preserving path below; "flow": rectified flow (module docstring)
+    prediction_type: str = "epsilon"  # what a DDPM network predicts: eps ("epsilon") or v ("v_prediction")
     beta_schedule: str = "linear"  # the noise schedule: "linear", "scaled_linear" or "squaredcos_cap_v2"
     num_train_timesteps: int = 1000  # T
     lognormal_noise: tuple[float, float] | None = None  # timesteps by ln sigma ~ N(P_mean, P_std^2); None: uniform
     snr_gamma: float | None = None  # the loss weighting: min-SNR-gamma,
     sigma_data: float | None = None  # or EDM's for data of this std; neither: plain MSE
     clip_sample: bool = False  # for pipelines that load the scheduler (our samplers use ``clip_denoised``)
+    logit_normal: tuple[float, float] | None = None  # flow: t = sigmoid(u), u ~ N(m, s^2); None: t uniform
+    shift: float = 1.0  # flow: t' = shift t / (1 + (shift - 1) t), in training and sampling
 
     def __post_init__(self):
-        self.scheduler = DDPMScheduler(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
-                                       prediction_type=self.prediction_type, clip_sample=self.clip_sample)
+        if self.objective == "flow":
+            self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps,
+                                                             shift=self.shift)
+        else:
+            self.scheduler = DDPMScheduler(num_train_timesteps=self.num_train_timesteps,
+                                           beta_schedule=self.beta_schedule, prediction_type=self.prediction_type,
+                                           clip_sample=self.clip_sample)
+
+    @property
+    def flow(self) -> bool:
+        return self.objective == "flow"
 
 
 def draw_timesteps_and_noise(x0: torch.Tensor, diffusion: Diffusion, generator: torch.Generator):
-    """Timesteps (B, int64) and noise shaped like x0. The timesteps are uniform over *all* of 0..T-1
-    (DDPM), or, with ``lognormal_noise`` = (P_mean, P_std), those whose noise level sigma_t (``sigmas``) is
-    nearest to a draw of ln sigma ~ N(P_mean, P_std^2) (EDM, Karras et al. 2022, table 1): most
-    training then goes to the middle noise levels, where the samples' shapes are decided."""
+    """Timesteps (B, int64; flow: float 1000 t) and noise shaped like x0. The timesteps are uniform over
+    *all* of 0..T-1 (DDPM), or, with ``lognormal_noise`` = (P_mean, P_std), those whose noise level sigma_t
+    (``sigmas``) is nearest to a draw of ln sigma ~ N(P_mean, P_std^2) (EDM, Karras et al. 2022, table 1):
+    most training then goes to the middle noise levels, where the samples' shapes are decided. Flow's
+    t is logit-normal or uniform, then shifted (``flow_times``)."""
     n, lognormal = x0.shape[0], diffusion.lognormal_noise
-    if lognormal is None:
+    if diffusion.flow:
+        t = flow_times(diffusion, n, generator, x0.device) * diffusion.num_train_timesteps
+    elif lognormal is None:
         t = torch.randint(0, diffusion.num_train_timesteps, (n,), generator=generator, device=x0.device)
     else:
         log_sigma = lognormal[0] + lognormal[1] * torch.randn(n, generator=generator, device=x0.device)
@@ -92,6 +137,33 @@ def draw_timesteps_and_noise(x0: torch.Tensor, diffusion: Diffusion, generator: 
         t = t - ((log_sigma - table[t - 1]) < (table[t] - log_sigma)).long()  # the nearer of the two neighbours
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return t, noise
+
+
+def flow_times(diffusion: Diffusion, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """n training times t in (0, 1) of the flow path: t = sigmoid(u), u ~ N(m, s^2) with ``logit_normal``
+    = (m, s) (SD3, Esser et al. 2024, eq. 19: most training at the middle of the path, where the velocity
+    is hardest to predict), else t ~ U(0, 1); then shifted toward noise by ``shift`` (eq. 23)."""
+    if diffusion.logit_normal is None:
+        t = torch.rand(n, generator=generator, device=device)
+    else:
+        m, s = diffusion.logit_normal
+        t = torch.sigmoid(m + s * torch.randn(n, generator=generator, device=device))
+    return diffusion.shift * t / (1 + (diffusion.shift - 1) * t)
+
+
+def noisy_sample(diffusion: Diffusion, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t for clean samples x0 (B x C x H x W), noise like them, at timesteps t (B): the forward process,
+    sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM), or (1 - t) x0 + t eps for t = timestep / T (flow)."""
+    if not diffusion.flow:
+        return diffusion.scheduler.add_noise(x0, noise, t)
+    s = _flow_time(diffusion, t, x0)
+    return ((1 - s) * x0.float() + s * noise.float()).to(x0.dtype)
+
+
+def _flow_time(diffusion: Diffusion, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The flow's t in [0, 1] of network timesteps t (a scalar or B), shaped to broadcast against ``like``."""
+    s = torch.as_tensor(t, device=like.device).float() / diffusion.num_train_timesteps
+    return s.reshape(-1, *[1] * (like.dim() - 1)) if s.dim() else s
 
 
 def sigmas(diffusion: Diffusion) -> torch.Tensor:
@@ -130,7 +202,17 @@ def diffusion_loss(diffusion: Diffusion, prediction: torch.Tensor, x0: torch.Ten
     (sigma^2 + sigma_data^2) / sigma_data^2 on the eps MSE, and that divided by (1 + sigma^2) on the v MSE.
     For sigma_data = 1 the v MSE is EDM's loss unweighted: v-prediction *is* EDM's preconditioning
     (c_in, c_skip, c_out) for data of unit std, with the timestep t as c_noise.
+
+    Flow predicts the velocity eps - x0. Its MSE is the clean-sample MSE divided by t^2
+    (x0_hat = x_t - t v_hat); with ``snr_gamma``, min-SNR weights that clean-sample MSE by min(SNR, gamma)
+    for the flow's SNR = ((1 - t) / t)^2, which is min((1 - t)^2, gamma t^2) on the velocity MSE.
     """
+    if diffusion.flow:
+        per_sample = F.mse_loss(prediction.float(), (noise - x0).float(), reduction="none").flatten(1).mean(1)
+        if diffusion.snr_gamma is None:
+            return per_sample
+        s = t.float() / diffusion.num_train_timesteps
+        return per_sample * torch.minimum((1 - s) ** 2, diffusion.snr_gamma * s**2)
     eps = diffusion.prediction_type == "epsilon"
     target = noise if eps else diffusion.scheduler.get_velocity(x0, noise, t)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
@@ -168,7 +250,12 @@ def clip_denoised(diffusion: Diffusion, output: torch.Tensor, x_t: torch.Tensor,
 
         eps:  x0_hat = (x_t - b eps) / a         v:  x0_hat = a x_t - b v
         eps' = (x_t - a clip(x0_hat)) / b        v' = a eps' - b clip(x0_hat)
+
+    Flow, at t = timestep / T:  x0_hat = x_t - t v,  v' = (x_t - clip(x0_hat)) / t.
     """
+    if diffusion.flow:
+        s = _flow_time(diffusion, t, x_t)
+        return (x_t.float() - predicted_x0(diffusion, output, x_t, t).clamp(-limit, limit)) / s
     a, b = _signal_and_noise_scales(diffusion, t, x_t.device)
     x0 = predicted_x0(diffusion, output, x_t, t).clamp(-limit, limit)
     eps = (x_t.float() - a * x0) / b
@@ -177,7 +264,10 @@ def clip_denoised(diffusion: Diffusion, output: torch.Tensor, x_t: torch.Tensor,
 
 def predicted_x0(diffusion: Diffusion, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The network's estimate of the clean sample, x0_hat (float, like x_t), from its output
-    (eps or v) for the variance-preserving x_t at training timestep t (see ``clip_denoised``)."""
+    (eps or v) for the variance-preserving x_t at training timestep t (see ``clip_denoised``); flow's
+    x0_hat = x_t - t v."""
+    if diffusion.flow:
+        return x_t.float() - _flow_time(diffusion, t, x_t) * output.float()
     a, b = _signal_and_noise_scales(diffusion, t, x_t.device)
     if diffusion.prediction_type == "epsilon":
         return (x_t.float() - b * output.float()) / a
@@ -210,6 +300,11 @@ def make_sampler(name: str, diffusion: Diffusion):
     step through EDM's noise levels between the schedule's sigma_0 and sigma_{T-1} (``EDMSampler``).
     """
     cls, extra = SAMPLERS[name]
+    if name not in samplers_for(diffusion.objective):
+        raise UserError(f"a network trained with diffusion.objective: {diffusion.objective} samples with "
+                        f"{' or '.join(samplers_for(diffusion.objective))}, not {name}")
+    if diffusion.flow:
+        return FlowSampler(cls.from_config(diffusion.scheduler.config), diffusion, **extra)
     if name.startswith("edm"):
         table = sigmas(diffusion)
         edm = cls(sigma_min=float(table[0]), sigma_max=float(table[-1]), sigma_data=1.0, prediction_type="v_prediction",
@@ -265,6 +360,56 @@ class EDMSampler:
         return self.edm.add_noise(x0, noise, self.edm.timesteps[[self._index(s) for s in t.reshape(-1)]])
 
 
+class FlowSampler:
+    """One of diffusers' flow-matching schedulers, with the interface ``sample_loop`` uses. Its times
+    t_0 = 1 > t_1 > ... > t_N = 0 are evenly spaced (then shifted); each step integrates dx/dt = v:
+
+        Euler:     x <- x + (t_next - t) v(x, t)
+        midpoint:  x <- x + (t_next - t) v(x + (t_mid - t) v(x, t), t_mid),   t_mid = (t + t_next) / 2
+        Heun:      x <- x + (t_next - t) (v(x, t) + v(x_euler, t_next)) / 2
+
+    The second-order steps ask the network twice (``timesteps`` lists the two times of each step). Heun's
+    second call at the last inner time (t = 0.001) multiplies the stiffness of the velocity near the data
+    (dv/dx ~ 1/t) into the sample, which overshoots in directions where the data hardly varies; the
+    midpoint never asks that close to t = 0 (tests/test_flow.py). The network sees x_t itself (no input
+    scaling) at timestep 1000 t; img2img noises its start along the straight path (``noisy_sample``)."""
+
+    init_noise_sigma = 1.0  # x_1 = eps: pure noise
+
+    def __init__(self, flow, diffusion: Diffusion, midpoint: bool = False):
+        self.flow, self.diffusion, self.midpoint = flow, diffusion, midpoint
+        self.order = 2 if midpoint else flow.order  # network calls per step
+
+    def set_timesteps(self, steps: int, device=None) -> None:
+        self.flow.set_timesteps(steps, device=device)
+        self.timesteps, self._index = self.flow.timesteps, 0
+        if self.midpoint:
+            t = self.flow.sigmas  # t_0 .. t_N, ending at 0
+            self.times = torch.stack([t[:-1], (t[:-1] + t[1:]) / 2], dim=1).flatten()  # t_0, mid_0, t_1, ...
+            self.timesteps = self.times * self.diffusion.num_train_timesteps
+
+    def set_begin_index(self, index: int) -> None:
+        self._index = index
+        if not self.midpoint:
+            self.flow.set_begin_index(index)
+
+    def scale_model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def step(self, output: torch.Tensor, t: torch.Tensor, x: torch.Tensor, generator=None) -> SchedulerOutput:
+        if not self.midpoint:
+            return self.flow.step(output, t, x, generator=generator)
+        i, self._index = self._index, self._index + 1
+        t_now, t_next = self.flow.sigmas[i // 2], self.flow.sigmas[i // 2 + 1]
+        if i % 2 == 0:  # to the midpoint, with v(x, t)
+            self._start = x
+            return SchedulerOutput((x.float() + (t_next - t_now) / 2 * output.float()).to(x.dtype))
+        return SchedulerOutput((self._start.float() + (t_next - t_now) * output.float()).to(x.dtype))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noisy_sample(self.diffusion, x0, noise, t)
+
+
 @torch.no_grad()
 def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
                 noise: torch.Tensor, steps: int, generator: torch.Generator | None = None,
@@ -288,13 +433,14 @@ def sample_loop(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
     skipped = steps - round(steps * strength) if init is not None else 0
     if skipped == steps:
         return init
+    first = skipped * getattr(scheduler, "order", 1)  # Heun lists each inner timestep twice
     if skipped == 0:
         x = noise * scheduler.init_noise_sigma
     else:
         if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(skipped)
-        x = scheduler.add_noise(init, noise, scheduler.timesteps[skipped].repeat(len(init)))
-    timesteps = scheduler.timesteps[skipped:]
+            scheduler.set_begin_index(first)
+        x = scheduler.add_noise(init, noise, scheduler.timesteps[first].repeat(len(init)))
+    timesteps = scheduler.timesteps[first:]
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
         model_input = scheduler.scale_model_input(x, t)
         output = predict(model_input, t)

@@ -28,7 +28,8 @@ import torch
 from .contract import Stage
 from .data import CLASS_NAMES, PADDED_SIZE, load_training_set, to_model_space, to_pixels
 from .diffusion import Diffusion, condition_dropout_mask, diffusion_loss, draw_timesteps_and_noise, guide
-from .diffusion import clip_denoised, make_sampler, predicted_x0, sample_loop
+from .diffusion import clip_denoised, make_sampler, noisy_sample, predicted_x0, sample_loop, samplers_for
+from .diffusion import USUAL_SAMPLER
 from .errors import UserError
 from .evaluate import as_metrics, evaluate_model
 from .plots import save_grid
@@ -40,6 +41,9 @@ NetworkInputs = dict[str, torch.Tensor]  # network keyword arguments, and "conca
 
 @dataclasses.dataclass
 class DiffusionConfig:
+    # "ddpm": the variance-preserving noise schedule below; "flow": rectified flow (Stable Diffusion 3), a
+    # straight path from data to noise and a network that predicts the velocity (see ddpm/diffusion.py)
+    objective: Literal["ddpm", "flow"] = "ddpm"
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
@@ -50,8 +54,22 @@ class DiffusionConfig:
     # for data of std sigma_data (EDM: 0.5), instead of min-SNR
     lognormal_noise: tuple[float, float] | None = None
     sigma_data: float | None = None
+    # flow: its times drawn t = sigmoid(u), u ~ N(m, s^2) (SD3: [0, 1]), null: uniform; and shifted toward
+    # noise, t' = shift t / (1 + (shift - 1) t), in training and sampling (SD3: 3 for 1024 x 1024 images)
+    logit_normal: tuple[float, float] | None = None
+    shift: float = 1.0
 
     def __post_init__(self):
+        ddpm_only = {"lognormal_noise": None, "sigma_data": None}
+        flow_only = {"logit_normal": None, "shift": 1.0}
+        for key, default in (ddpm_only if self.objective == "flow" else flow_only).items():
+            if getattr(self, key) != default:
+                raise UserError(f"diffusion.{key} is a setting of the "
+                                f"{'ddpm' if self.objective == 'flow' else 'flow'} objective; remove it or set "
+                                f"diffusion.objective: {'ddpm' if self.objective == 'flow' else 'flow'}")
+        if self.shift <= 0 or (self.logit_normal is not None and self.logit_normal[1] <= 0):
+            raise UserError(f"diffusion.shift must be > 0 and diffusion.logit_normal [m, s] have s > 0, got "
+                            f"{self.shift} and {self.logit_normal}")
         if not 0 <= self.p_uncond <= 1:
             raise UserError(f"diffusion.p_uncond must be in [0, 1], got {self.p_uncond}")
         if self.snr_gamma is not None and self.sigma_data is not None:
@@ -67,11 +85,14 @@ class DiffusionConfig:
 class SampleConfig:
     """Defaults for preview grids during training and for sample.py."""
 
-    scheduler: Literal["ddpm", "ddim", "dpm++", "euler", "edm-euler", "edm-dpm++"] = "dpm++"
+    # the ddpm objective's samplers, or flow's: "flow-euler", "flow-midpoint", "flow-heun" (ddpm/diffusion.py);
+    # null: the objective's usual one, dpm++ or flow-midpoint
+    scheduler: Literal["ddpm", "ddim", "dpm++", "euler", "edm-euler", "edm-dpm++", "flow-euler", "flow-midpoint",
+                       "flow-heun"] | None = None
     steps: int = 25
     guidance: float = 3.0
     # guide (w > 1) only at training timesteps lo <= t <= hi, plain conditional elsewhere
-    # (Kynkäänniemi et al. 2024); null: at every step
+    # (Kynkäänniemi et al. 2024); null: at every step. Flow's timesteps are 1000 t on its path
     guidance_interval: tuple[int, int] | None = None
     clip_denoised: bool = True  # keep the clean-sample estimate within the data's range (see ddpm/diffusion.py)
     # autoguidance (Karras et al. 2024): guide with this weaker model of the run, asked for the same condition,
@@ -249,9 +270,16 @@ class DiffusionStage(Stage):
         self.space = self.Space(config)
         self.condition = self.Condition(self)
         d = config.diffusion
-        self.diffusion = Diffusion(d.prediction_type, d.beta_schedule, d.num_train_timesteps, d.lognormal_noise,
-                                   d.snr_gamma, d.sigma_data, clip_sample=self.space.data_range is not None)
-        self.scheduler = self.diffusion.scheduler  # diffusers' DDPMScheduler: the schedule's abar_t, add_noise
+        self.diffusion = Diffusion(d.objective, d.prediction_type, d.beta_schedule, d.num_train_timesteps,
+                                   d.lognormal_noise, d.snr_gamma, d.sigma_data,
+                                   clip_sample=self.space.data_range is not None, logit_normal=d.logit_normal,
+                                   shift=d.shift)
+        if config.sample.scheduler is None:
+            config.sample.scheduler = USUAL_SAMPLER[d.objective]
+        if config.sample.scheduler not in samplers_for(d.objective):
+            raise UserError(f"sample.scheduler: {config.sample.scheduler} does not sample a network trained with "
+                            f"diffusion.objective: {d.objective}; use {' or '.join(samplers_for(d.objective))}")
+        self.scheduler = self.diffusion.scheduler  # diffusers' DDPMScheduler (flow: FlowMatchEulerDiscreteScheduler)
         self.guide_model = None  # autoguidance's weaker model: loaded with the run's (``load_model``)
 
     @classmethod
@@ -302,7 +330,7 @@ class DiffusionStage(Stage):
 
     def example_losses(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The denoising loss of each example of a batch: float B."""
-        x_t = self.scheduler.add_noise(batch["x0"], batch["noise"], batch["timesteps"])
+        x_t = noisy_sample(self.diffusion, batch["x0"], batch["noise"], batch["timesteps"])
         prediction = self.denoise(model, x_t, batch["timesteps"], self.condition.model_condition(batch))
         return diffusion_loss(self.diffusion, prediction, batch["x0"], batch["noise"], batch["timesteps"])
 

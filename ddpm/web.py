@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .diffusion import SAMPLERS
+from .diffusion import samplers_for
 from .errors import UserError
 from .plots import rows_of, tile
 from .request import check_request, read_inputs
@@ -318,7 +318,8 @@ def build_page(explorer: Explorer):
                 negative = gr.Textbox(label="Negative prompt", visible=asks_prompts)
                 guidance = gr.Slider(0, MAX_GUIDANCE, value=d.guidance, step=0.5, label="Guidance w",
                                      elem_id="guidance")
-                scheduler = gr.Dropdown(list(SAMPLERS), value=d.scheduler, label="Scheduler")
+                scheduler = gr.Dropdown(samplers_for(explorer.stage.diffusion.objective), value=d.scheduler,
+                                        label="Scheduler")
                 steps = gr.Number(d.steps, precision=0, label=f"Steps (1-{explorer.max_steps})", elem_id="steps")
                 seed = gr.Number(d.seed, precision=0, label="Seed")
                 n = gr.Slider(1, MAX_IMAGES, value=d.n, step=1, label="Images")

@@ -53,7 +53,7 @@ TINY_LOCKED_CLIP = ROOT / "configs" / "clip_fashion_locked_tiny.yaml"
 TINY_ALIGNED_CLIP = ROOT / "configs" / "clip_fashion_aligned_tiny.yaml"
 TINY_DREAMBOOTH = ROOT / "configs" / "dreambooth_fashion_tiny.yaml"
 SHARED_MODELS = ROOT.parent / "shared" / "models"
-SLOWEST_FIRST = ("test_notebook_runs", "test_two_processes_train", "test_the_book_trains",  # the longest, 30 s
+SLOWEST_FIRST = ("test_notebook_runs", "test_two_processes_train", "test_the_book_trains", "test_every_stage",  # 30 s
                  "test_kill_9_mid_run", "test_sigterm_to_accelerate_launch")  # to 3 min
 
 

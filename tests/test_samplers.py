@@ -187,7 +187,8 @@ def check(name: str, errors: tuple[float, float, float]) -> None:
 def run_sampler(name: str, steps: int, scheduler: DDPMScheduler, predict, shape=SHAPE) -> torch.Tensor:
     n = SAMPLES.get(name, 4096)
     c = scheduler.config
-    sampler = make_sampler(name, Diffusion(c.prediction_type, c.beta_schedule, c.num_train_timesteps))
+    sampler = make_sampler(name, Diffusion(prediction_type=c.prediction_type, beta_schedule=c.beta_schedule,
+                                           num_train_timesteps=c.num_train_timesteps))
     return sample_loop(predict, sampler, standard_noise(n, shape), steps, generator=torch.Generator().manual_seed(1))
 
 

@@ -32,7 +32,7 @@ def base_sections(init_from: str, what: str) -> dict:
     return {k: v for k, v in base.items() if k not in ("stage", "train")}
 
 
-SCHEDULE = ("num_train_timesteps", "beta_schedule", "prediction_type")  # what a UNet's weights assume
+SCHEDULE = ("objective", "num_train_timesteps", "beta_schedule", "prediction_type")  # what a UNet's weights assume
 
 
 def started_from(sections: dict, fixed: tuple[str, ...], inherited: tuple[str, ...], what: str) -> dict:
