@@ -98,6 +98,7 @@ class Stage:
     Config: ClassVar[type]  # a dataclass whose fields are the config's sections (besides ``train``)
     capabilities: ClassVar[Capabilities] = Capabilities()
     class_names: tuple[str, ...] = ()  # the classes ``--class`` and the judge know (set by the stage)
+    data_sources: ClassVar[tuple[str, ...]] = ("fashion_mnist",)  # the ``data.source`` values it trains on
 
     def __init__(self, config):
         self.config = config

@@ -216,14 +216,14 @@ def judge_report(images_u8: torch.Tensor, labels: torch.Tensor, judge: Judge,
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-image PSNR in dB of uint8 N x H x W ``images`` against ``reference`` on a 0..1 scale
+    """Per-image PSNR in dB of uint8 N x H x W (or N x 3 x H x W) ``images`` against ``reference`` on a 0..1 scale
     (torchmetrics'); with ``known`` (bool N x H x W), over those pixels alone (inpainting's known region,
     which torchmetrics cannot mask). float N."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     a, b = images.float() / 255, reference.float() / 255
-    if known is None:
-        return peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2))
+    if known is None:  # over each image's pixels (and colour channels)
+        return peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=tuple(range(1, a.dim())))
     mse = (a - b).pow(2).mul(known).sum((1, 2)) / known.sum((1, 2)).clamp_min(1)
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
 
