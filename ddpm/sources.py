@@ -111,6 +111,8 @@ def _open_dataset(source: str, path: str, split: str):
     """A ``datasets.Dataset``: an imagefolder with metadata, a ``save_to_disk`` folder, or a Hub dataset."""
     import datasets
 
+    if source != "hub":  # reading a local folder takes a moment: no progress bars on a command's error output
+        datasets.disable_progress_bars()
     try:
         if source == "folder":
             dataset = datasets.load_dataset("imagefolder", data_dir=path, split=split)
@@ -123,8 +125,10 @@ def _open_dataset(source: str, path: str, split: str):
     except UserError:
         raise
     except Exception as e:  # no such dataset, no network, a broken metadata file, ...
-        raise UserError(f"cannot read the {source} dataset {path}: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot read the {source} dataset {path}: {type(e).__name__}: {first_line}") from None
+    finally:
+        datasets.enable_progress_bars()
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise UserError(f"{path} has the splits {list(dataset)}, not data.split={split!r}")
