@@ -238,7 +238,7 @@ def test_a_missing_label_or_caption_column_is_one_line(tmp_path):
     one_line_error(result, "no column 'label' (data.label_column)", "its columns: image, caption")
     assert_nothing_written(out)
     with pytest.raises(UserError, match="no column 'text' \\(data.caption_column\\)"):
-        load_images(DataConfig(**own(folder, caption_column="text")))
+        load_images(DataConfig(**own(folder, label_column=None, caption_column="text")))
     with pytest.raises(UserError, match="no captions"):
         load_images(DataConfig(**own(class_folders(tmp_path / "shapes"), caption_column="caption")))
     one_class = load_images(DataConfig(**own(folder, label_column=None, image_size=16)))
