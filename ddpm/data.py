@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import sources
 from .errors import UserError
 
 CLASS_NAMES = (
@@ -164,9 +165,9 @@ def load_images(c: DataConfig, split: str | None = None) -> LabelledImages:
     """The images a ``data`` section names: Fashion-MNIST's ``split`` (default "train"), or your own."""
     if c.source == "fashion_mnist":
         return load_fashion_mnist(split or "train", root=c.root, hub_name=c.hub_name)
-    from .sources import load_own_images  # imported here: `datasets` and torchvision are slow to import
-
-    return load_own_images(c)
+    fmt = pixel_format(c)
+    own = sources.load_own_images(c, fmt.size, fmt.channels)
+    return LabelledImages(own.images, own.labels, own.class_names, own.captions)
 
 
 def class_names_of(c: DataConfig) -> tuple[str, ...]:
@@ -175,9 +176,7 @@ def class_names_of(c: DataConfig) -> tuple[str, ...]:
         return CLASS_NAMES
     if c.class_names is not None:
         return tuple(c.class_names)
-    from .sources import read_class_names
-
-    return read_class_names(c)
+    return sources.read_class_names(c)
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -28,11 +28,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataConfig, LabelledImages, pixel_format
 from .errors import UserError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 ONE_CLASS = "image"  # the class name of every image when data.label_column is null
+
+
+@dataclass
+class OwnImages:
+    """What ``load_own_images`` read: uint8 images N x S x S (or N x 3 x S x S), int64 labels N into
+    ``class_names``, and N captions or None."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+    captions: list[str] | None
 
 
 @dataclass
@@ -50,28 +60,28 @@ class Records:
     where: str  # how the messages name the source
 
 
-def load_own_images(c: DataConfig) -> LabelledImages:
-    """All images of a folder or ``datasets`` source, decoded, converted and resized (``pixel_format(c)``).
-    A run's recorded ``data.class_names`` must be the data's."""
+def load_own_images(c, size: int, channels: int) -> OwnImages:
+    """All images of the folder or ``datasets`` source a ``DataConfig`` ``c`` names, decoded, converted to
+    ``channels`` (1 or 3) and made ``size`` x ``size``. A run's recorded ``data.class_names`` must be the data's."""
     records = list_records(c)
     if c.class_names is not None and tuple(c.class_names) != records.class_names:
         raise UserError(f"{records.where} has the classes {list(records.class_names)}, but this run was trained on "
                         f"{list(c.class_names)}; restore the data, or train a new run")
-    images, kept = decode_all(records, c)
+    images, kept = decode_all(records, size, channels)
     labels = torch.from_numpy(records.labels[kept].astype(np.int64))
     captions = [records.captions[i] for i in kept] if records.captions is not None else None
-    return LabelledImages(images, labels, records.class_names, captions)
+    return OwnImages(images, labels, records.class_names, captions)
 
 
-def read_class_names(c: DataConfig) -> tuple[str, ...]:
-    """The class names of a source, without decoding its images."""
+def read_class_names(c) -> tuple[str, ...]:
+    """The class names of the source a ``DataConfig`` names, without decoding its images."""
     return list_records(c).class_names
 
 
 # -- listing: which files, which labels ---------------------------------------------------
 
 
-def list_records(c: DataConfig) -> Records:
+def list_records(c) -> Records:
     key = (c.source, c.path, c.split, c.label_column, c.caption_column)
     return _list_records(*key)
 
@@ -178,18 +188,17 @@ def _labels(dataset, column: str, where: str) -> tuple[np.ndarray, tuple[str, ..
 # -- decoding: every image to uint8 at the configured size -----------------------------
 
 
-def decode_all(records: Records, c: DataConfig) -> tuple[torch.Tensor, list[int]]:
+def decode_all(records: Records, size: int, channels: int) -> tuple[torch.Tensor, list[int]]:
     """uint8 N x S x S (grayscale) or N x 3 x S x S, and the indices of the records kept (readable)."""
-    fmt = pixel_format(c)
-    transform = resize_and_crop(fmt.size)
+    transform = resize_and_crop(size)
     images, kept, unreadable, small = [], [], [], 0
     for i, file in enumerate(records.files):
         image = open_image(file)
         if isinstance(image, str):
             unreadable.append(image)
             continue
-        small += min(image.size) < fmt.size
-        images.append(transform(to_mode(image, fmt.channels)))
+        small += min(image.size) < size
+        images.append(transform(to_mode(image, channels)))
         kept.append(i)
     if unreadable:
         print(f"data: skipped {len(unreadable)} of {len(records.files)} files that are no image PIL can read "
@@ -197,9 +206,9 @@ def decode_all(records: Records, c: DataConfig) -> tuple[torch.Tensor, list[int]
     if not images:
         raise UserError(f"{records.where} holds no image PIL can read ({len(records.files)} files tried)")
     if small:
-        print(f"data: {small} of {len(images)} images are smaller than {fmt.size} pixels a side and were enlarged")
+        print(f"data: {small} of {len(images)} images are smaller than {size} pixels a side and were enlarged")
     stacked = torch.stack(images)
-    return (stacked[:, 0] if fmt.channels == 1 else stacked), kept
+    return (stacked[:, 0] if channels == 1 else stacked), kept
 
 
 def open_image(file):

@@ -324,3 +324,28 @@ def test_emoji_dataset_is_an_imagefolder_with_captions_and_groups(tmp_path):
     data = load_images(DataConfig(**own(tmp_path / "emoji_32", caption_column="caption")))
     assert data.images.shape == (12, 3, 32, 32) and data.captions[0] == "grinning face"
     assert not list(tmp_path.glob(".emoji_*")), "no temporary folder left"
+
+
+# -- the judge on your own labelled images ------------------------------------------------
+
+
+def test_a_judge_trains_on_any_labelled_folder(tmp_path, capsys):
+    from ddpm.judge import load_judge, main
+
+    folder = class_folders(tmp_path / "shapes", per_class=10, classes=tuple(SHAPES))
+    config = tmp_path / "shapes.yaml"
+    config.write_text(yaml.safe_dump({"stage": "ddpm", "data": own(folder, image_size=16)}))
+    assert main(["--config", str(config), "--epochs", "1", "--out", str(tmp_path / "judge.safetensors")]) == 0
+    said = capsys.readouterr().out
+    assert "held-out accuracy" in said and "on 3 images of 3 classes" in said and "real-vs-real FD" in said
+    judge = load_judge(tmp_path / "judge.safetensors")
+    assert (judge.channels, judge.size, judge.head.out_features) == (3, 16, 3)
+    data = load_images(DataConfig(**own(folder, image_size=16)))
+    assert judge(data.images[:4]).shape == (4, 3)
+    assert main(["--config", str(config), "--score", str(tmp_path / "judge.safetensors")]) == 0
+
+
+def test_evaluating_a_run_of_your_own_images_points_to_the_judge(tmp_path):
+    folder = class_folders(tmp_path / "shapes")
+    run_dir = train.train(tiny_config(tmp_path / "run", data=own(folder, image_size=16)))
+    one_line_error(run("sample.py", str(run_dir), "--evaluate", "--n", "4"), "python -m ddpm.judge --config")
