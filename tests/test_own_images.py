@@ -18,7 +18,7 @@ import train
 from ddpm.data import DataConfig, load_images, pixel_format
 from ddpm.errors import UserError
 
-from .conftest import TINY, TINY_AUTOENCODER, TINY_LATENT, one_line_error, run, tiny_config
+from .conftest import SHARED_MODELS, TINY, TINY_AUTOENCODER, TINY_LATENT, one_line_error, run, tiny_config
 
 SHAPES = {"circle": (220, 30, 30), "square": (30, 30, 220), "triangle": (30, 160, 30)}
 
@@ -202,6 +202,25 @@ def test_colour_autoencoder_and_latent_diffusion_on_a_folder(tmp_path):
     gray = run("train.py", str(TINY_LATENT), f"train.output_dir={tmp_path / 'gray-on-colour'}",
                f"autoencoder.source={autoencoder}", *overrides({**data, "channels": 1}))
     assert gray.returncode == 0, "a 3-channel autoencoder takes grayscale as three equal channels"
+
+
+@pytest.mark.skipif(not (SHARED_MODELS / "taesd").is_dir(), reason="../shared/models/taesd is not here")
+def test_latent_diffusion_on_taesd_in_colour_at_64_pixels(tmp_path):
+    from ddpm.metrics import psnr
+    from latent.space import LatentSpace, load_autoencoder
+
+    folder = class_folders(tmp_path / "shapes")
+    data = own(folder, image_size=64)
+    images = load_images(DataConfig(**data)).images
+    space = LatentSpace(load_autoencoder(str(SHARED_MODELS / "taesd")), pixels=pixel_format(DataConfig(**data)))
+    assert space.latent_shape == (4, 8, 8)
+    assert psnr(space.reconstruct(images), images).mean() > 20, "TAESD keeps flat colour shapes"
+    latent = train.train(tiny_config(tmp_path / "latent", TINY_LATENT, data=data,
+                                     autoencoder={"source": str(SHARED_MODELS / "taesd"),
+                                                  "cache_dir": str(tmp_path / "cache")}))
+    result = run("sample.py", str(latent), "--class", "circle", "--n", "2", "--save-array", str(tmp_path / "t.npy"))
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "t.npy").shape == (2, 3, 64, 64)
 
 
 # -- bad input: one line, exit 2, nothing written ----------------------------------------
