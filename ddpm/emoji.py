@@ -4,6 +4,7 @@ imagefolder with a caption (the emoji's Unicode name) and a label (its Unicode g
     apt-get install fonts-noto-color-emoji
     python -m ddpm.emoji --out data --sizes 32 64       # data/emoji_32/, data/emoji_64/
     python -m ddpm.emoji --out data --skin-tones        # each person in 6 skin tones, not 1: about 3,800 emoji
+    python -m ddpm.emoji --out tests/data --sizes 32 --per-group 2   # the tests' 18 emoji
 
 Each folder holds ``images/NNNN.png`` (RGB, the emoji centred on white) and ``metadata.jsonl``, one line
 per image: ``{"file_name": "images/0000.png", "caption": "grinning face", "label": "Smileys & Emotion",
@@ -95,15 +96,23 @@ def on_white_square(glyph, size: int):
     return square.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
 
 
-def write_dataset(out: Path, sizes: list[int], skin_tones: bool = False, limit: int | None = None) -> list[Path]:
+def write_dataset(out: Path, sizes: list[int], skin_tones: bool = False, per_group: int | None = None) -> list[Path]:
     """One imagefolder per size, ``out/emoji_SIZE``; each written beside and then moved into place, so a
-    stopped run leaves no half-written dataset. Returns the folders."""
+    stopped run leaves no half-written dataset. ``per_group``: only the first N emoji of each group. Returns the
+    folders."""
     from PIL import ImageFont
 
     if not FONT.is_file():
         raise UserError(f"{FONT} not found: install it with `apt-get install fonts-noto-color-emoji`")
     font = ImageFont.truetype(str(FONT), FONT_SIZE)
-    drawn = [(e, g) for e in unicode_emoji(skin_tones) for g in [draw(e, font)] if g is not None][:limit]
+    drawn, per = [], {}
+    for emoji in unicode_emoji(skin_tones):
+        if per_group is not None and per.get(emoji.group, 0) >= per_group:
+            continue
+        glyph = draw(emoji, font)
+        if glyph is not None:
+            drawn.append((emoji, glyph))
+            per[emoji.group] = per.get(emoji.group, 0) + 1
     folders = []
     for size in sizes:
         folder, tmp = out / f"emoji_{size}", out / f".emoji_{size}.{os.getpid()}.tmp"
@@ -127,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="pixels per side (default 32 64)")
     parser.add_argument("--skin-tones", action="store_true",
                         help="also the skin-tone variants (each person six times instead of once)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N emoji (tests)")
+    parser.add_argument("--per-group", type=int, default=None, metavar="N", help="only the first N emoji of each group")
     args = parser.parse_args(argv)
     if any(s < 8 for s in args.sizes):
         raise UserError(f"--sizes must be at least 8 pixels, got {args.sizes}")
-    for folder in write_dataset(args.out, args.sizes, args.skin_tones, args.limit):
+    if args.per_group is not None and args.per_group < 1:
+        raise UserError(f"--per-group must be at least 1, got {args.per_group}")
+    for folder in write_dataset(args.out, args.sizes, args.skin_tones, args.per_group):
         lines = (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
         groups = sorted({json.loads(line)["label"] for line in lines})
         print(f"wrote {folder}: {len(lines)} emoji in {len(groups)} groups ({', '.join(groups)})")

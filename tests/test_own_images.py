@@ -18,7 +18,7 @@ import train
 from ddpm.data import DataConfig, load_images, pixel_format
 from ddpm.errors import UserError
 
-from .conftest import SHARED_MODELS, TINY, TINY_AUTOENCODER, TINY_LATENT, one_line_error, run, tiny_config
+from .conftest import ROOT, SHARED_MODELS, TINY, TINY_AUTOENCODER, TINY_LATENT, one_line_error, run, tiny_config
 
 SHAPES = {"circle": (220, 30, 30), "square": (30, 30, 220), "triangle": (30, 160, 30)}
 
@@ -336,12 +336,15 @@ def test_emoji_dataset_is_an_imagefolder_with_captions_and_groups(tmp_path):
 
     if not FONT.is_file():
         pytest.skip("fonts-noto-color-emoji is not installed")
-    assert main(["--out", str(tmp_path), "--sizes", "16", "32", "--limit", "12"]) == 0
+    assert main(["--out", str(tmp_path), "--sizes", "16", "32", "--per-group", "2"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "emoji_32" / "metadata.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and rows[0]["caption"] == "grinning face" and rows[0]["label"] == "Smileys & Emotion"
+    assert len(rows) == 18 and rows[0]["caption"] == "grinning face" and rows[0]["label"] == "Smileys & Emotion"
     assert Image.open(tmp_path / "emoji_16" / rows[0]["file_name"]).size == (16, 16)
     data = load_images(DataConfig(**own(tmp_path / "emoji_32", caption_column="caption")))
-    assert data.images.shape == (12, 3, 32, 32) and data.captions[0] == "grinning face"
+    assert data.images.shape == (18, 3, 32, 32) and data.captions[0] == "grinning face"
+    assert data.labels.bincount().tolist() == [2] * 9
+    shipped = (ROOT / "tests" / "data" / "emoji_32" / "metadata.jsonl").read_text()
+    assert shipped == (tmp_path / "emoji_32" / "metadata.jsonl").read_text(), "the tests' emoji are these"
     assert not list(tmp_path.glob(".emoji_*")), "no temporary folder left"
 
 
