@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import build
 from .data import class_index
+from .errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,10 @@ class Stage:
 
     def __init__(self, config):
         self.config = config
+        source = getattr(getattr(config, "data", None), "source", "fashion_mnist")
+        if source not in self.data_sources:
+            raise UserError(f"a '{self.name}' run trains on {' or '.join(self.data_sources)} only so far, not "
+                            f"data.source={source}")
 
     @classmethod
     def from_dict(cls, sections: dict) -> "Stage":

@@ -29,11 +29,6 @@ def configured(cls, raw: dict) -> tuple:
     unknown = sorted(set(raw) - sections)
     if unknown:
         raise UserError(f"unknown section {unknown[0]!r}; valid: stage, train, {', '.join(sorted(sections))}")
-    data = raw.get("data")
-    source = data.get("source", "fashion_mnist") if isinstance(data, dict) else "fashion_mnist"
-    if source not in cls.data_sources:
-        raise UserError(f"a '{cls.name}' run trains on {' or '.join(cls.data_sources)} only so far, not "
-                        f"data.source={source}")
     stage = cls.from_dict(raw)
     resolved = {"stage": cls.name, "train": to_dict(train_config), **to_dict(stage.config)}
     return stage, train_config, resolved

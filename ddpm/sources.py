@@ -78,6 +78,15 @@ def read_class_names(c) -> tuple[str, ...]:
     return list_records(c).class_names
 
 
+def read_captions(c) -> tuple[list[str], list[int]]:
+    """Every image's caption (``data.caption_column``; without one, its class name) and label, without
+    decoding the images: what a text run's caption table holds."""
+    records = list_records(c)
+    labels = records.labels.tolist()
+    captions = records.captions or [records.class_names[label] for label in labels]
+    return captions, labels
+
+
 # -- listing: which files, which labels ---------------------------------------------------
 
 

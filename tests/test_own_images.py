@@ -15,6 +15,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 import train
+from ddpm.runs import load_config, load_run
 from ddpm.data import DataConfig, load_images, pixel_format
 from ddpm.errors import UserError
 
@@ -204,6 +205,42 @@ def test_colour_autoencoder_and_latent_diffusion_on_a_folder(tmp_path):
     assert gray.returncode == 0, "a 3-channel autoencoder takes grayscale as three equal channels"
 
 
+def test_text_to_image_on_captions_and_on_class_names(tmp_path):
+    """A text run reads each image's own caption (``data.caption_column``), or its class name without one."""
+    from .conftest import TINY_TEXT, make_tiny_clip_folder
+
+    encoder = make_tiny_clip_folder(tmp_path / "clip")
+    folder = metadata_folder(tmp_path / "meta")
+    autoencoder = train.train(tiny_config(tmp_path / "ae", TINY_AUTOENCODER, data=own(folder, image_size=32)))
+    for name, data in (("captions", own(folder, image_size=32, caption_column="caption")),
+                       ("class names", own(folder, image_size=32))):
+        run_dir = train.train(tiny_config(tmp_path / name, TINY_TEXT, data=data, text_encoder={"source": str(encoder)},
+                                          autoencoder={"source": str(autoencoder)}))
+        stage, _, _ = load_run(run_dir)
+        expected = ["", "a red circle", "a blue square"] if name == "captions" else ["", "circle", "square"]
+        assert stage.condition.data_captions().prompts == expected
+        result = run("sample.py", str(run_dir), "--prompt", "a blue square", "--n", "2",
+                     "--save-array", str(tmp_path / "t.npy"))
+        assert result.returncode == 0, result.stderr
+        assert np.load(tmp_path / "t.npy").shape == (2, 3, 32, 32)
+        assert run("sample.py", str(run_dir), "--class", "circle", "--n", "1").returncode == 0
+    with pytest.raises(UserError, match="captions.attributes"):
+        load_config({**tiny_config(tmp_path / "x", TINY_TEXT, data=data), "captions": {"attributes": ["size"]}})
+
+
+def test_the_text_stage_reads_each_images_caption_in_its_batches(tmp_path):
+    from .conftest import TINY_TEXT
+
+    folder = metadata_folder(tmp_path / "meta")
+    stage, _, _ = load_config(tiny_config(tmp_path / "run", TINY_TEXT, data=own(folder, caption_column="caption")))
+    table = stage.condition.data_captions()
+    ids = table.ids(["a blue square", "a red circle"])
+    assert [table.prompts[i] for i in ids] == ["a blue square", "a red circle"]
+    entries = stage.condition.batch_entries({"caption_ids": ids, "labels": torch.tensor([1, 0])},
+                                            torch.tensor([False, True]), None, torch.Generator())
+    assert entries["captions"].tolist() == [ids[0].item(), 0], "a dropped caption is the null prompt"
+
+
 @pytest.mark.skipif(not (SHARED_MODELS / "taesd").is_dir(), reason="../shared/models/taesd is not here")
 def test_latent_diffusion_on_taesd_in_colour_at_64_pixels(tmp_path):
     from ddpm.metrics import psnr
@@ -300,9 +337,9 @@ def test_data_section_mistakes_are_one_line(tmp_path):
              ([*overrides(own(folder)), "data.channels=2"], "1 (grayscale) or 3 (colour)")]
     for args, message in cases:
         one_line_error(run("train.py", str(TINY), f"train.output_dir={tmp_path / 'r'}", *args), message)
-    text = run("train.py", "configs/text_fashion_tiny.yaml", f"train.output_dir={tmp_path / 'r'}",
+    clip = run("train.py", "configs/clip_fashion_tiny.yaml", f"train.output_dir={tmp_path / 'r'}",
                *overrides(own(folder)))
-    one_line_error(text, "a 'text' run trains on fashion_mnist only so far")
+    one_line_error(clip, "a 'clip' run trains on fashion_mnist only so far")
 
 
 def test_a_recorded_class_list_must_match_the_data(tmp_path):
