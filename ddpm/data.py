@@ -294,11 +294,11 @@ def class_index(name_or_index: str | int, class_names: tuple[str, ...] = CLASS_N
 
 
 def read_image(path: str | Path, what: str = "--init-image", sizes: tuple[int, ...] | None = None,
-               modes: tuple[str, ...] | None = None) -> torch.Tensor:
+               modes: tuple[str, ...] | None = None, pixels: PixelFormat = FASHION_MNIST) -> torch.Tensor:
     """An image file -> uint8 1 x 28 x 28 grayscale (resized if it is another size); ``what``
     names it in the error a file that is missing or not an image gets. With ``sizes`` (square
     sides), another size is an error and the image keeps its size; with ``modes`` (PIL's), so is
-    another mode."""
+    another mode. With the ``pixels`` of your own images: made like them, uint8 1 x S x S or 1 x 3 x S x S."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -311,6 +311,8 @@ def read_image(path: str | Path, what: str = "--init-image", sizes: tuple[int, .
     if modes is not None and image.mode not in modes:
         raise UserError(f"{what} {path} is a {image.mode} image; it must be grayscale ({' or '.join(modes)}): "
                         f"convert it, e.g. PIL's Image.open(path).convert('L')")
+    if pixels != FASHION_MNIST:
+        return sources.resize_and_crop(pixels.size)(sources.to_mode(image, pixels.channels))[None]
     image = image.convert("L")
     if sizes is not None:
         if image.size not in [(s, s) for s in sizes]:

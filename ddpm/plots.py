@@ -81,12 +81,14 @@ def rows_of(images: torch.Tensor, row_names: list[str], n: int, columns: int = 8
 
 
 def tile(grid: torch.Tensor, scale: int = 4, gap: int = 2, gap_value: int = 96) -> np.ndarray:
-    """R x C x h x w uint8 images -> one uint8 image (R rows, C columns) for a web page: each image
-    enlarged ``scale`` times (nearest pixel, so no pixel is invented) and framed by ``gap`` pixels
-    of grey."""
-    rows, cols, h, w = grid.shape
+    """R x C x h x w uint8 images (R x C x 3 x h x w in colour) -> one uint8 image (R rows, C columns;
+    H x W, or H x W x 3) for a web page: each image enlarged ``scale`` times (nearest pixel, so no pixel is
+    invented) and framed by ``gap`` pixels of grey."""
+    if grid.ndim == 5:  # colour: channels last, as an image array has them
+        grid = grid.permute(0, 1, 3, 4, 2)
+    rows, cols, h, w = grid.shape[:4]
     cell_h, cell_w = h * scale + gap, w * scale + gap
-    out = np.full((rows * cell_h + gap, cols * cell_w + gap), gap_value, dtype=np.uint8)
+    out = np.full((rows * cell_h + gap, cols * cell_w + gap, *grid.shape[4:]), gap_value, dtype=np.uint8)
     big = grid.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3).numpy()
     for r in range(rows):
         for c in range(cols):

@@ -178,6 +178,12 @@ def test_stage1_trains_and_samples_on_a_folder(tmp_path, channels):
     assert np.load(tmp_path / "s_labels.npy").tolist() == [1, 1, 1]
     result = run("sample.py", str(run_dir), "--class", "ankle boot")
     one_line_error(result, "valid classes: 0='circle', 1='square'")
+    start = tmp_path / "start.png"
+    draw_shape("circle", np.random.default_rng(5), size=(70, 60)).convert("RGBA").save(start)
+    result = run("sample.py", str(run_dir), "--class", "circle", "--n", "2", "--init-image", str(start),
+                 "--strength", "0.5", "--save-array", str(tmp_path / "i.npy"))
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "i.npy").shape[1:] == samples.shape[1:], "img2img starts from the run's image format"
 
 
 def test_stage1_on_a_metadata_folder_by_its_label_column(tmp_path):
@@ -408,3 +414,14 @@ def test_evaluating_a_run_of_your_own_images_points_to_the_judge(tmp_path):
     folder = class_folders(tmp_path / "shapes")
     run_dir = train.train(tiny_config(tmp_path / "run", data=own(folder, image_size=16)))
     one_line_error(run("sample.py", str(run_dir), "--evaluate", "--n", "4"), "python -m ddpm.judge --config")
+
+
+def test_web_page_tiles_colour_grids():
+    from ddpm.plots import tile
+
+    grid = torch.zeros(2, 3, 3, 16, 16, dtype=torch.uint8)
+    grid[0, 1, 0] = 255  # one red image
+    page = tile(grid, scale=2, gap=2)
+    assert page.shape == (2 * 34 + 2, 3 * 34 + 2, 3)
+    assert page[2 + 5, 34 + 2 + 5].tolist() == [255, 0, 0] and page[0, 0].tolist() == [96, 96, 96]
+    assert tile(grid[:, :, 0]).ndim == 2
