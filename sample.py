@@ -127,9 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs, init_images = read_inputs(args.init_image, vars(args), tuple(item for item, _ in declared.values()))
     clip = load_scorer(args.clip) if args.clip else None
     stage, model, folder = load_for_sampling(args.run, args.device, args.overrides)
-    space = getattr(stage, "space", None)
-    if init_images is not None and space is not None and space.format != FASHION_MNIST:
-        init_images = read_image(args.init_image, pixels=space.format)  # the size and colours of the run's images
+    if init_images is not None and stage.pixels() != FASHION_MNIST:
+        init_images = read_image(args.init_image, pixels=stage.pixels())  # the size and colours of the run's images
     can = stage.capabilities
     check_asked(stage, args, inputs, declared, kinds)
     if args.lora:

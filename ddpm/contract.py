@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import build
-from .data import class_index
+from .data import FASHION_MNIST, PixelFormat, class_index, pixel_format
 from .errors import UserError
 
 
@@ -107,6 +107,11 @@ class Stage:
         if source not in self.data_sources:
             raise UserError(f"a '{self.name}' run trains on {' or '.join(self.data_sources)} only so far, not "
                             f"data.source={source}")
+
+    def pixels(self) -> PixelFormat:
+        """The images it trains on and makes (``ddpm/data.py``): its ``data`` section's, else Fashion-MNIST's."""
+        data = getattr(self.config, "data", None)
+        return FASHION_MNIST if data is None else pixel_format(data)
 
     @classmethod
     def from_dict(cls, sections: dict) -> "Stage":
