@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Fashion-MNIST from Debian's package when we can install it; otherwise the loader
-# uses $$FASHION_MNIST_DIR or downloads from the Hugging Face Hub.
+# uses $$FASHION_MNIST_DIR or downloads from the Hugging Face Hub. And the font the emoji dataset is drawn with.
 data:
 	@bash .ci/get-fashion-mnist
+	@bash .ci/get-emoji-font
 
 # Debian's chromium for the browser test of the web page (skipped without it, outside CI)
 browser:

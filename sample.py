@@ -37,7 +37,7 @@ import torch
 
 from ddpm import evaluate as ev
 from ddpm.contract import CLASS
-from ddpm.data import LabelledImages
+from ddpm.data import FASHION_MNIST, LabelledImages, read_image
 from ddpm.diffusion import SAMPLERS
 from ddpm.errors import UserError, cli_errors
 from ddpm.judge import accuracy
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs, init_images = read_inputs(args.init_image, vars(args), tuple(item for item, _ in declared.values()))
     clip = load_scorer(args.clip) if args.clip else None
     stage, model, folder = load_for_sampling(args.run, args.device, args.overrides)
+    if init_images is not None and stage.pixels() != FASHION_MNIST:
+        init_images = read_image(args.init_image, pixels=stage.pixels())  # the size and colours of the run's images
     can = stage.capabilities
     check_asked(stage, args, inputs, declared, kinds)
     if args.lora:
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     kind, rows = rows_asked(stage, args, kinds)
     if init_images is not None:
         n = args.n * (1 if args.weights else len(rows))
-        settings.update(init_images=init_images.expand(n, -1, -1), strength=args.strength)
+        settings.update(init_images=init_images.expand(n, *init_images.shape[1:]), strength=args.strength)
     if args.weights:
         return sample_composed(stage, model, folder, args, settings)
     return sample_rows(stage, model, folder, args, settings, kind, rows, clip)

@@ -314,7 +314,8 @@ def _load_checkpoint(folder, stage_name, accelerator, model, ema, profiles, opti
         accelerator.unwrap_model(model).load_state_dict(load_tensors(folder / "model.safetensors", device))
         ema.model.load_state_dict(load_tensors(weights_file(folder / "ema"), device))
     except RuntimeError as e:
-        raise UserError(f"{folder} does not fit this model (was the model config changed?): "
+        raise UserError(f"{folder} does not fit this model (was the model config, data.channels or data.image_size "
+                        f"changed?): "
                         f"{str(e).splitlines()[0]}") from None
     saved = load_torch_state(folder / "optimizer.pt")
     optimizer.load_state_dict(saved["optimizer"])

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .config import build
-from .data import class_index
+from .data import FASHION_MNIST, PixelFormat, class_index, pixel_format
+from .errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +99,19 @@ class Stage:
     Config: ClassVar[type]  # a dataclass whose fields are the config's sections (besides ``train``)
     capabilities: ClassVar[Capabilities] = Capabilities()
     class_names: tuple[str, ...] = ()  # the classes ``--class`` and the judge know (set by the stage)
+    data_sources: ClassVar[tuple[str, ...]] = ("fashion_mnist",)  # the ``data.source`` values it trains on
 
     def __init__(self, config):
         self.config = config
+        source = getattr(getattr(config, "data", None), "source", "fashion_mnist")
+        if source not in self.data_sources:
+            raise UserError(f"a '{self.name}' run trains on {' or '.join(self.data_sources)} only so far, not "
+                            f"data.source={source}")
+
+    def pixels(self) -> PixelFormat:
+        """The images it trains on and makes (``ddpm/data.py``): its ``data`` section's, else Fashion-MNIST's."""
+        data = getattr(self.config, "data", None)
+        return FASHION_MNIST if data is None else pixel_format(data)
 
     @classmethod
     def from_dict(cls, sections: dict) -> "Stage":

@@ -26,7 +26,7 @@ from typing import Callable, Literal
 import torch
 
 from .contract import Stage
-from .data import CLASS_NAMES, PADDED_SIZE, load_training_set, to_model_space, to_pixels
+from .data import class_names_of, load_training_set, pixel_format
 from .diffusion import Diffusion, condition_dropout_mask, diffusion_loss, draw_timesteps_and_noise, guide
 from .diffusion import clip_denoised, make_sampler, noisy_sample, predicted_x0, sample_loop, samplers_for
 from .diffusion import USUAL_SAMPLER
@@ -113,29 +113,35 @@ class SampleConfig:
 
 
 class Pixels:
-    """Where stage 1 diffuses: Fashion-MNIST's pixels, padded to 1 x 32 x 32 and scaled to [-1, 1]."""
+    """Where stage 1 diffuses: the pixels of the ``data`` section's images, scaled to [-1, 1]; Fashion-MNIST's
+    padded to 1 x 32 x 32, your own at ``data.channels`` x ``data.image_size`` x ``data.image_size``."""
 
-    sample_shape = (1, PADDED_SIZE, PADDED_SIZE)  # C x H x W of what the network denoises
     data_range = 1.0  # clean samples lie in [-data_range, data_range]; None: no known range
 
     def __init__(self, config):
         self.config = config
+        self.format = pixel_format(config.data)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """C x H x W of what the network denoises."""
+        return self.format.model_shape
 
     def load_data(self) -> dict[str, torch.Tensor]:
-        """images: uint8 N x 28 x 28; labels: int64 N."""
+        """images: uint8 N x H x W (or N x 3 x H x W); labels: int64 N."""
         return load_training_set(self.config.data)
 
     def clean_sample(self, raw: dict[str, torch.Tensor], flip: torch.Tensor | None) -> torch.Tensor:
-        """x0 for a batch: uint8 images -> B x 1 x 32 x 32 in [-1, 1], mirrored where ``flip``."""
-        return to_model_space(raw["images"], flip)
+        """x0 for a batch: uint8 images -> B x ``sample_shape`` in [-1, 1], mirrored where ``flip``."""
+        return self.format.to_model_space(raw["images"], flip)
 
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
-        """A denoised sample (B x ``sample_shape``) -> uint8 B x 28 x 28."""
-        return to_pixels(x0.float())
+        """A denoised sample (B x ``sample_shape``) -> uint8 images, B x 28 x 28 for Fashion-MNIST."""
+        return self.format.to_pixels(x0.float())
 
     def from_images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 B x 28 x 28 -> clean samples B x ``sample_shape`` (the start of img2img)."""
-        return to_model_space(images)
+        """uint8 images -> clean samples B x ``sample_shape`` (the start of img2img)."""
+        return self.format.to_model_space(images)
 
     def save(self, folder: Path) -> None:
         """What ``final/`` holds of the space besides the network: nothing for pixels."""
@@ -220,7 +226,7 @@ class Condition:
         rows, condition = self.preview_rows(s.n_per_class)
         images = self.stage.sample(model, condition, self.null_condition(condition))
         title = title or f"{s.scheduler}, {s.steps} steps, guidance {s.guidance:g}"
-        return save_grid(images.view(len(rows), s.n_per_class, 28, 28), path, rows, title)
+        return save_grid(images.view(len(rows), s.n_per_class, *images.shape[1:]), path, rows, title)
 
     def save(self, folder: Path) -> None:
         """What ``final/`` holds of the condition besides the network (a text encoder)."""
@@ -266,7 +272,9 @@ class DiffusionStage(Stage):
 
     def __init__(self, config):
         super().__init__(config)
-        self.class_names = CLASS_NAMES
+        self.class_names = class_names_of(config.data)
+        if config.data.class_names is None and config.data.source != "fashion_mnist":
+            config.data.class_names = list(self.class_names)  # recorded in the run's config.yaml
         self.space = self.Space(config)
         self.condition = self.Condition(self)
         d = config.diffusion

@@ -19,6 +19,7 @@ import functools
 import matplotlib.pyplot as plt
 import torch
 
+from .errors import UserError
 from .judge import Judge, load_judge
 from .metrics import judge_report, real_floor, reference_stats
 from .plots import save_grid
@@ -41,6 +42,11 @@ def evaluate_model(stage, model, n: int = 1000, *, guidance: float | None = None
     ``phrasings``: a text run's prompts for each class, "train" or "unseen" (see ``generate``).
     ``clip``: a ``conditioning.clip.scorer.ClipScorer``, to add the CLIP score of the images against
     their class prompts."""
+    data = getattr(stage.config, "data", None)
+    if data is not None and data.source != "fashion_mnist":
+        raise UserError("the judge's evaluation (accuracy, FD, diversity) knows Fashion-MNIST only so far; for your "
+                        "own images, train a judge and read its accuracy and FD floor: python -m ddpm.judge "
+                        "--config CONFIG --out JUDGE.safetensors")
     s = stage.config.sample
     settings = stage.sampling_settings(guidance=guidance, scheduler=scheduler, steps=steps, seed=seed)
     labels = balanced_labels(n, len(stage.class_names)).sort().values

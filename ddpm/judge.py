@@ -1,4 +1,5 @@
-"""The offline judge: a small CNN classifier for Fashion-MNIST, used to score generated images.
+"""The offline judge: a small CNN classifier for Fashion-MNIST (or any labelled images), used to score
+generated images.
 
 We cannot look at thousands of samples by eye, so a classifier trained on the *real* data
 does it: its accuracy on generated images says whether the class conditioning works, and
@@ -8,6 +9,13 @@ The weights ship with the package as ``ddpm/judge.safetensors``. To retrain them
 
     python -m ddpm.judge --out PATH [--epochs N] [--seed S]    # PATH: ddpm/judge.safetensors to replace it
     python -m ddpm.judge --score ddpm/judge.safetensors        # its accuracy on the 10,000 test images
+
+A judge for your own labelled images (any ``data`` section a config names: a folder, a ``datasets``
+dataset; ``ddpm/sources.py``) trains on a seeded 90% of them and reports its accuracy on the other 10%,
+and the Fréchet distance between those and as many training images, the floor any generator's FD
+is read against:
+
+    python -m ddpm.judge --config configs/ddpm_emoji_quick.yaml --out runs/judge_emoji.safetensors
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -48,7 +56,8 @@ def conv_block(c_in: int, c_out: int, norm: Callable[[int], nn.Module] = nn.Batc
 
 
 class Judge(nn.Module):
-    """A small CNN classifier: uint8 28 x 28 images in, 10 class logits out.
+    """A small CNN classifier: uint8 28 x 28 images in, 10 class logits out (or ``channels`` x ``size``
+    x ``size`` images, ``num_classes`` logits: a judge of your own images).
 
     Three conv blocks (28 -> 14 -> 7 -> 3 pixels, 32 -> 64 -> 128 channels), then a
     fully connected layer to a ``FEATURE_DIM``-dim feature vector, then a linear head.
@@ -57,29 +66,36 @@ class Judge(nn.Module):
     twice the compute). In eval mode (``load_judge`` returns it so) they are deterministic.
     """
 
-    def __init__(self, num_classes: int = len(CLASS_NAMES)):
+    def __init__(self, num_classes: int = len(CLASS_NAMES), channels: int = 1, size: int = IMAGE_SIZE,
+                 pixel_mean: float = PIXEL_MEAN, pixel_std: float = PIXEL_STD):
         super().__init__()
+        self.channels, self.size, self.pixel_mean, self.pixel_std = channels, size, pixel_mean, pixel_std
         self.body = nn.Sequential(
-            conv_block(1, 32),
+            conv_block(channels, 32),
             conv_block(32, 64),
             conv_block(64, 128),
             nn.Flatten(),
-            nn.Linear(128 * 3 * 3, FEATURE_DIM),
+            nn.Linear(128 * (size // 8) ** 2, FEATURE_DIM),
             nn.ReLU(inplace=True),
         )
         self.head = nn.Linear(FEATURE_DIM, num_classes)
 
-    @staticmethod
-    def normalise(images: torch.Tensor) -> torch.Tensor:
-        """uint8 B x 28 x 28 in [0, 255] -> float B x 1 x 28 x 28, about zero mean, unit std."""
-        if images.dtype != torch.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """One image as the judge takes it: 28 x 28, or 3 x S x S in colour."""
+        return (self.size, self.size) if self.channels == 1 else (self.channels, self.size, self.size)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 B x 28 x 28 in [0, 255] -> float B x 1 x 28 x 28, about zero mean, unit std
+        (B x 3 x S x S colour images keep their shape)."""
+        if images.dtype != torch.uint8 or images.shape[1:] != self.image_shape:
             raise ValueError(
-                f"the judge takes uint8 B x {IMAGE_SIZE} x {IMAGE_SIZE} images, "
+                f"the judge takes uint8 B x {' x '.join(map(str, self.image_shape))} images, "
                 f"got {images.dtype} {tuple(images.shape)}"
             )
-        x = (images.float() / 255 - PIXEL_MEAN) / PIXEL_STD
+        x = (images.float() / 255 - self.pixel_mean) / self.pixel_std
         # channels_last is the faster memory layout for convolutions on CPU.
-        return x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
+        return (x.unsqueeze(1) if self.channels == 1 else x).contiguous(memory_format=torch.channels_last)
 
     def view_features(self, images: torch.Tensor) -> torch.Tensor:
         """Features of the images exactly as given, without the mirror image: what training uses.
@@ -117,15 +133,36 @@ def load_judge(path: str | Path | None = None, device: str | torch.device = "cpu
     """
     path = Path(path) if path is not None else default_weights_path()
     retrain = f"run `{TRAIN_COMMAND} --out {path}` to train it (about 6 minutes on a CPU)"
-    judge = Judge()
+    if not path.is_file():
+        raise UserError(f"judge weights {path} not found; {retrain}")
     try:
+        judge = Judge(**judge_shape(path))
         judge.load_state_dict(load_file(path))
     except FileNotFoundError:
         raise UserError(f"judge weights {path} not found; {retrain}") from None
-    except (SafetensorError, OSError, RuntimeError) as e:
-        reason = str(e).splitlines()[0]
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"judge weights {path} are unreadable ({reason}); {retrain}") from None
     return judge.to(device).eval()
+
+
+@torch.inference_mode()
+def features(judge: Judge, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The judge's features of uint8 N x ... images, float64 N x FEATURE_DIM, a batch at a time."""
+    judge.eval()
+    return torch.cat([judge.features(chunk).double() for chunk in images.split(batch_size)])
+
+
+def judge_shape(path: Path) -> dict:
+    """The ``Judge`` arguments a weights file's metadata records (none for the shipped Fashion-MNIST judge)."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    return json.loads(metadata["judge"]) if "judge" in metadata else {}
+
+
+def shape_of(images: torch.Tensor) -> tuple[int, int]:
+    """(channels, size) of uint8 N x S x S or N x 3 x S x S images."""
+    return (1, images.shape[-1]) if images.dim() == 3 else (images.shape[1], images.shape[-1])
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -135,7 +172,7 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     short training budget, so there are none.)
     """
     flip = torch.rand(len(images), generator=generator) < 0.5
-    return torch.where(flip[:, None, None], images.flip(-1), images)
+    return torch.where(flip.view(-1, *[1] * (images.dim() - 1)), images.flip(-1), images)
 
 
 @torch.inference_mode()
@@ -150,14 +187,16 @@ def accuracy(judge: Judge, data: LabelledImages, batch_size: int = 1000) -> floa
 
 
 def train_judge(train: LabelledImages, epochs: int, seed: int, batch_size: int = 128,
-                max_lr: float = 3e-3, weight_decay: float = 0.05) -> Judge:
-    """Train a fresh ``Judge`` on ``train`` with AdamW and a one-cycle learning rate.
+                max_lr: float = 3e-3, weight_decay: float = 0.05,
+                pixel_stats: tuple[float, float] = (PIXEL_MEAN, PIXEL_STD)) -> Judge:
+    """Train a fresh ``Judge`` on ``train`` with AdamW and a one-cycle learning rate; ``pixel_stats``:
+    the mean and std of the training pixels in [0, 1] (Fashion-MNIST's by default).
 
     Reproducible: ``seed`` fixes the initial weights, the batch order and the augmentation.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    judge = Judge().to(memory_format=torch.channels_last)
+    judge = Judge(len(train.class_names), *shape_of(train.images), *pixel_stats).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=max_lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=epochs * steps_per_epoch)
@@ -187,8 +226,10 @@ def save_judge(judge: Judge, path: Path, metadata: dict[str, str]) -> None:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=TRAIN_COMMAND, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=10, help="passes over the 60k training images")
+    parser.add_argument("--epochs", type=int, default=10, help="passes over the training images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="a config whose data section names labelled images of your own (default: Fashion-MNIST)")
     todo = parser.add_mutually_exclusive_group(required=True)
     todo.add_argument("--out", type=Path, help=f"train, and write the weights here (the shipped file, on "
                                                f"purpose: {default_weights_path()})")
@@ -196,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
+    if args.config is not None:
+        return judge_own_images(args)
     if args.score:
         print(f"{args.score}: test accuracy {accuracy(load_judge(args.score), load_fashion_mnist('test')):.4f}")
         return 0
@@ -208,6 +251,54 @@ def main(argv: list[str] | None = None) -> int:
     metadata = {"test_accuracy": f"{test_accuracy:.4f}", "epochs": str(args.epochs), "seed": str(args.seed)}
     save_judge(judge, args.out, metadata)
     print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); metadata {json.dumps(metadata)}")
+
+
+def held_out_split(data: LabelledImages, share: float = 0.1, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
+    """(train, test): a seeded ``share`` of the images held out for testing, at least one per class of two or more."""
+    generator = torch.Generator().manual_seed(seed)
+    test = torch.zeros(len(data), dtype=torch.bool)
+    for c in range(len(data.class_names)):
+        members = (data.labels == c).nonzero().squeeze(1)
+        take = round(share * len(members)) or int(len(members) >= 2)
+        test[members[torch.randperm(len(members), generator=generator)[:take]]] = True
+
+    def part(mask):
+        return LabelledImages(data.images[mask], data.labels[mask], data.class_names)
+
+    return part(~test), part(test)
+
+
+def judge_own_images(args) -> int:
+    """``--config``: train (``--out``) or score (``--score``) a judge of the labelled images a config's data
+    section names, on its held-out 10%; print the held-out accuracy and the real-vs-real FD floor."""
+    from .config import build, read_yaml, to_dict
+    from .data import DataConfig, load_images
+    from .frechet import frechet_distance
+
+    data_config = build(DataConfig, read_yaml(args.config).get("data"), where="data")
+    train, test = held_out_split(load_images(data_config), seed=args.seed)
+    if len(train.class_names) < 2 or len(test) == 0:
+        raise UserError(f"the judge needs labelled images of two classes or more; {args.config}'s data has "
+                        f"{len(train.class_names)} class(es) and {len(test)} image(s) to test on")
+    if args.score:
+        judge = load_judge(args.score)
+    else:
+        pixels = train.images.float() / 255
+        judge = train_judge(train, args.epochs, args.seed, pixel_stats=(pixels.mean().item(), pixels.std().item()))
+    test_accuracy = accuracy(judge, test)
+    same_size = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: len(test)]
+    floor = frechet_distance(features(judge, train.images[same_size]), features(judge, test.images))
+    print(f"held-out accuracy {test_accuracy:.4f} on {len(test)} images of {len(test.class_names)} classes; "
+          f"real-vs-real FD (the floor) {floor:.2f} with {len(test)} images each")
+    if args.out:
+        shape = {"num_classes": len(train.class_names), "channels": judge.channels, "size": judge.size,
+                 "pixel_mean": judge.pixel_mean, "pixel_std": judge.pixel_std}
+        metadata = {"judge": json.dumps(shape), "class_names": json.dumps(list(train.class_names)),
+                    "data": json.dumps(to_dict(data_config)), "test_accuracy": f"{test_accuracy:.4f}",
+                    "fd_floor": f"{floor:.4f}", "epochs": str(args.epochs), "seed": str(args.seed)}
+        save_judge(judge, args.out, metadata)
+        print(f"saved {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ import torch  # noqa: E402
 def grid_figure(images: torch.Tensor, row_titles: list[str] | None = None, title: str = "",
                 col_titles: list[str] | None = None, size: float = 1.1, wrap: int = 14):
     """A matplotlib figure of uint8 images laid out R x C x H x W (or C x H x W for one row),
-    grayscale (or R x C x H x W x 3). Row r is labelled ``row_titles[r]`` (a class name, a prompt),
+    grayscale, or R x C x 3 x H x W in colour. Row r is labelled ``row_titles[r]`` (a class name, a prompt),
     column titles are wrapped at ``wrap`` characters, the title at the figure's width."""
     images = images[None] if images.ndim == 3 else images
+    if images.ndim == 5:  # colour: matplotlib wants H x W x 3
+        images = images.permute(0, 1, 3, 4, 2)
     rows, cols = images.shape[:2]
     width, height = size * cols + 1.6, size * rows + 0.5  # inches
     fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
@@ -63,7 +65,7 @@ def show_grid(images: torch.Tensor, row_titles: list[str] | None = None, col_tit
 
 
 def rows_of(images: torch.Tensor, row_names: list[str], n: int, columns: int = 8):
-    """N x 28 x 28 (n per row name, in order) -> (R x C x 28 x 28 with rows of at most ``columns``,
+    """N x H x W or N x 3 x H x W (n per row name, in order) -> (R x C x ... with rows of at most ``columns``,
     as even as they can be (10 -> 5 + 5, not 8 + 2), the row titles: each name on the first of its rows)."""
     rows_per_name = math.ceil(n / columns)
     cols = math.ceil(n / rows_per_name)
@@ -79,12 +81,14 @@ def rows_of(images: torch.Tensor, row_names: list[str], n: int, columns: int = 8
 
 
 def tile(grid: torch.Tensor, scale: int = 4, gap: int = 2, gap_value: int = 96) -> np.ndarray:
-    """R x C x h x w uint8 images -> one uint8 image (R rows, C columns) for a web page: each image
-    enlarged ``scale`` times (nearest pixel, so no pixel is invented) and framed by ``gap`` pixels
-    of grey."""
-    rows, cols, h, w = grid.shape
+    """R x C x h x w uint8 images (R x C x 3 x h x w in colour) -> one uint8 image (R rows, C columns;
+    H x W, or H x W x 3) for a web page: each image enlarged ``scale`` times (nearest pixel, so no pixel is
+    invented) and framed by ``gap`` pixels of grey."""
+    if grid.ndim == 5:  # colour: channels last, as an image array has them
+        grid = grid.permute(0, 1, 3, 4, 2)
+    rows, cols, h, w = grid.shape[:4]
     cell_h, cell_w = h * scale + gap, w * scale + gap
-    out = np.full((rows * cell_h + gap, cols * cell_w + gap), gap_value, dtype=np.uint8)
+    out = np.full((rows * cell_h + gap, cols * cell_w + gap, *grid.shape[4:]), gap_value, dtype=np.uint8)
     big = grid.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3).numpy()
     for r in range(rows):
         for c in range(cols):

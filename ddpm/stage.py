@@ -22,7 +22,7 @@ from diffusers import UNet2DModel
 
 from .config import check_model_keys
 from .contract import CLASS, Capabilities
-from .data import DataConfig
+from .data import SOURCES, DataConfig
 from .diffusion_stage import Condition, DiffusionConfig, DiffusionStage, NetworkInputs, SampleConfig
 from .errors import UserError
 
@@ -73,6 +73,7 @@ class ClassConditionedDDPM(DiffusionStage):
 
     name = "ddpm"
     Config = DDPMConfig
+    data_sources = SOURCES
     capabilities = Capabilities(conditions=(CLASS,), generates=True, evaluates=True)
     Condition = ClassLabel
     model_class = UNet2DModel

@@ -1,4 +1,5 @@
-"""Stage 2a for the shared trainer: our own ``AutoencoderKL`` for 32 x 32 Fashion-MNIST.
+"""Stage 2a for the shared trainer: our own ``AutoencoderKL`` for 32 x 32 Fashion-MNIST (or your own
+images, grayscale or colour, at ``data.image_size``: ``data.source``).
 
     python train.py configs/autoencoder_fashion_quick.yaml
     python sample.py runs/autoencoder_fashion_quick --evaluate --n 10000   # PSNR, judge
@@ -48,8 +49,8 @@ from torch import nn
 
 from ddpm.config import check_model_keys
 from ddpm.contract import Capabilities, Stage
-from ddpm.data import CLASS_NAMES, PADDED_SIZE, DataConfig, LabelledImages, load_fashion_mnist, load_training_set
-from ddpm.data import to_model_space
+from ddpm.data import SOURCES, DataConfig, LabelledImages, class_names_of, load_images
+from ddpm.data import load_training_set, pixel_format
 from ddpm.errors import UserError
 from ddpm.evaluate import cached_judge
 from ddpm.judge import accuracy
@@ -162,14 +163,18 @@ class AutoencoderStageConfig:
 class AutoencoderStage(Stage):
     name = "autoencoder"
     Config = AutoencoderStageConfig
+    data_sources = SOURCES
     capabilities = Capabilities(generates=False, evaluates=True)  # it reconstructs images; sample.py shows them
 
     def __init__(self, config: AutoencoderStageConfig):
         super().__init__(config)
-        self.vae_kwargs = {"in_channels": 1, "out_channels": 1, "sample_size": PADDED_SIZE, **config.model}
+        self.format = pixel_format(config.data)
+        self.class_names = class_names_of(config.data)
+        channels, side, _ = self.format.model_shape
+        self.vae_kwargs = {"in_channels": channels, "out_channels": channels, "sample_size": side, **config.model}
         defaults = {k: p.default for k, p in inspect.signature(AutoencoderKL.__init__).parameters.items()}
         kwargs = {**defaults, **self.vae_kwargs}
-        size = PADDED_SIZE // 2 ** (len(kwargs["block_out_channels"]) - 1)
+        size = side // 2 ** (len(kwargs["block_out_channels"]) - 1)
         self.latent_shape = (kwargs["latent_channels"], size, size)
         self.perceptual = RandomFeatureDistance(kwargs["in_channels"]) if config.loss.perceptual_weight else None
 
@@ -180,14 +185,14 @@ class AutoencoderStage(Stage):
 
     def make_batch(self, raw: dict[str, torch.Tensor], generator: torch.Generator, step: int = 0
                    ) -> dict[str, torch.Tensor]:
-        """x: B x 1 x 32 x 32 in [-1, 1]; eps: B x C x h x w; adversarial: B, 1.0 once the GAN
-        terms are on."""
+        """x: B x 1 x 32 x 32 in [-1, 1] (your own images: B x ``data.channels`` x S x S); eps: B x C x h x w;
+        adversarial: B, 1.0 once the GAN terms are on."""
         images = raw["images"]
         batch, device = len(images), images.device
         flip = torch.rand(batch, generator=generator, device=device) < 0.5 if self.config.data.flip else None
         eps = torch.randn((batch, *self.latent_shape), generator=generator, device=device)
         adversarial = torch.full((batch,), float(step >= self.config.loss.disc_start), device=device)
-        return {"x": to_model_space(images, flip), "eps": eps, "adversarial": adversarial}
+        return {"x": self.format.to_model_space(images, flip), "eps": eps, "adversarial": adversarial}
 
     def build_model(self) -> AutoencoderWithDiscriminator:
         c = self.config.loss
@@ -220,17 +225,22 @@ class AutoencoderStage(Stage):
 
     def latent_space(self, model) -> LatentSpace:
         vae = model.vae if isinstance(model, AutoencoderWithDiscriminator) else model
-        return LatentSpace(vae, PADDED_SIZE)
+        return LatentSpace(vae, self.format.model_shape[-1], pixels=self.format)
 
     def preview(self, model, path: Path, title: str = "") -> Path:
-        """Two test images per class: originals above their reconstructions."""
-        test = load_fashion_mnist("test", root=self.config.data.root, hub_name=self.config.data.hub_name)
-        first = torch.cat([torch.nonzero(test.labels == c)[:2, 0] for c in range(len(CLASS_NAMES))])
-        originals = test.images[first].view(len(CLASS_NAMES), 2, 28, 28).transpose(0, 1).reshape(-1, 28, 28)
+        """Two test images of each of (at most) ten classes: originals above their reconstructions. Your own
+        images have no test split: the first training images of each class."""
+        data = load_images(self.config.data, split="test")
+        classes = list(range(len(self.class_names)))[:10]
+        pairs = [torch.nonzero(data.labels == c)[:2, 0] for c in classes]
+        first = torch.cat([p.repeat(2)[:2] for p in pairs if len(p)])  # a class of one image shows it twice
+        shown = len(first) // 2
+        originals = data.images[first].view(shown, 2, *data.images.shape[1:]).transpose(0, 1).flatten(0, 1)
         recon = self.latent_space(model).reconstruct(originals).cpu()
-        grid = torch.stack([originals[:10], recon[:10], originals[10:], recon[10:]])
+        grid = torch.stack([originals[:shown], recon[:shown], originals[shown:], recon[shown:]])
         title = title or "test images and their reconstructions"
-        return save_grid(grid, path, ["original", "reconstruction"] * 2, title, col_titles=list(CLASS_NAMES))
+        names = [self.class_names[c] for c, p in zip(classes, pairs) if len(p)]
+        return save_grid(grid, path, ["original", "reconstruction"] * 2, title, col_titles=names)
 
     @torch.no_grad()
     def evaluate(self, model, n: int) -> dict:
@@ -239,7 +249,7 @@ class AutoencoderStage(Stage):
         latent model on this autoencoder: the FD to the test set of the reconstructions of the n
         training images the FD floor uses (``floor_images``), beside that floor."""
         data = self.config.data
-        test = load_fashion_mnist("test", root=data.root, hub_name=data.hub_name)
+        test = load_images(data, split="test")
         images, labels = test.images[:n], test.labels[:n]
         space = self.latent_space(model)
 
@@ -247,6 +257,8 @@ class AutoencoderStage(Stage):
             return torch.cat([space.reconstruct(chunk).cpu() for chunk in images.split(500)])
 
         recon = reconstruct(images)
+        if data.source != "fashion_mnist":  # the judge knows Fashion-MNIST only: PSNR on the first training images
+            return {"eval_psnr": psnr(recon, images).mean().item(), "eval_n": len(images)}
         judge = cached_judge()
         recon_floor, _ = embed(judge, reconstruct(floor_images(n, data.root)))
         return {"eval_psnr": psnr(recon, images).mean().item(),

@@ -3,6 +3,8 @@
     encode:  uint8 B x 28 x 28  ->  z = (E(x) - shift_factor) * scaling_factor        float B x C x h x w
     decode:  z                  ->  D(z / scaling_factor + shift_factor) as pixels   uint8 B x 28 x 28
 
+(Fashion-MNIST's images; your own are uint8 B x S x S or B x 3 x S x S, as their ``PixelFormat`` says.)
+
 The diffusion model never sees pixels, only z. Its noise schedule assumes data of about zero
 mean and unit variance (at t = T the sample must be almost pure N(0, 1) noise), so the
 autoencoder's latents are normalised with factors measured on the training data
@@ -23,6 +25,7 @@ Any autoencoder works: our own 1-channel ``AutoencoderKL`` (``latent/autoencoder
 padded 32 x 32 image; a pretrained RGB one (``stabilityai/sd-vae-ft-mse``,
 ``madebyollin/taesd``) sees it as 3 equal channels, resized so its latent grid is at least
 8 x 8 (64 px for a down factor of 8), and its output is averaged back to 1 channel, 32 x 32.
+Colour images go to an RGB autoencoder as they are.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny
 
-from ddpm.data import PADDED_SIZE, to_model_space, to_pixels
+from ddpm.data import FASHION_MNIST, PixelFormat
 from ddpm.errors import UserError
 from ddpm.run_folder import is_local_path, missing_folder
 
@@ -52,13 +55,20 @@ def down_factor(vae) -> int:
 class LatentSpace:
     """An autoencoder (eval mode, frozen) with the size it is fed and the latents' normalisation:
     ``scaling_factor`` and ``shift_factor``, each a number or a tensor of one value per channel
-    (``per_channel``), measured from the cache unless given."""
+    (``per_channel``), measured from the cache unless given. ``pixels``: the images it encodes and decodes
+    (Fashion-MNIST's, or your own)."""
 
     def __init__(self, vae: AutoencoderKL | AutoencoderTiny, image_size: int | None = None,
-                 scaling_factor: float | torch.Tensor | None = None, per_channel: bool = False):
+                 scaling_factor: float | torch.Tensor | None = None, per_channel: bool = False,
+                 pixels: PixelFormat = FASHION_MNIST):
         self.vae = vae.eval().requires_grad_(False)
         self.factor = down_factor(vae)
-        self.image_size = image_size or max(PADDED_SIZE, MIN_LATENT_SIZE * self.factor)
+        self.pixels = pixels
+        self.pixel_size = pixels.model_shape[-1]  # the side of the images as the network sees them (32: padded)
+        if pixels.channels not in (1, vae.config.in_channels):
+            raise UserError(f"the autoencoder takes {vae.config.in_channels}-channel images and data.channels is "
+                            f"{pixels.channels}: use an autoencoder trained on images like these")
+        self.image_size = image_size or max(self.pixel_size, MIN_LATENT_SIZE * self.factor)
         if self.image_size % self.factor:
             raise UserError(f"autoencoder.image_size={self.image_size} must be a multiple of the "
                             f"autoencoder's down factor {self.factor}")
@@ -95,21 +105,23 @@ class LatentSpace:
 
     def vae_input(self, images: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 B x 28 x 28 -> float B x in_channels x image_size x image_size in [-1, 1]."""
-        return self.padded_to_vae_input(to_model_space(images.to(self.device), flip))
+        return self.padded_to_vae_input(self.pixels.to_model_space(images.to(self.device), flip))
 
     def padded_to_vae_input(self, x: torch.Tensor) -> torch.Tensor:
         """float B x 1 x 32 x 32 in [-1, 1] (``to_model_space``) -> what the autoencoder takes."""
         x = x.to(self.device)
-        if self.image_size != PADDED_SIZE:
+        if self.image_size != self.pixel_size:
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
         return x.expand(-1, self.vae.config.in_channels, -1, -1)
 
     def vae_output_to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """float B x out_channels x image_size x image_size in about [-1, 1] -> uint8 B x 28 x 28."""
-        x = x.float().mean(dim=1, keepdim=True)
-        if x.shape[-1] != PADDED_SIZE:
-            x = F.interpolate(x, size=PADDED_SIZE, mode="bilinear", antialias=True, align_corners=False)
-        return to_pixels(x)
+        x = x.float()
+        if self.pixels.channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        if x.shape[-1] != self.pixel_size:
+            x = F.interpolate(x, size=self.pixel_size, mode="bilinear", antialias=True, align_corners=False)
+        return self.pixels.to_pixels(x)
 
     # -- latents ------------------------------------------------------------------------
 
@@ -202,7 +214,7 @@ class LatentSpace:
             vae.quant_conv.bias[mean] = (vae.quant_conv.bias[mean] - shift) * k
             vae.quant_conv.bias[logvar] += 2 * k.log()  # std x k
         vae.register_to_config(scaling_factor=scaling_factor)
-        return LatentSpace(vae, self.image_size, scaling_factor)
+        return LatentSpace(vae, self.image_size, scaling_factor, pixels=self.pixels)
 
     def save_pretrained(self, folder: Path) -> None:
         """The autoencoder with *our* scaling factor in its config.json (per-channel factors folded
@@ -214,11 +226,11 @@ class LatentSpace:
         (folder / "latent_space.json").write_text(json.dumps({"image_size": self.image_size}))
 
     @classmethod
-    def from_pretrained(cls, folder: Path) -> "LatentSpace":
+    def from_pretrained(cls, folder: Path, pixels: PixelFormat = FASHION_MNIST) -> "LatentSpace":
         """A folder written by ``save_pretrained``: the factor comes from its config.json."""
         vae = load_autoencoder(str(folder))
         size = json.loads((folder / "latent_space.json").read_text())["image_size"]
-        return cls(vae, size, vae.config.scaling_factor)
+        return cls(vae, size, vae.config.scaling_factor, pixels=pixels)
 
 
 def has_quant_convs(vae) -> bool:

@@ -23,7 +23,7 @@ import torch
 from accelerate import PartialState
 from diffusers import UNet2DModel
 
-from ddpm.data import load_training_set
+from ddpm.data import SOURCES, load_training_set
 from ddpm.errors import UserError
 from ddpm.diffusion_stage import DiffusionStage, Pixels
 from ddpm.stage import ClassConditionedDDPM, ClassLabel, DDPMConfig
@@ -72,7 +72,8 @@ class Latents(Pixels):
         """The frozen autoencoder, loaded on first use (its factor is set by ``load_data``)."""
         if self._space is None:
             a = self.config.autoencoder
-            self._space = LatentSpace(load_autoencoder(a.source, a.subfolder), a.image_size, per_channel=a.per_channel)
+            self._space = LatentSpace(load_autoencoder(a.source, a.subfolder), a.image_size,
+                                      per_channel=a.per_channel, pixels=self.format)
         return self._space
 
     def load_data(self) -> dict[str, torch.Tensor]:
@@ -116,7 +117,7 @@ class Latents(Pixels):
     def load(self, folder: Path) -> None:
         """A ``final/`` folder's own autoencoder, with the scaling factor measured for this run."""
         if (folder / "vae" / "config.json").is_file():
-            self._space = LatentSpace.from_pretrained(folder / "vae")
+            self._space = LatentSpace.from_pretrained(folder / "vae", self.format)
 
 
 class LatentDDPM(DiffusionStage):
@@ -124,6 +125,7 @@ class LatentDDPM(DiffusionStage):
 
     name = "latent"
     Config = LatentDDPMConfig
+    data_sources = SOURCES
     capabilities = ClassConditionedDDPM.capabilities
     Space = Latents
     Condition = ClassLabel

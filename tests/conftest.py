@@ -46,6 +46,7 @@ from .process_probe import main as train_and_record  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "ddpm_fashion_tiny.yaml"
 TINY_AUTOENCODER = ROOT / "configs" / "autoencoder_fashion_tiny.yaml"
+TINY_EMOJI = ROOT / "configs" / "ddpm_emoji_tiny.yaml"
 TINY_LATENT = ROOT / "configs" / "latent_fashion_tiny.yaml"
 TINY_TEXT = ROOT / "configs" / "text_fashion_tiny.yaml"
 TINY_CLIP = ROOT / "configs" / "clip_fashion_tiny.yaml"
@@ -85,6 +86,13 @@ def tiny_config(output_dir: Path, preset: Path = TINY, **sections) -> dict:
 def trained_tiny_run(tmp_path_factory, fashion_mnist):
     """A finished tiny stage-1 run, shared by the tests that only read it."""
     return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_emoji_run(tmp_path_factory):
+    """A finished tiny stage-1 run on the 18 emoji of tests/data/emoji_32, in colour."""
+    return train.train(tiny_config(tmp_path_factory.mktemp("runs") / "emoji", TINY_EMOJI,
+                                   data={"path": str(ROOT / "tests" / "data" / "emoji_32")}))
 
 
 @pytest.fixture(scope="session")

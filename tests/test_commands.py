@@ -87,9 +87,11 @@ def book_command_arguments(out_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_runs(trained_tiny_run, trained_tiny_autoencoder, trained_tiny_latent_run, trained_tiny_text_run,
-              trained_tiny_clip, trained_tiny_locked_clip, image_runs, tiny_dreambooth_runs) -> dict:
+              trained_tiny_clip, trained_tiny_locked_clip, image_runs, tiny_dreambooth_runs, trained_tiny_emoji_run
+              ) -> dict:
     """A documented run's name -> the tiny run of its stage (by the name's first word)."""
-    return {"ddpm": trained_tiny_run, "autoencoder": trained_tiny_autoencoder, "latent": trained_tiny_latent_run,
+    return {"ddpm": trained_tiny_run, "ddpm_emoji": trained_tiny_emoji_run, "autoencoder": trained_tiny_autoencoder,
+            "latent": trained_tiny_latent_run,
             "text": trained_tiny_text_run, "clip": trained_tiny_clip, "clip_fashion_locked": trained_tiny_locked_clip,
             **image_runs,
             "dreambooth_fashion": tiny_dreambooth_runs["full"], "dreambooth_fashion_lora": tiny_dreambooth_runs["lora"]}

@@ -1,4 +1,5 @@
-"""Captions for Fashion-MNIST: each class said many ways, so the model learns words, not ten ids.
+"""Captions for Fashion-MNIST: each class said many ways, so the model learns words, not ten ids
+(your own images bring their own captions: ``DataCaptionTable``).
 
 A caption is a template ("a photo of {}") filled with a name for the class ("an ankle boot",
 "a boot"), with the right article. Training draws a caption per image and step from its
@@ -221,6 +222,35 @@ class AttributeCaptionTable(CaptionTable):
             named &= self.allowed.to(device)[labels, k, b]
             choice += torch.where(named, b + 1, 0) * 3**k
         return self.starts.to(device)[labels] + phrasing * self.n_choices + choice
+
+
+class DataCaptionTable(CaptionTable):
+    """Your own images' captions (``data.caption_column``; without one, their class names): each image
+    has one, its own, and a class's phrasings are its images' captions, each once."""
+
+    def __init__(self, captions: list[str], labels: list[int], class_names: tuple[str, ...],
+                 first: tuple[str, ...] = ()):
+        self.per_class = [list(dict.fromkeys(c for c, label in zip(captions, labels) if label == k))
+                          for k in range(len(class_names))]
+        self.hold(self.per_class, first)
+        self.index = {}
+        for i, prompt in enumerate(self.prompts):
+            self.index.setdefault(prompt, i)
+
+    def ids(self, captions: list[str]) -> torch.Tensor:
+        """int64 N: each caption's index into ``prompts``."""
+        return torch.tensor([self.index[c] for c in captions], dtype=torch.long)
+
+    def prompts_for(self, labels: torch.Tensor, kind: str = "train") -> list[str]:
+        """A prompt per class label (int64 N), cycling through the class's captions."""
+        if kind != "train":
+            raise UserError(f"your own images' captions have no {kind!r} phrasings; use the training ones")
+        seen: dict[int, int] = {}
+        prompts = []
+        for label in labels.tolist():
+            i = seen[label] = seen.get(label, -1) + 1
+            prompts.append(self.per_class[label][i % len(self.per_class[label])])
+        return prompts
 
 
 def caption_table(config: CaptionConfig, class_names: tuple[str, ...] = CLASS_NAMES, first: tuple[str, ...] = ()

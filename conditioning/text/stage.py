@@ -28,13 +28,15 @@ from transformers import CLIPTextModel
 from ddpm.checkpoint import load_tensors
 from ddpm.config import check_model_keys
 from ddpm.contract import CLASS, PROMPT, Capabilities
-from ddpm.data import load_training_set
+from ddpm.data import SOURCES, load_images, load_training_set
 from ddpm.diffusion_stage import Condition, DiffusionStage, NetworkInputs
+from ddpm.errors import UserError
+from ddpm.sources import read_captions
 from latent.stage import LatentDDPMConfig, Latents
 
 from conditioning.text.adherence import attribute_measure
 from conditioning.text.attributes import bins_for
-from conditioning.text.captions import CaptionConfig, caption_table, class_prompt, prompts_for
+from conditioning.text.captions import CaptionConfig, DataCaptionTable, caption_table, class_prompt, prompts_for
 from conditioning.finetune.lora import load_lora
 from conditioning.text.encoder import LEARNED_EMBEDS, MAX_LENGTH, FrozenTextEncoder
 
@@ -68,8 +70,24 @@ class Prompt(Condition):
         self._encoder: FrozenTextEncoder | None = None
         self._embeddings: dict[str, torch.Tensor] = {}  # prompt -> 77 x D, computed once each
         self._table: torch.Tensor | None = None  # the training prompts' hidden states, P x 77 x D
-        self.captions = caption_table(self.config.captions, stage.class_names, first=("",))  # 0: the null prompt
-        self.training_prompts = self.captions.prompts
+        if self.config.data.source == "fashion_mnist":
+            self.captions = caption_table(self.config.captions, stage.class_names, first=("",))  # 0: the null prompt
+            self.training_prompts = self.captions.prompts
+        elif self.config.captions.attributes:
+            raise UserError("captions.attributes are measured on Fashion-MNIST's garments; remove them for your "
+                            "own images")
+        else:  # read from the data when first needed (``data_captions``)
+            self.captions, self.training_prompts = None, None
+
+    def data_captions(self) -> DataCaptionTable | None:
+        """Your own images' captions (None for Fashion-MNIST), caption 0 the null prompt; read from the data on
+        first use, so that a preset is checked without its data."""
+        if self.config.data.source == "fashion_mnist":
+            return None
+        if self.captions is None:
+            self.captions = DataCaptionTable(*read_captions(self.config.data), self.stage.class_names, first=("",))
+            self.training_prompts = self.captions.prompts
+        return self.captions
 
     # -- the text encoder -------------------------------------------------------------
 
@@ -95,7 +113,12 @@ class Prompt(Condition):
         stops the run before the latents are encoded); with ``captions.attributes``, each image's
         attribute bins, measured on its pixels."""
         self.text_encoder().to(PartialState().device)
+        own_captions = self.data_captions()
         self._table = self.embed(self.training_prompts)  # P x 77 x D
+        if own_captions is not None:  # each image's own caption
+            own = load_images(self.config.data)
+            captions = own.captions or [own.class_names[k] for k in own.labels.tolist()]
+            return {"caption_ids": own_captions.ids(captions[: self.config.data.limit or len(own)])}
         if not self.config.captions.attributes:
             return {}
         images = load_training_set(self.config.data)
@@ -105,6 +128,8 @@ class Prompt(Condition):
         """captions (int64 B): indices into ``training_prompts``, a random caption of each
         image's class (naming some of its attributes, with ``captions.attributes``), or 0 (the
         empty prompt) where dropped."""
+        if "caption_ids" in raw:  # your own images: each its own caption
+            return {"captions": torch.where(dropped, 0, raw["caption_ids"])}
         drawn = self.captions.draw(raw["labels"], generator, raw.get("attributes"))
         return {"captions": torch.where(dropped, 0, drawn)}
 
@@ -129,6 +154,9 @@ class Prompt(Condition):
 
     def prompts_for(self, labels: torch.Tensor, phrasings: str = "train") -> list[str]:
         """A prompt per class label, cycling through the class's training (or unseen) phrasings."""
+        own_captions = self.data_captions()
+        if own_captions is not None:
+            return own_captions.prompts_for(labels, phrasings)
         return prompts_for(labels, phrasings, self.stage.class_names)
 
     def network_args(self) -> dict:
@@ -172,8 +200,13 @@ class Prompt(Condition):
         return attribute_measure(self.stage, model, scales, out_dir, **settings)
 
     def preview_rows(self, n: int) -> tuple[list[str], NetworkInputs]:
-        """One row per class, asked for as "a photo of a <first name of the class>"."""
-        prompts = [class_prompt(c) for c in self.stage.class_names]
+        """One row per class, asked for as "a photo of a <first name of the class>" (your own images: the
+        first caption of the class)."""
+        own_captions = self.data_captions()
+        if own_captions is not None:
+            prompts = [captions[0] for captions in own_captions.per_class]
+        else:
+            prompts = [class_prompt(c) for c in self.stage.class_names]
         return prompts, self.prompt_condition([p for p in prompts for _ in range(n)])
 
     # -- saving and loading -----------------------------------------------------------
@@ -209,6 +242,7 @@ class TextConditionedLDM(DiffusionStage):
 
     name = "text"
     Config = TextDDPMConfig
+    data_sources = SOURCES
     capabilities = Capabilities(conditions=(CLASS, PROMPT), generates=True, evaluates=True, composes=True,
                                 adapters=True, measures=("attributes",))
     Space = Latents
